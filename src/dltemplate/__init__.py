@@ -1,0 +1,3 @@
+"""dltemplate: a readable, config-driven PyTorch training template."""
+
+__version__ = "0.1.0"

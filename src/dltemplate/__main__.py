@@ -1,0 +1,7 @@
+"""Allow ``python -m dltemplate ...``."""
+
+import sys
+
+from dltemplate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""The command line: ``dltemplate train | eval | resume | compare-configs | count-params``.
+
+Exit status: 0 done; 2 bad usage, configuration or input (the message says what and where);
+1 a failure during the run (after the interrupt checkpoint was written); 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import dltemplate.data  # noqa: F401  (the imports below register the built-in components)
+import dltemplate.losses  # noqa: F401
+import dltemplate.metrics  # noqa: F401
+import dltemplate.models  # noqa: F401
+import dltemplate.optim  # noqa: F401
+import dltemplate.tasks  # noqa: F401
+from dltemplate.config import Config, config_from_dict, load_config
+from dltemplate.config.loader import apply_overrides
+from dltemplate.engine.checkpoint import load_checkpoint
+from dltemplate.engine.evaluator import EvaluatorBase
+from dltemplate.engine.rundir import find_config, latest_run_dir
+from dltemplate.engine.runlog import setup_logging
+from dltemplate.engine.task import Task, import_plugins
+from dltemplate.engine.trainer import TrainerBase
+from dltemplate.errors import UsageError
+from dltemplate.registry import (
+    DATASETS,
+    LOSSES,
+    METRICS,
+    MODELS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    TASKS,
+)
+from dltemplate.tools.compare_configs import compare_configs, format_diff
+from dltemplate.tools.count_params import count_parameters, format_counts
+
+log = logging.getLogger("dltemplate")
+
+
+def validate_names(cfg: Config) -> None:
+    """Check every registry name in ``cfg`` before any work starts (ConfigError if unknown)."""
+    import_plugins(cfg)
+    TASKS.get(cfg.experiment.task, "experiment.task")
+    DATASETS.get(cfg.data.name, "data.name")
+    MODELS.get(cfg.model.name, "model.name")
+    LOSSES.get(cfg.loss.name, "loss.name")
+    OPTIMIZERS.get(cfg.optimizer.name, "optimizer.name")
+    SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
+    for name in cfg.trainer.metrics:
+        METRICS.get(name, "trainer.metrics")
+
+
+def make_task(cfg: Config) -> Task:
+    """The task object named by ``experiment.task``."""
+    return TASKS.build(cfg.experiment.task, "experiment.task", cfg=cfg)
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Validate ``cfg``, train, test; return the test metrics."""
+    validate_names(cfg)
+    return TrainerBase(cfg, make_task(cfg)).fit()
+
+
+def config_of_run(target: str | Path) -> tuple[dict[str, Any], Path]:
+    """The saved config (as a dict) of a run directory or checkpoint, and the path to resume."""
+    path = Path(target)
+    if path.is_dir():
+        return _read_json(find_config(path)), path
+    return load_checkpoint(path)["config"], path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    raw = json.loads(path.read_text())
+    raw.pop("_meta", None)
+    return raw
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.trainer.resume == "last":
+        cfg.trainer.resume = str(latest_run_dir(cfg.experiment.output_dir))
+    train(cfg)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    target = args.target
+    if target == "last":
+        target = str(latest_run_dir(args.output_dir))
+    raw, path = config_of_run(target)
+    raw = apply_overrides(raw, args.overrides)
+    raw.setdefault("trainer", {})["resume"] = str(path)
+    train(config_from_dict(raw, f"{target} (saved config)"))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    setup_logging()
+    evaluator = EvaluatorBase(args.target, args.overrides)
+    evaluator.task = make_task(evaluator.cfg)
+    report = evaluator.run(args.split, limit=args.limit_batches)
+    out = Path(args.out) if args.out else evaluator.checkpoint_path.parent / f"eval_{args.split}.json"
+    EvaluatorBase.write_report(report, out)
+    print(format_report(report))
+    print(f"report written to {out}")
+    return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Metrics, confusion matrix and sample predictions as the seed's eval prints them."""
+    lines = [f"{report['checkpoint']} on {report['split']} ({report['num_samples']} samples):"]
+    lines += [f"  {k}: {v:.4f}" for k, v in report["metrics"].items()]
+    full = report["report"]
+    if "confusion_matrix" in full:
+        names = full.get("class_names") or [str(i) for i in range(len(full["confusion_matrix"]))]
+        width = max(6, *(len(n) for n in names))
+        lines.append("confusion matrix (rows: label, columns: prediction):")
+        lines.append(" " * (width + 1) + " ".join(f"{i:>5}" for i in range(len(names))))
+        for name, row in zip(names, full["confusion_matrix"]):
+            lines.append(f"{name:>{width}} " + " ".join(f"{c:>5}" for c in row))
+    if report["samples"]:
+        lines.append("sample predictions:")
+        lines += [f"  predicted {s['prediction']!r:<16} label {s['label']!r}"
+                  + ("" if s["correct"] else "  (wrong)") for s in report["samples"]]  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    print(format_diff(compare_configs(args.a, args.b), args.a, args.b))
+    return 0
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    if path.is_dir() or path.suffix in (".pth", ".pt"):
+        raw, _ = config_of_run(path)
+        cfg = config_from_dict(apply_overrides(raw, args.overrides), str(path))
+    else:
+        cfg = load_config(path, args.overrides)
+    validate_names(cfg)
+    task = make_task(cfg)
+    model = task.build_model(task.data_info())
+    print(format_counts(count_parameters(model), f"model {cfg.model.name}"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dltemplate`` command."""
+    parser = argparse.ArgumentParser(prog="dltemplate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    over = {"nargs": "*", "default": [], "metavar": "section.key=value"}
+
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", **over)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a stopped run in its own run directory")
+    p.add_argument("target", help="run directory, checkpoint, or 'last'")
+    p.add_argument("overrides", **over)
+    p.add_argument("--output-dir", default="./Results", help="where 'last' looks for runs")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("eval", help="evaluate a run directory or checkpoint")
+    p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
+    p.add_argument("overrides", **over)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="JSON report path (default: <run>/eval_<split>.json)")
+    p.add_argument("--limit-batches", type=int, default=None, help="evaluate only N batches")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare-configs", help="print the keys that differ between two configs")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("count-params", help="trainable and total parameters per module")
+    p.add_argument("config", help="YAML config, run directory or checkpoint")
+    p.add_argument("overrides", **over)
+    p.set_defaults(func=cmd_count)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"dltemplate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dltemplate: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("dltemplate: the run failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Load, override, validate and save the configuration.
+
+YAML file -> dict -> ``section.key=value`` overrides -> typed :class:`Config`. Every problem
+(unknown section or key, wrong type, value out of choices) is a :class:`ConfigError` naming the
+key and suggesting the closest valid one; nothing has run yet when it is raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from dltemplate.config.schema import Config
+from dltemplate.errors import ConfigError, did_you_mean
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to type ``tp``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in choices:
+            value = str(value)  # `precision: 32` in YAML is an int
+        if value not in choices:
+            raise ConfigError(
+                f"{key}={value!r}: must be one of {', '.join(map(str, choices))}"
+                + did_you_mean(str(value), map(str, choices))
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return check_value(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{key}={value!r}: expected {names}, got {type(value).__name__}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}={value!r}: expected null")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer, got {type(value).__name__}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `name: 2024` is meant as text
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string, got {type(value).__name__}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated :class:`Config` from nested dicts; missing keys take their defaults."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = _section_types()
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown config section '{name}'{did_you_mean(name, sections)}; "
+                f"sections are {', '.join(sections)}"
+            )
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+        cls = sections[name]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                valid = [f"{name}.{k}" for k in hints]
+                raise ConfigError(
+                    f"{source}: unknown key '{name}.{key}'{did_you_mean(f'{name}.{key}', valid)}"
+                )
+            kwargs[key] = check_value(value, hints[key], f"{name}.{key}")
+        built[name] = cls(**kwargs)
+    return Config(**built)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (JSON/YAML-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into the key path and the YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    key, _, value = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"override '{text}': the key must be section.key, e.g. trainer.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: take it as a string
+    return path, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a nested dict (deeper paths go into ``args``)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file into a dict; a missing or broken file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw.pop("_meta", None)  # versions saved beside the config in run directories
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (YAML or JSON, or nothing), apply ``overrides`` and validate the result."""
+    raw = read_yaml(path) if path is not None else {}
+    apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw, str(path) if path is not None else "config")

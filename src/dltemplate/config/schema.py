@@ -1,0 +1,115 @@
+"""The typed configuration: one dataclass per section, each field with a default and a comment.
+
+This file is the config reference: every key a YAML file or a ``section.key=value`` override
+may set is a field below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ExperimentConfig:
+    """Who the run is and where it goes."""
+
+    name: str = "Experiment"  # the seed's proj_name: used in the config file name and the log
+    task: str = "classification"  # registered task: which trainer/evaluator to use
+    output_dir: str = "./Results"  # runs land in <output_dir>/<timestamp>/
+    seed: int = 42  # seeds Python, NumPy, torch, data order and splits
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    gpu_devices: list[int] | None = None  # the seed's GPU list; several -> DataParallel
+    imports: list[str] = field(default_factory=list)  # modules to import (your registrations)
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is split and batched."""
+
+    name: str = "digits"  # registered dataset or package.module:Class
+    root: str = "./Dataset"  # the seed's data_dir
+    download: bool = True  # fetch missing files when the dataset knows how
+    batch_size: int = 64  # per process
+    eval_batch_size: int | None = None  # per process; default: 2 x batch_size
+    val_fraction: float = 0.1  # share of the (sub-sampled) training pool kept for validation
+    test_fraction: float = 0.2  # set aside for test when the dataset has no test split
+    train_val_sample_rate: float = 1.0  # the seed's sub-sampling of the training pool
+    test_sample_rate: float = 1.0  # the seed's sub-sampling of the test split
+    args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments
+
+
+@dataclass
+class ModelConfig:
+    """Which network. Input shape and class count come from the dataset when accepted."""
+
+    name: str = "Vanilla"  # registered model or package.module:Class
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """Which loss."""
+
+    name: str = "cross_entropy"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    """Which optimizer and its learning rate."""
+
+    name: str = "adam"  # sgd | adam | adamw | package.module:Class
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    args: dict[str, Any] = field(default_factory=dict)  # e.g. momentum, betas
+
+
+@dataclass
+class SchedulerConfig:
+    """How the learning rate changes."""
+
+    name: str = "none"  # none | step | cosine | plateau | onecycle | package.module:Class
+    interval: Literal["epoch", "step"] | None = None  # None: the scheduler's natural interval
+    args: dict[str, Any] = field(default_factory=dict)  # e.g. step_size, gamma, max_lr
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop and its optional pieces."""
+
+    epochs: int = 10
+    precision: Literal["32", "bf16", "fp16"] = "32"  # fp16 only on CUDA
+    grad_accum_steps: int = 1  # optimizer step every N batches
+    clip_grad_norm: float | None = None  # clip the global gradient norm to this
+    clip_grad_value: float | None = None  # clip each gradient element to +-this
+    monitor: str = "val/accuracy"  # metric that picks the best checkpoint and early stops
+    monitor_mode: Literal["min", "max"] = "max"
+    early_stopping_patience: int | None = None  # epochs without improvement; None: off
+    early_stopping_min_delta: float = 0.0  # smaller changes do not count as improvement
+    compile: bool = False  # torch.compile the model
+    metrics: list[str] = field(default_factory=list)  # extra metrics; the task adds its own
+    fast_dev_run: int = 0  # N>0: 1 epoch of N batches per split, no checkpoints
+    limit_train_batches: int | float | None = None  # int count, or fraction of an epoch
+    limit_val_batches: int | float | None = None
+    limit_test_batches: int | float | None = None
+    overfit_batches: int = 0  # N>0: train and validate on the same first N batches
+    log_every_n_steps: int = 50  # TensorBoard loss and plain progress lines
+    progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: a bar only on a terminal
+    save_on_exception: bool = True  # write <Model>_interrupt_ckpt.pth when a run stops
+    test_after_fit: bool = True  # evaluate the best checkpoint on the test split
+    resume: str | None = None  # run directory or checkpoint to continue from
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

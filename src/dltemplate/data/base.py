@@ -1,0 +1,206 @@
+"""In-memory datasets, their splits, and a loader that batches by index.
+
+Small datasets live in memory as tensors (uint8 where the data is uint8) and are batched by
+indexing, so the model, not the input pipeline, sets the speed. A dataset is one class with
+``describe()`` (shapes and class names, without loading) and ``load()`` (the tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from dltemplate.errors import ConfigError
+
+
+@dataclass
+class DataInfo:
+    """What a model and a task need to know about a dataset, known before loading it."""
+
+    input_shape: tuple[int, ...]  # one sample, e.g. (1, 28, 28)
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...] = (0.5,)  # per channel, on the [0, 1] scale
+    std: tuple[float, ...] = (0.5,)
+
+
+@dataclass
+class TensorSplit:
+    """One split held in memory: ``inputs[i]`` is sample i, ``targets[i]`` its label."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def subset(self, index: torch.Tensor) -> TensorSplit:
+        """The samples at ``index``, in that order."""
+        return TensorSplit(self.inputs[index], self.targets[index])
+
+
+@dataclass
+class DataSplits:
+    """Train, validation and test splits of one dataset, with its info."""
+
+    train: TensorSplit
+    val: TensorSplit
+    test: TensorSplit
+    info: DataInfo
+    notes: list[str] = field(default_factory=list)  # what the split did, for the log
+
+
+class InMemoryDataset:
+    """Base class of datasets that load whole into memory.
+
+    Subclasses set ``info`` (or override :meth:`describe`) and implement :meth:`load`,
+    which returns the training pool and the dataset's own test split (``None`` if it has none,
+    in which case a test split is carved out of the pool by seed).
+    """
+
+    info: DataInfo
+
+    def __init__(self, root: str = "", download: bool = True) -> None:
+        self.root = root
+        self.download = download
+
+    def describe(self) -> DataInfo:
+        """Shapes and class names, without loading the data."""
+        return self.info
+
+    def load(self) -> tuple[TensorSplit, TensorSplit | None]:
+        """Return ``(train_pool, test_split_or_None)``."""
+        raise NotImplementedError
+
+
+def _take(n: int, rate: float, key: str) -> int:
+    if not 0.0 < rate <= 1.0:
+        raise ConfigError(f"{key}={rate}: must be in (0, 1]")
+    return max(1, round(n * rate))
+
+
+def make_splits(
+    dataset: InMemoryDataset,
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    train_val_sample_rate: float,
+    test_sample_rate: float,
+) -> DataSplits:
+    """Load ``dataset`` and split it deterministically by ``seed``.
+
+    The test split is the dataset's own when it has one; otherwise ``test_fraction`` of the pool
+    is set aside first. ``train_val_sample_rate`` then sub-samples the rest, which is divided
+    into train and validation (disjoint); ``test_sample_rate`` sub-samples the test split.
+    """
+    pool, test = dataset.load()
+    gen = torch.Generator().manual_seed(seed)
+    notes = []
+    if test is None:
+        perm = torch.randperm(len(pool), generator=gen)
+        n_test = _take(len(pool), test_fraction, "data.test_fraction")
+        test, pool = pool.subset(perm[:n_test]), pool.subset(perm[n_test:])
+        notes.append(f"no official test split: {n_test} samples set aside by seed {seed}")
+    perm = torch.randperm(len(pool), generator=gen)
+    perm = perm[: _take(len(pool), train_val_sample_rate, "data.train_val_sample_rate")]
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+    n_val = round(len(perm) * val_fraction)
+    val, train = pool.subset(perm[:n_val]), pool.subset(perm[n_val:])
+    test_idx = torch.randperm(len(test), generator=gen)
+    test = test.subset(test_idx[: _take(len(test), test_sample_rate, "data.test_sample_rate")])
+    return DataSplits(train, val, test, dataset.describe(), notes)
+
+
+@dataclass
+class Batch:
+    """A batch as the loader gives it: ``global_size`` counts its samples over all processes."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    global_size: int
+
+
+class IndexLoader:
+    """Iterates over a :class:`TensorSplit` in batches made by indexing, with no workers.
+
+    Training (``training=True``): every process draws the same permutation from ``seed`` and
+    the epoch (or keeps the stored order when ``shuffle=False``), cuts it into *global* batches
+    of ``batch_size * world_size`` and takes its own slice, so global batches are identical on
+    1 or N processes. Evaluation (``training=False``): each process takes a contiguous shard
+    without padding, so every sample is counted exactly once.
+    """
+
+    def __init__(
+        self,
+        split: TensorSplit,
+        batch_size: int,
+        *,
+        training: bool,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        limit_batches: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size}: must be at least 1")
+        self.split = split
+        self.batch_size = batch_size
+        self.training = training
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.limit_batches = limit_batches
+        self.epoch = 0
+        self.skip_batches = 0  # set when resuming part-way through an epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the permutation of this epoch (as DistributedSampler.set_epoch does)."""
+        self.epoch = epoch
+
+    def _full_length(self) -> int:
+        n = len(self.split)
+        if self.training:
+            return math.ceil(n / (self.batch_size * self.world_size))
+        return math.ceil(math.ceil(n / self.world_size) / self.batch_size)
+
+    def __len__(self) -> int:
+        full = self._full_length()
+        return full if self.limit_batches is None else min(full, self.limit_batches)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, int]]:
+        n = len(self.split)
+        if self.training:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+            step = self.batch_size * self.world_size
+            for start in range(0, n, step):
+                glob = order[start : start + step]
+                if len(glob) < self.world_size:  # too few to give every process a sample
+                    break
+                # Even shares, so a short last batch still gives every process samples.
+                share = torch.tensor_split(glob, self.world_size)[self.rank]
+                yield share, len(glob)
+        else:
+            shard = torch.tensor_split(torch.arange(n), self.world_size)[self.rank]
+            for start in range(0, len(shard), self.batch_size):
+                yield shard[start : start + self.batch_size], 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, (idx, global_size) in enumerate(self._batches()):
+            if i >= len(self):
+                break
+            if i < self.skip_batches:
+                continue
+            yield Batch(self.split.inputs[idx], self.split.targets[idx], global_size or len(idx))
+        self.skip_batches = 0

@@ -1,0 +1,89 @@
+"""Process-group set-up for ``torchrun`` and the few collectives the engine needs.
+
+On one process every function here is a cheap no-op, so the trainer calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: its rank among ``world_size`` and its local GPU index."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs, TensorBoard and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether several processes take part."""
+        return self.world_size > 1
+
+
+def init_distributed(use_cuda: bool) -> DistContext:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    ctx = DistContext(
+        rank=int(os.environ["RANK"]),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return ctx
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (safe to call when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over all processes, in place."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as held by process ``src``, on every process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """A list of every process's ``obj``, indexed by rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,124 @@
+"""EvaluatorBase: a trained model on a split, from a checkpoint alone; and the shared eval loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dltemplate.config import Config, config_from_dict
+from dltemplate.data.base import Batch, DataInfo, IndexLoader
+from dltemplate.engine import distributed as D
+from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_model_weights
+from dltemplate.engine.device import select_device
+from dltemplate.engine.meters import AverageMeter
+from dltemplate.engine.precision import Precision
+from dltemplate.engine.task import Task, import_plugins
+from dltemplate.metrics.base import MetricCollection
+
+log = logging.getLogger("dltemplate")
+
+
+@torch.no_grad()
+def evaluate_loader(
+    task: Task,
+    model: nn.Module,
+    criterion: nn.Module,
+    metrics: MetricCollection,
+    loader: IndexLoader,
+    *,
+    device: torch.device,
+    info: DataInfo,
+    precision: Precision,
+    on_batch: Callable[[int, Batch, torch.Tensor], None] | None = None,
+) -> dict[str, float]:
+    """Mean loss and metrics over ``loader``, reduced across processes (each sample once).
+
+    ``on_batch(index, batch, outputs)`` sees every batch (pictures, sample predictions).
+    """
+    model.eval()
+    metrics.reset()
+    meter = AverageMeter()
+    for i, batch in enumerate(loader):
+        batch = task.prepare_batch(batch, device, info)
+        with precision.autocast():
+            outputs = task.forward(model, batch)
+            loss = task.compute_loss(criterion, outputs, batch)
+        meter.update(loss, len(batch.targets))
+        metrics.update(outputs.float(), batch.targets)
+        if on_batch is not None:
+            on_batch(i, batch, outputs)
+    metrics.sync(D.all_reduce_sum)
+    D.all_reduce_sum(meter.state())
+    return {"loss": meter.avg, **metrics.compute()} if float(meter.count) else {}
+
+
+def resolve_eval_target(target: str | Path) -> Path:
+    """A checkpoint path as given, or the best (else last) checkpoint of a run directory."""
+    target = Path(target)
+    return find_checkpoint(target) if target.is_dir() else target
+
+
+class EvaluatorBase:
+    """Evaluates a checkpoint on the test split with the config saved inside it.
+
+    ``overrides`` (``section.key=value``) may change what does not change the model, such as
+    ``data.root`` or ``data.eval_batch_size``.
+    """
+
+    def __init__(
+        self, checkpoint: str | Path, overrides: list[str] | None = None, task: Task | None = None
+    ) -> None:
+        from dltemplate.config.loader import apply_overrides
+
+        self.checkpoint_path = resolve_eval_target(checkpoint)
+        state = load_checkpoint(self.checkpoint_path)
+        raw = apply_overrides(state["config"], list(overrides or []))
+        self.cfg: Config = config_from_dict(raw, f"{self.checkpoint_path} (saved config)")
+        import_plugins(self.cfg)
+        self.task = task or Task(self.cfg)
+        self.device, _ = select_device(self.cfg.experiment.device, self.cfg.experiment.gpu_devices)
+        self.info = self.task.data_info()
+        self.model = self.task.build_model(self.info).to(self.device)
+        load_model_weights(self.model, state["model"], str(self.checkpoint_path))
+        self.criterion = self.task.build_loss().to(self.device)
+        self.metrics = self.task.build_metrics(self.info)
+        self.precision = Precision(self.cfg.trainer.precision, self.device)
+        self.epoch = state["epoch"]
+
+    def run(self, split: str = "test", limit: int | None = None) -> dict[str, Any]:
+        """Evaluate on ``split``; return metrics, the full metric report and sample predictions."""
+        data = self.task.load_data()
+        batch_size = self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size
+        loader = IndexLoader(getattr(data, split), batch_size, training=False, limit_batches=limit)
+        samples: list[dict[str, Any]] = []
+
+        def keep_samples(i: int, batch: Batch, outputs: torch.Tensor) -> None:
+            if i == 0:
+                samples.extend(self.task.describe_predictions(batch, outputs, self.info))
+
+        metrics = evaluate_loader(
+            self.task, self.model, self.criterion, self.metrics, loader, device=self.device,
+            info=self.info, precision=self.precision, on_batch=keep_samples,
+        )  # fmt: skip
+        return {
+            "checkpoint": str(self.checkpoint_path),
+            "split": split,
+            "num_samples": len(getattr(data, split)),
+            "epoch": self.epoch,
+            "metrics": metrics,
+            "report": self.metrics.report(),
+            "samples": samples,
+        }
+
+    @staticmethod
+    def write_report(report: dict[str, Any], path: Path) -> Path:
+        """Save the report as JSON."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        return path

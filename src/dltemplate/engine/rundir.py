@@ -1,0 +1,144 @@
+"""The run directory: ``<output_dir>/<timestamp>/`` and what goes in it.
+
+It holds the config as JSON, the log, TensorBoard's ``summary/``, the checkpoints, the
+per-epoch metrics table (``metrics.csv``) and a picture of the training curves
+(``curves.png``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dltemplate
+from dltemplate.errors import UsageError
+
+TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
+
+
+def new_run_dir(output_dir: str | Path) -> Path:
+    """Create and return a fresh ``<output_dir>/<timestamp>[_N]/`` (never reuses a folder)."""
+    stamp = datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
+    base = Path(output_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        path = base / (stamp if n == 0 else f"{stamp}_{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"{base}: cannot create a run directory named after {stamp}")
+
+
+def latest_run_dir(output_dir: str | Path) -> Path:
+    """The newest run directory (one holding a config JSON) under ``output_dir``."""
+    runs = [p.parent for p in Path(output_dir).glob("*/config_*.json")]
+    if not runs:
+        raise UsageError(f"no run directory under {output_dir}")
+    return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def git_commit() -> str | None:
+    """The project's git commit, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(dltemplate.__file__).parent,
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def save_config(run_dir: Path, name: str, config: dict[str, Any]) -> Path:
+    """Write ``config_<name>_<timestamp>.json`` with the versions that produced the run."""
+    meta = {
+        "timestamp": run_dir.name,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dltemplate": dltemplate.__version__,
+        "git_commit": git_commit(),
+    }
+    path = run_dir / f"config_{name}_{run_dir.name}.json"
+    path.write_text(json.dumps({**config, "_meta": meta}, indent=2))
+    return path
+
+
+def find_config(run_dir: Path) -> Path:
+    """The config JSON saved in ``run_dir``."""
+    found = sorted(Path(run_dir).glob("config_*.json"))
+    if not found:
+        raise UsageError(f"{run_dir}: no config_*.json in this directory (is it a run directory?)")
+    return found[0]
+
+
+class MetricsTable:
+    """``metrics.csv``: one row per epoch; rewritten whole when new columns appear."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path.exists():
+            with open(path, newline="") as fh:
+                self.rows = [dict(r) for r in csv.DictReader(fh)]
+
+    def truncate(self, epoch: int) -> None:
+        """Keep only rows of epochs before ``epoch`` (1-based), e.g. when resuming."""
+        self.rows = [r for r in self.rows if int(float(r["epoch"])) < epoch]
+        self._write()
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Add one epoch's row and rewrite the file."""
+        self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        columns: list[str] = []
+        for r in self.rows:
+            columns += [k for k in r if k not in columns]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns or ["epoch"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+    def plot(self, png: Path) -> None:
+        """Draw each metric (train and val on one panel) against the epoch into ``png``."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+
+        if not self.rows:
+            return
+        names = sorted({k.split("/", 1)[1] for k in self.rows[0] if "/" in k and k[:4] != "lr"})
+        names = [n for n in names if n != "lr"]
+        epochs = [int(float(r["epoch"])) for r in self.rows]
+        cols = min(3, max(1, len(names)))
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            for split in ("train", "val"):
+                key = f"{split}/{name}"
+                pts = [(e, float(r[key])) for e, r in zip(epochs, self.rows) if r.get(key, "") != ""]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=split)
+            ax.set_title(name)
+            ax.set_xlabel("epoch")
+            ax.legend()
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        tmp = png.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        tmp.replace(png)

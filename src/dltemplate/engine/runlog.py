@@ -1,0 +1,83 @@
+"""Terminal + file logging, and per-epoch progress (a bar on a terminal, plain lines elsewhere)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+LOGGER_NAME = "dltemplate"
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def setup_logging(log_file: Path | None = None, is_main: bool = True) -> logging.Logger:
+    """Configure the ``dltemplate`` logger: terminal always, ``log_file`` (appended) on rank 0.
+
+    Other ranks log warnings and errors only, so a run under torchrun prints each line once.
+    """
+    log = logging.getLogger(LOGGER_NAME)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(terminal)
+    if log_file is not None and is_main:
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        log.addHandler(file_handler)
+    return log
+
+
+def use_progress_bar(setting: str) -> bool:
+    """'on', 'off', or 'auto' (a bar only when stderr is a terminal)."""
+    return setting == "on" or (setting == "auto" and sys.stderr.isatty())
+
+
+class EpochProgress:
+    """Reports loss and throughput during an epoch: a tqdm bar, or a log line every N steps."""
+
+    def __init__(
+        self, total: int, desc: str, *, bar: bool, every: int, enabled: bool, initial: int = 0
+    ) -> None:
+        self.total, self.desc, self.every, self.enabled = total, desc, max(1, every), enabled
+        self.done = initial
+        self.samples = 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
+                        file=sys.stderr) if (bar and enabled) else None  # fmt: skip
+
+    def update(self, samples: int, loss: float | None = None) -> None:
+        """One batch done; ``loss`` is shown when given (pass it only now and then: it syncs)."""
+        self.done += 1
+        self.samples += samples
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.rate:.0f}")
+        elif loss is not None:
+            logging.getLogger(LOGGER_NAME).info(
+                "%s [%d/%d] loss %.4f, %.0f samples/s", self.desc, self.done, self.total, loss,
+                self.rate,
+            )  # fmt: skip
+
+    def wants_loss(self) -> bool:
+        """Whether this step should report the loss (every ``every`` steps)."""
+        return self.enabled and self.done % self.every == self.every - 1
+
+    @property
+    def rate(self) -> float:
+        """Samples per second so far in this epoch."""
+        return self.samples / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        if self.bar is not None:
+            self.bar.close()

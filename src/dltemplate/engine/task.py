@@ -1,0 +1,115 @@
+"""The hooks through which a task (classification, segmentation, yours) plugs into the engine.
+
+The trainer and the evaluator own the loop; a :class:`Task` says what the data is, which model,
+loss and metrics to build, and how a batch becomes outputs and a loss. Override what differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from dltemplate.config import Config
+from dltemplate.data.base import Batch, DataInfo, DataSplits, InMemoryDataset, make_splits
+from dltemplate.errors import ConfigError
+from dltemplate.metrics.base import MetricCollection
+from dltemplate.registry import DATASETS, LOSSES, METRICS, MODELS, accepted_kwargs
+
+
+def import_plugins(cfg: Config) -> None:
+    """Import ``experiment.imports`` so that their ``@REGISTRY.register`` lines run."""
+    for module in cfg.experiment.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"experiment.imports: cannot import '{module}': {exc}") from exc
+
+
+class Task:
+    """Default hooks: a registered in-memory dataset, a model fed the dataset's shape, a loss
+    applied to ``model(inputs)`` and ``targets``, and the metrics named in the config."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._dataset: InMemoryDataset | None = None
+
+    # -- data -------------------------------------------------------------------------------
+    def dataset(self) -> InMemoryDataset:
+        """The configured dataset object (not loaded yet)."""
+        if self._dataset is None:
+            d = self.cfg.data
+            self._dataset = DATASETS.build(
+                d.name, "data.name", root=d.root, download=d.download, **d.args
+            )
+        return self._dataset
+
+    def data_info(self) -> DataInfo:
+        """Shapes and class names, without loading the data."""
+        return self.dataset().describe()
+
+    def load_data(self) -> DataSplits:
+        """Load and split the dataset (train / val / test)."""
+        d = self.cfg.data
+        return make_splits(
+            self.dataset(),
+            seed=self.cfg.experiment.seed,
+            val_fraction=d.val_fraction,
+            test_fraction=d.test_fraction,
+            train_val_sample_rate=d.train_val_sample_rate,
+            test_sample_rate=d.test_sample_rate,
+        )
+
+    # -- components -------------------------------------------------------------------------
+    def build_model(self, info: DataInfo) -> nn.Module:
+        """The configured model; ``input_shape``/``num_classes`` come from the data if accepted."""
+        factory = MODELS.get(self.cfg.model.name, "model.name")
+        offered = {"input_shape": tuple(info.input_shape), "num_classes": info.num_classes,
+                   "in_channels": info.input_shape[0]}  # fmt: skip
+        kwargs = {**accepted_kwargs(factory, offered), **self.cfg.model.args}
+        return MODELS.build(self.cfg.model.name, "model.name", **kwargs)
+
+    def build_loss(self) -> nn.Module:
+        """The configured loss."""
+        return LOSSES.build(self.cfg.loss.name, "loss.name", **self.cfg.loss.args)
+
+    def default_metrics(self, info: DataInfo) -> list[str]:
+        """Metric names this task always computes (besides ``trainer.metrics``)."""
+        return []
+
+    def build_metrics(self, info: DataInfo) -> MetricCollection:
+        """The task's metrics plus ``trainer.metrics``; each gets the data's class info if wanted."""
+        offered = {"num_classes": info.num_classes, "class_names": info.class_names}
+        metrics = []
+        names = self.default_metrics(info)
+        names += [n for n in self.cfg.trainer.metrics if n not in names]
+        for name in names:
+            factory = METRICS.get(name, "trainer.metrics")
+            metrics.append(factory(**accepted_kwargs(factory, offered)))
+        return MetricCollection(metrics)
+
+    # -- one batch --------------------------------------------------------------------------
+    def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
+        """Move the batch to ``device`` and turn stored inputs into what the model eats."""
+        return Batch(batch.inputs.to(device), batch.targets.to(device), batch.global_size)
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's outputs for a batch."""
+        return model(batch.inputs)
+
+    def compute_loss(self, criterion: nn.Module, outputs: torch.Tensor, batch: Batch) -> Any:
+        """The loss of a batch (a mean over its samples)."""
+        return criterion(outputs, batch.targets)
+
+    # -- reporting --------------------------------------------------------------------------
+    def log_images(self, writer: Any, tag: str, batch: Batch, outputs: torch.Tensor, step: int):
+        """Optional pictures for TensorBoard after validation (first batch); none by default."""
+        return None
+
+    def describe_predictions(
+        self, batch: Batch, outputs: torch.Tensor, info: DataInfo, limit: int = 10
+    ) -> list[dict[str, Any]]:
+        """A few prediction/label pairs for the evaluation report; none by default."""
+        return []

@@ -1,0 +1,28 @@
+"""Errors that the command line turns into exit status 2 (bad usage, configuration or input)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UsageError(Exception):
+    """Bad usage, configuration or input: reported in one message, exit status 2."""
+
+
+class ConfigError(UsageError):
+    """A configuration key, type or value is wrong."""
+
+
+class DataError(UsageError):
+    """Input data is missing, truncated or malformed."""
+
+
+class CheckpointError(UsageError):
+    """A path is not a checkpoint, or a checkpoint does not match the configuration."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""`` if none is close."""
+    close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

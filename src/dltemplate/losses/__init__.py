@@ -1,0 +1,10 @@
+"""Losses, registered by name in :data:`dltemplate.registry.LOSSES`."""
+
+from torch import nn
+
+from dltemplate.registry import LOSSES
+
+LOSSES.register("cross_entropy")(nn.CrossEntropyLoss)
+LOSSES.register("nll")(nn.NLLLoss)
+LOSSES.register("bce_with_logits")(nn.BCEWithLogitsLoss)
+LOSSES.register("mse")(nn.MSELoss)

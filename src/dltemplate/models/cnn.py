@@ -1,0 +1,48 @@
+"""A small convolutional classifier: two conv blocks and a linear head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dltemplate.registry import MODELS
+
+
+@MODELS.register("SmallCNN")
+@MODELS.register("cnn")
+class SmallCNN(nn.Module):
+    """conv(3x3)-BN-ReLU-pool twice, global average pool, dropout, linear."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        num_classes: int = 10,
+        width: int = 32,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        channels = input_shape[0]
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        # Pool only while the map is large enough, so 8x8 digits and 28x28 images both work.
+        self.features = nn.Sequential(
+            block(channels, width),
+            nn.MaxPool2d(2) if min(input_shape[1:]) >= 8 else nn.Identity(),
+            block(width, 2 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of shape (N, num_classes)."""
+        return self.head(self.features(x))

@@ -1,0 +1,96 @@
+"""Optimizers and learning-rate schedulers, registered by name.
+
+Schedulers are built with ``total``, the number of times they will be stepped (epochs, or
+optimizer steps when stepped per step), so that cosine and one-cycle need no extra settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import lr_scheduler
+
+from dltemplate.config import OptimizerConfig, SchedulerConfig
+from dltemplate.registry import OPTIMIZERS, SCHEDULERS, accepted_kwargs
+
+OPTIMIZERS.register("sgd")(torch.optim.SGD)
+OPTIMIZERS.register("adam")(torch.optim.Adam)
+OPTIMIZERS.register("adamw")(torch.optim.AdamW)
+OPTIMIZERS.register("rmsprop")(torch.optim.RMSprop)
+
+
+@SCHEDULERS.register("none")
+def no_scheduler(optimizer: torch.optim.Optimizer, total: int) -> None:
+    """A constant learning rate."""
+    return None
+
+
+@SCHEDULERS.register("step")
+def step_lr(
+    optimizer: torch.optim.Optimizer, total: int, step_size: int | None = None, gamma: float = 0.1
+) -> lr_scheduler.StepLR:
+    """Multiply the rate by ``gamma`` every ``step_size`` steps (default: a third of the run)."""
+    return lr_scheduler.StepLR(optimizer, step_size=step_size or max(1, total // 3), gamma=gamma)
+
+
+@SCHEDULERS.register("cosine")
+def cosine(
+    optimizer: torch.optim.Optimizer, total: int, eta_min: float = 0.0
+) -> lr_scheduler.CosineAnnealingLR:
+    """Cosine decay from the base rate to ``eta_min`` over the whole run."""
+    return lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total), eta_min=eta_min)
+
+
+@SCHEDULERS.register("plateau")
+def plateau(
+    optimizer: torch.optim.Optimizer, total: int, mode: str = "max", **kwargs: Any
+) -> lr_scheduler.ReduceLROnPlateau:
+    """Cut the rate when the monitored metric stops improving (fed that metric every epoch)."""
+    return lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, **kwargs)
+
+
+@SCHEDULERS.register("onecycle")
+def onecycle(
+    optimizer: torch.optim.Optimizer, total: int, max_lr: float | None = None, **kwargs: Any
+) -> lr_scheduler.OneCycleLR:
+    """One-cycle policy over the run; ``max_lr`` defaults to the optimizer's rate."""
+    max_lr = max_lr or optimizer.param_groups[0]["lr"]
+    return lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, total), **kwargs)
+
+
+_STEPPED_PER_BATCH = {"onecycle"}  # schedulers whose natural interval is the optimizer step
+
+
+def build_optimizer(
+    cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The optimizer named in ``cfg`` over ``params``."""
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.args}
+    return OPTIMIZERS.build(cfg.name, "optimizer.name", params=list(params), **kwargs)
+
+
+def scheduler_interval(cfg: SchedulerConfig) -> str:
+    """'epoch' or 'step': as configured, else the scheduler's natural interval."""
+    return cfg.interval or ("step" if cfg.name in _STEPPED_PER_BATCH else "epoch")
+
+
+def build_scheduler(
+    cfg: SchedulerConfig,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    monitor_mode: str,
+) -> Any:
+    """The scheduler named in ``cfg``, or None; sized for ``epochs`` x ``steps_per_epoch``."""
+    total = epochs * steps_per_epoch if scheduler_interval(cfg) == "step" else epochs
+    factory = SCHEDULERS.get(cfg.name, "scheduler.name")
+    extra = accepted_kwargs(factory, {"total": total, "mode": monitor_mode})
+    return SCHEDULERS.build(cfg.name, "scheduler.name", optimizer=optimizer, **{**extra, **cfg.args})
+
+
+def is_plateau(scheduler: Any) -> bool:
+    """Whether ``scheduler`` must be stepped with the monitored metric."""
+    return isinstance(scheduler, lr_scheduler.ReduceLROnPlateau)

@@ -1,0 +1,98 @@
+"""Name -> component registries, so that the config picks datasets, models, losses... by name.
+
+A component is added with a decorator (``@MODELS.register("MyNet")``) in any imported module,
+or named in the config as ``package.module:ClassName`` without registering at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from dltemplate.errors import ConfigError, did_you_mean
+
+T = TypeVar("T")
+
+
+class Registry:
+    """A named table of factories (classes or functions) of one kind of component."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        """Decorator that registers a class or function under ``name`` (default: its own name)."""
+
+        def deco(obj: T) -> T:
+            key = name or obj.__name__  # type: ignore[attr-defined]
+            if key in self._items and self._items[key] is not obj:
+                raise ValueError(f"{self.kind} '{key}' is registered twice")
+            self._items[key] = obj  # type: ignore[assignment]
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def get(self, name: str, key: str = "") -> Callable[..., Any]:
+        """Look ``name`` up, or import it when it has the form ``package.module:Attr``.
+
+        ``key`` is the config key that holds the name, quoted in the error message.
+        """
+        where = f"{key}: " if key else ""
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise ConfigError(f"{where}cannot import module '{module_name}': {exc}") from exc
+            if not hasattr(module, attr):
+                hint = did_you_mean(attr, [n for n in dir(module) if not n.startswith("_")])
+                raise ConfigError(f"{where}module '{module_name}' has no '{attr}'{hint}")
+            return getattr(module, attr)
+        if name not in self._items:
+            hint = did_you_mean(name, self._items)
+            raise ConfigError(
+                f"{where}unknown {self.kind} '{name}'{hint}; "
+                f"known: {', '.join(self.names())} (or give 'package.module:Name')"
+            )
+        return self._items[name]
+
+    def build(self, name: str, key: str = "", /, **kwargs: Any) -> Any:
+        """Call the factory registered as ``name`` with ``kwargs``; bad arguments are ConfigErrors."""
+        factory = self.get(name, key)
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{key or self.kind} '{name}': {exc}") from exc
+        except ValueError:  # builtins without a signature: let the call itself decide
+            pass
+        return factory(**kwargs)
+
+
+def accepted_kwargs(factory: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``offered`` that ``factory`` accepts by name (all of it for ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except ValueError:
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(offered)
+    return {k: v for k, v in offered.items() if k in params}
+
+
+DATASETS = Registry("dataset")
+MODELS = Registry("model")
+LOSSES = Registry("loss")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+METRICS = Registry("metric")
+TASKS = Registry("task")

@@ -1,0 +1,1 @@
+"""Small command-line helpers: config comparator and parameter counter."""
