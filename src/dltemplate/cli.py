@@ -105,7 +105,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluator = EvaluatorBase(args.target, args.overrides)
     evaluator.task = make_task(evaluator.cfg)
     report = evaluator.run(args.split, limit=args.limit_batches)
-    out = Path(args.out) if args.out else evaluator.checkpoint_path.parent / f"eval_{args.split}.json"
+    out = (
+        Path(args.out) if args.out else evaluator.checkpoint_path.parent / f"eval_{args.split}.json"
+    )
     EvaluatorBase.write_report(report, out)
     print(format_report(report))
     print(f"report written to {out}")
@@ -126,8 +128,11 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{name:>{width}} " + " ".join(f"{c:>5}" for c in row))
     if report["samples"]:
         lines.append("sample predictions:")
-        lines += [f"  predicted {s['prediction']!r:<16} label {s['label']!r}"
-                  + ("" if s["correct"] else "  (wrong)") for s in report["samples"]]  # fmt: skip
+        lines += [
+            f"  predicted {s['prediction']!r:<16} label {s['label']!r}"
+            + ("" if s["correct"] else "  (wrong)")
+            for s in report["samples"]
+        ]
     return "\n".join(lines)
 
 
@@ -189,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options: collect the ones argparse left over.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     try:
         return args.func(args)
     except UsageError as exc:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -49,6 +51,8 @@ class Registry:
         """
         where = f"{key}: " if key else ""
         if ":" in name:
+            if os.getcwd() not in sys.path:  # a my_models.py beside the config just works
+                sys.path.append(os.getcwd())
             module_name, _, attr = name.partition(":")
             try:
                 module = importlib.import_module(module_name)
@@ -67,7 +71,7 @@ class Registry:
         return self._items[name]
 
     def build(self, name: str, key: str = "", /, **kwargs: Any) -> Any:
-        """Call the factory registered as ``name`` with ``kwargs``; bad arguments are ConfigErrors."""
+        """Call the factory of ``name`` with ``kwargs``; bad arguments are ConfigErrors."""
         factory = self.get(name, key)
         try:
             inspect.signature(factory).bind(**kwargs)
@@ -79,14 +83,13 @@ class Registry:
 
 
 def accepted_kwargs(factory: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``offered`` that ``factory`` accepts by name (all of it for ``**kwargs``)."""
+    """The subset of ``offered`` that ``factory`` names as parameters (``**kwargs`` takes none)."""
     try:
         params = inspect.signature(factory).parameters
     except ValueError:
         return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(offered)
-    return {k: v for k, v in offered.items() if k in params}
+    named = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return {k: v for k, v in offered.items() if k in named}
 
 
 DATASETS = Registry("dataset")

@@ -8,6 +8,7 @@ key and suggesting the closest valid one; nothing has run yet when it is raised.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,29 @@ import yaml
 
 from dltemplate.config.schema import Config
 from dltemplate.errors import ConfigError, did_you_mean
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; this loader reads it as the float users mean."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text, reading ``1e-3`` as a number."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def _type_name(tp: Any) -> str:
@@ -30,7 +54,11 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in choices:
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and str(value) in choices
+        ):
             value = str(value)  # `precision: 32` in YAML is an int
         if value not in choices:
             raise ConfigError(
@@ -130,7 +158,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(path) < 2 or not all(path):
         raise ConfigError(f"override '{text}': the key must be section.key, e.g. trainer.epochs=5")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value  # not YAML: take it as a string
     return path, parsed
@@ -158,7 +186,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

@@ -171,7 +171,10 @@ class IndexLoader:
     def _full_length(self) -> int:
         n = len(self.split)
         if self.training:
-            return math.ceil(n / (self.batch_size * self.world_size))
+            step = self.batch_size * self.world_size
+            full = math.ceil(n / step)
+            # A last global batch too small to give every process a sample is dropped.
+            return full - 1 if full and n - (full - 1) * step < self.world_size else full
         return math.ceil(math.ceil(n / self.world_size) / self.batch_size)
 
     def __len__(self) -> int:

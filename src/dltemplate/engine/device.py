@@ -37,8 +37,11 @@ def select_device(
         if missing:
             log.warning(
                 "experiment.gpu_devices=%s: GPU(s) %s not present (%d CUDA device(s))%s",
-                gpu_devices, missing, n_cuda, "" if present else "; falling back to the CPU",
-            )  # fmt: skip
+                gpu_devices,
+                missing,
+                n_cuda,
+                "" if present else "; falling back to the CPU",
+            )
         if present:
             return torch.device("cuda", present[0]), present if len(present) > 1 else []
         return torch.device("cpu"), []

@@ -103,9 +103,16 @@ class EvaluatorBase:
                 samples.extend(self.task.describe_predictions(batch, outputs, self.info))
 
         metrics = evaluate_loader(
-            self.task, self.model, self.criterion, self.metrics, loader, device=self.device,
-            info=self.info, precision=self.precision, on_batch=keep_samples,
-        )  # fmt: skip
+            self.task,
+            self.model,
+            self.criterion,
+            self.metrics,
+            loader,
+            device=self.device,
+            info=self.info,
+            precision=self.precision,
+            on_batch=keep_samples,
+        )
         return {
             "checkpoint": str(self.checkpoint_path),
             "split": split,

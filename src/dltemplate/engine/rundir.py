@@ -50,9 +50,12 @@ def git_commit() -> str | None:
     """The project's git commit, when it runs from a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(dltemplate.__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(dltemplate.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -129,7 +132,9 @@ class MetricsTable:
         for ax, name in zip(axes.flat, names):
             for split in ("train", "val"):
                 key = f"{split}/{name}"
-                pts = [(e, float(r[key])) for e, r in zip(epochs, self.rows) if r.get(key, "") != ""]
+                pts = [
+                    (e, float(r[key])) for e, r in zip(epochs, self.rows) if r.get(key, "") != ""
+                ]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=split)
             ax.set_title(name)

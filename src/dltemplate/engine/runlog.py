@@ -49,8 +49,18 @@ class EpochProgress:
         self.done = initial
         self.samples = 0
         self.start = time.perf_counter()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
-                        file=sys.stderr) if (bar and enabled) else None  # fmt: skip
+        self.bar = (
+            tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+            if (bar and enabled)
+            else None
+        )
 
     def update(self, samples: int, loss: float | None = None) -> None:
         """One batch done; ``loss`` is shown when given (pass it only now and then: it syncs)."""
@@ -64,9 +74,13 @@ class EpochProgress:
                 self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.rate:.0f}")
         elif loss is not None:
             logging.getLogger(LOGGER_NAME).info(
-                "%s [%d/%d] loss %.4f, %.0f samples/s", self.desc, self.done, self.total, loss,
+                "%s [%d/%d] loss %.4f, %.0f samples/s",
+                self.desc,
+                self.done,
+                self.total,
+                loss,
                 self.rate,
-            )  # fmt: skip
+            )
 
     def wants_loss(self) -> bool:
         """Whether this step should report the loss (every ``every`` steps)."""

@@ -22,7 +22,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=...)``: derive NumPy/random seeds from torch's per-worker seed."""
+    """``DataLoader(worker_init_fn=...)``: seed NumPy and random from torch's worker seed."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

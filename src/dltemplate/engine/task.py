@@ -7,6 +7,8 @@ loss and metrics to build, and how a batch becomes outputs and a loss. Override 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 import torch
@@ -20,7 +22,12 @@ from dltemplate.registry import DATASETS, LOSSES, METRICS, MODELS, accepted_kwar
 
 
 def import_plugins(cfg: Config) -> None:
-    """Import ``experiment.imports`` so that their ``@REGISTRY.register`` lines run."""
+    """Import ``experiment.imports`` so that their ``@REGISTRY.register`` lines run.
+
+    The working directory is searched too, so a ``my_models.py`` beside the config just works.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for module in cfg.experiment.imports:
         try:
             importlib.import_module(module)
@@ -66,8 +73,11 @@ class Task:
     def build_model(self, info: DataInfo) -> nn.Module:
         """The configured model; ``input_shape``/``num_classes`` come from the data if accepted."""
         factory = MODELS.get(self.cfg.model.name, "model.name")
-        offered = {"input_shape": tuple(info.input_shape), "num_classes": info.num_classes,
-                   "in_channels": info.input_shape[0]}  # fmt: skip
+        offered = {
+            "input_shape": tuple(info.input_shape),
+            "num_classes": info.num_classes,
+            "in_channels": info.input_shape[0],
+        }
         kwargs = {**accepted_kwargs(factory, offered), **self.cfg.model.args}
         return MODELS.build(self.cfg.model.name, "model.name", **kwargs)
 
@@ -80,7 +90,7 @@ class Task:
         return []
 
     def build_metrics(self, info: DataInfo) -> MetricCollection:
-        """The task's metrics plus ``trainer.metrics``; each gets the data's class info if wanted."""
+        """The task's metrics plus ``trainer.metrics``, given the class info they accept."""
         offered = {"num_classes": info.num_classes, "class_names": info.class_names}
         metrics = []
         names = self.default_metrics(info)

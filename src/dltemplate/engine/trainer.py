@@ -36,8 +36,8 @@ from dltemplate.engine.early_stopping import EarlyStopping
 from dltemplate.engine.evaluator import evaluate_loader
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
-from dltemplate.engine.runlog import EpochProgress, setup_logging, use_progress_bar
 from dltemplate.engine.rundir import MetricsTable, new_run_dir, save_config
+from dltemplate.engine.runlog import EpochProgress, setup_logging, use_progress_bar
 from dltemplate.engine.seeding import rng_state, seed_everything, set_rng_state
 from dltemplate.engine.task import Task, import_plugins
 from dltemplate.errors import CheckpointError, ConfigError, did_you_mean
@@ -52,7 +52,9 @@ def limit_batches(limit: int | float | None, full: int, key: str) -> int | None:
         return None
     if isinstance(limit, float):
         if not 0.0 < limit <= 1.0:
-            raise ConfigError(f"{key}={limit}: a fraction must be in (0, 1]; use an int for a count")
+            raise ConfigError(
+                f"{key}={limit}: a fraction must be in (0, 1]; use an int for a count"
+            )
         return max(1, int(full * limit))
     if limit < 1:
         raise ConfigError(f"{key}={limit}: must be at least 1")
@@ -102,9 +104,12 @@ class TrainerBase:
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.grad_accum_steps)
         self.scheduler = build_scheduler(
-            cfg.scheduler, self.optimizer, epochs=self.epochs,
-            steps_per_epoch=self.steps_per_epoch, monitor_mode=tc.monitor_mode,
-        )  # fmt: skip
+            cfg.scheduler,
+            self.optimizer,
+            epochs=self.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            monitor_mode=tc.monitor_mode,
+        )
         self.step_scheduler_per_batch = scheduler_interval(cfg.scheduler) == "step"
         self.early_stopping = EarlyStopping(
             tc.monitor_mode, tc.early_stopping_patience, tc.early_stopping_min_delta
@@ -129,8 +134,11 @@ class TrainerBase:
                 val = self.evaluate(self.val_loader, "val")
                 self.end_epoch(train, val, time.perf_counter() - started)
             if self.early_stopping.should_stop:
-                log.info("early stopping: %s did not improve for %d epochs",
-                         self.cfg.trainer.monitor, self.early_stopping.bad_epochs)  # fmt: skip
+                log.info(
+                    "early stopping: %s did not improve for %d epochs",
+                    self.cfg.trainer.monitor,
+                    self.early_stopping.bad_epochs,
+                )
             return self.test() if self.cfg.trainer.test_after_fit else {}
         except BaseException as exc:
             self.save_interrupt_checkpoint(exc)
@@ -198,9 +206,16 @@ class TrainerBase:
                 self.task.log_images(self.writer, split, batch, outputs, self.global_step)
 
         return evaluate_loader(
-            self.task, self.eval_model, self.criterion, self.metrics, loader, device=self.device,
-            info=self.info, precision=self.precision, on_batch=pictures,
-        )  # fmt: skip
+            self.task,
+            self.eval_model,
+            self.criterion,
+            self.metrics,
+            loader,
+            device=self.device,
+            info=self.info,
+            precision=self.precision,
+            on_batch=pictures,
+        )
 
     def end_epoch(self, train: dict[str, float], val: dict[str, float], seconds: float) -> None:
         """Step the epoch scheduler, track the best, write table/curves/TensorBoard, checkpoint."""
@@ -214,9 +229,16 @@ class TrainerBase:
         # Every rank decides alike because metrics were reduced; rank 0's word settles it anyway.
         self.early_stopping.bad_epochs = D.broadcast_object(self.early_stopping.bad_epochs)
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        log.info("epoch %d/%d %s | lr %.3g | %.1fs%s", self.epoch, self.epochs,
-                 " ".join(f"{k} {v:.4f}" for k, v in row.items()), lr, seconds,
-                 " *best" if improved else "")  # fmt: skip
+        shown = {"loss", self.cfg.trainer.monitor.split("/", 1)[-1]}
+        log.info(
+            "epoch %d/%d %s | lr %.3g | %.1fs%s",
+            self.epoch,
+            self.epochs,
+            " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.split("/")[-1] in shown),
+            lr,
+            seconds,
+            " *best" if improved else "",
+        )
         if self.dist.is_main:
             self.table.append({"epoch": self.epoch, "lr": lr, "seconds": round(seconds, 3), **row})
             self.table.plot(self.run_dir / "curves.png")
@@ -236,8 +258,11 @@ class TrainerBase:
         if best.exists():
             load_model_weights(self.model, load_checkpoint(best)["model"], str(best))
         metrics = self.evaluate(self.test_loader, "test")
-        log.info("test (%s): %s", "best checkpoint" if best.exists() else "final weights",
-                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
+        log.info(
+            "test (%s): %s",
+            "best checkpoint" if best.exists() else "final weights",
+            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+        )
         if self.dist.is_main:
             (self.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
             for key, value in metrics.items():
@@ -284,8 +309,13 @@ class TrainerBase:
             log.error("run stopped by %s; saving a checkpoint failed too: %s", what, save_exc)
             return
         if path is not None:
-            log.error("run stopped by %s at epoch %d, step %d; checkpoint saved to %s",
-                      what, self.epoch + 1, self.global_step, path)  # fmt: skip
+            log.error(
+                "run stopped by %s at epoch %d, step %d; checkpoint saved to %s",
+                what,
+                self.epoch + 1,
+                self.global_step,
+                path,
+            )
 
     def _resume_checkpoint(self) -> tuple[dict[str, Any], Path]:
         path = Path(self.cfg.trainer.resume)
@@ -337,11 +367,18 @@ class TrainerBase:
         if tc.overfit_batches > 0:  # the same few batches, in order, to train and to validate
             train = IndexLoader(train_split, d.batch_size, training=True, shuffle=False, **where)
             limits[0] = tc.overfit_batches
-            val_split = train_split.subset(torch.arange(min(len(train_split),
-                                           tc.overfit_batches * d.batch_size * self.dist.world_size)))  # fmt: skip
+            val_split = train_split.subset(
+                torch.arange(
+                    min(len(train_split), tc.overfit_batches * d.batch_size * self.dist.world_size)
+                )
+            )
         val = IndexLoader(val_split, eval_bs, training=False, **where)
         test = IndexLoader(self.data.test, eval_bs, training=False, **where)
-        keys = ["trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches"]
+        keys = [
+            "trainer.limit_train_batches",
+            "trainer.limit_val_batches",
+            "trainer.limit_test_batches",
+        ]
         for loader, limit, key in zip((train, val, test), limits, keys):
             loader.limit_batches = limit_batches(limit, loader._full_length(), key)
         return train, val, test
@@ -384,13 +421,26 @@ class TrainerBase:
             log.info("run %s started: %s", run_dir.name, run_dir)
         else:
             self.table.truncate(self.epoch + 1)  # drop rows of epochs that will run again
-            log.info("run %s resumed from %s at epoch %d, step %d", run_dir.name, resumed_from,
-                     self.epoch + 1, self.global_step)  # fmt: skip
+            log.info(
+                "run %s resumed from %s at epoch %d, step %d",
+                run_dir.name,
+                resumed_from,
+                self.epoch + 1,
+                self.global_step,
+            )
         log.info("command: %s", " ".join(sys.argv))
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("device %s x %d process(es); model %s (%d parameters); train %d, val %d, "
-                 "test %d samples", self.device, self.dist.world_size, self.cfg.model.name,
-                 n_params, len(self.data.train), len(self.data.val), len(self.data.test))  # fmt: skip
+        log.info(
+            "device %s x %d process(es); model %s (%d parameters); train %d, val %d, "
+            "test %d samples",
+            self.device,
+            self.dist.world_size,
+            self.cfg.model.name,
+            n_params,
+            len(self.data.train),
+            len(self.data.val),
+            len(self.data.test),
+        )
         for note in self.data.notes:
             log.info("data: %s", note)
         # purge_step drops TensorBoard events past the resumed step, so curves do not fold back.
@@ -398,9 +448,14 @@ class TrainerBase:
 
     def _progress(self, total: int, desc: str) -> EpochProgress:
         tc = self.cfg.trainer
-        return EpochProgress(total, desc, bar=use_progress_bar(tc.progress_bar),
-                             every=tc.log_every_n_steps, enabled=self.dist.is_main,
-                             initial=self.batch_in_epoch)  # fmt: skip
+        return EpochProgress(
+            total,
+            desc,
+            bar=use_progress_bar(tc.progress_bar),
+            every=tc.log_every_n_steps,
+            enabled=self.dist.is_main,
+            initial=self.batch_in_epoch,
+        )
 
     @property
     def lr(self) -> float:

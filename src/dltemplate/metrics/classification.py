@@ -11,8 +11,9 @@ from dltemplate.registry import METRICS
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    # 0/0 -> 0, as scikit-learn's zero_division=0
-    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+    # x/0 -> 0, as scikit-learn's zero_division=0
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.zeros_like(num))
 
 
 @METRICS.register("accuracy")
@@ -109,8 +110,11 @@ class PrecisionRecallF1(ConfusionMatrix):
     def compute(self) -> dict[str, float]:
         """Macro (unweighted mean over classes) precision, recall and F1."""
         p, r, f = self._per_class()
-        return {"precision_macro": float(p.mean()), "recall_macro": float(r.mean()),
-                "f1_macro": float(f.mean())}
+        return {
+            "precision_macro": float(p.mean()),
+            "recall_macro": float(r.mean()),
+            "f1_macro": float(f.mean()),
+        }
 
     def report(self) -> dict[str, Any]:
         """Macro averages and per-class lists."""

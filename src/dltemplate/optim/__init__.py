@@ -88,7 +88,9 @@ def build_scheduler(
     total = epochs * steps_per_epoch if scheduler_interval(cfg) == "step" else epochs
     factory = SCHEDULERS.get(cfg.name, "scheduler.name")
     extra = accepted_kwargs(factory, {"total": total, "mode": monitor_mode})
-    return SCHEDULERS.build(cfg.name, "scheduler.name", optimizer=optimizer, **{**extra, **cfg.args})
+    return SCHEDULERS.build(
+        cfg.name, "scheduler.name", optimizer=optimizer, **{**extra, **cfg.args}
+    )
 
 
 def is_plateau(scheduler: Any) -> bool:

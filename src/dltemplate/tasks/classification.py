@@ -37,5 +37,7 @@ class ClassificationTask(Task):
         pred = outputs.argmax(1)[:limit].tolist()
         true = batch.targets[:limit].tolist()
         names = info.class_names
-        return [{"prediction": names[p], "label": names[t], "correct": p == t}
-                for p, t in zip(pred, true)]  # fmt: skip
+        return [
+            {"prediction": names[p], "label": names[t], "correct": p == t}
+            for p, t in zip(pred, true)
+        ]

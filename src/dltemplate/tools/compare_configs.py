@@ -28,7 +28,9 @@ def compare_configs(a: str | Path, b: str | Path) -> list[tuple[str, Any, Any]]:
     for key in sorted(set(left) | set(right)):
         va, vb = left.get(key, missing), right.get(key, missing)
         if va != vb:
-            diffs.append((key, "<absent>" if va is missing else va, "<absent>" if vb is missing else vb))
+            diffs.append(
+                (key, "<absent>" if va is missing else va, "<absent>" if vb is missing else vb)
+            )
     return diffs
 
 

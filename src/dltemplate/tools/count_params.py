@@ -10,15 +10,22 @@ def count_parameters(model: nn.Module) -> list[tuple[str, int, int]]:
     rows = []
     for name, child in model.named_children():
         params = list(child.parameters())
-        rows.append((name, sum(p.numel() for p in params if p.requires_grad),
-                     sum(p.numel() for p in params)))  # fmt: skip
+        rows.append(
+            (
+                name,
+                sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params),
+            )
+        )
     own = list(model.parameters(recurse=False))
     if own:
-        rows.append(("(own)", sum(p.numel() for p in own if p.requires_grad),
-                     sum(p.numel() for p in own)))  # fmt: skip
+        rows.append(
+            ("(own)", sum(p.numel() for p in own if p.requires_grad), sum(p.numel() for p in own))
+        )
     params = list(model.parameters())
-    rows.append(("total", sum(p.numel() for p in params if p.requires_grad),
-                 sum(p.numel() for p in params)))  # fmt: skip
+    rows.append(
+        ("total", sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    )
     return rows
 
 

@@ -1,0 +1,396 @@
+"""Throughput of the engine's training epoch against a plain PyTorch loop, in one run.
+
+What is measured
+----------------
+*Engine*: a :class:`~dltemplate.engine.trainer.TrainerBase` with a
+:class:`~dltemplate.tasks.classification.ClassificationTask`, configured as a normal run
+(logging, metrics, ``metrics.csv``, ``curves.png``, TensorBoard and checkpoints all on; only the
+progress bar and the final test are off). One epoch is exactly what ``fit()`` does per epoch::
+
+    trainer.train_epoch(); trainer.evaluate(trainer.val_loader, "val"); trainer.end_epoch(...)
+
+*Reference*: the same model class (a fresh instance from the same seed), the same optimizer and
+learning rate, over the same in-memory uint8 tensors (``trainer.data.train`` / ``.val``): index
+batches from a random permutation, uint8 -> float, normalise, cross-entropy, ``zero_grad`` /
+``backward`` / ``step``, and then a forward pass over the validation split (loss and correct
+count kept on the device, read once). Nothing else.
+
+The data is Fashion-MNIST-shaped and synthetic, made in memory (no download): 60,000 training
+and 10,000 test uint8 images of 1x28x28, 10 classes, each label a fixed random linear function of
+its image (so the model learns and "best" checkpoints get written as in a real run). With
+``val_fraction = 1/12`` the pool splits 55,000 / 5,000 as usual for Fashion-MNIST. The model is
+the seed's MLP 784-512-512-10 (``Vanilla``).
+
+For each batch size: one warm-up epoch of each, then ``--epochs`` measured epochs of each,
+interleaved (engine, reference, engine, reference, ...) so that machine noise hits both alike.
+samples/s = training samples per epoch / the *best* (shortest) epoch time of each, since other
+processes on a shared machine only ever add time; ratio = engine / reference samples/s, and the
+target is a ratio of at least 0.85. The ratio of the median epoch times is printed beside it
+(and every epoch time goes to stderr) to show how noisy the machine was. The exit status is 0
+whatever the result: this is a measurement, not a test.
+
+``--breakdown`` then runs extra engine epochs with timers around the pieces of the epoch
+(batch preparation, forward/loss, backward, optimizer step, metric and meter updates,
+TensorBoard, the CSV and PNG writes, checkpoints) and prints where the time goes; these timed
+epochs are not part of the table.
+
+Run it from the repository root with the project's environment active::
+
+    python benchmarks/classification.py                      # batch sizes 64 and 256, 3 epochs
+    python benchmarks/classification.py --batch-sizes 128 --epochs 2 --train-samples 20000
+    python benchmarks/classification.py --breakdown          # plus the engine's time breakdown
+
+Torch keeps its default number of threads (printed in the header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dltemplate.data  # noqa: F401  (registers the built-in components, as the CLI does)
+import dltemplate.losses  # noqa: F401
+import dltemplate.metrics  # noqa: F401
+import dltemplate.models  # noqa: F401
+import dltemplate.optim  # noqa: F401
+import dltemplate.tasks  # noqa: F401
+from dltemplate.config import Config, load_config
+from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
+from dltemplate.engine.trainer import TrainerBase
+from dltemplate.registry import DATASETS, MODELS, OPTIMIZERS
+from dltemplate.tasks.classification import ClassificationTask
+
+TARGET_RATIO = 0.85
+SEED = 42
+LR = 1e-3
+OPTIMIZER = "adam"
+VAL_FRACTION = 1 / 12  # 60,000 -> 55,000 train + 5,000 val, as usual for Fashion-MNIST
+
+
+@DATASETS.register("bench_fmnist")
+class BenchFashionMNIST(InMemoryDataset):
+    """Synthetic Fashion-MNIST look-alike: uint8 1x28x28 images, 10 classes, made in memory.
+
+    Pixels are uniform in [0, 255]; the label of an image is the argmax of a fixed random
+    linear map of it, so a model can learn it.
+    """
+
+    info = DataInfo(
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        class_names=[f"class_{i}" for i in range(10)],
+        mean=(0.286,),
+        std=(0.353,),
+    )
+
+    def __init__(
+        self,
+        root: str = "",
+        download: bool = True,
+        num_train: int = 60_000,
+        num_test: int = 10_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(root, download)
+        self.num_train, self.num_test, self.seed = num_train, num_test, seed
+
+    def load(self) -> tuple[TensorSplit, TensorSplit | None]:
+        """A training pool of ``num_train`` and a test split of ``num_test`` images."""
+        gen = torch.Generator().manual_seed(self.seed)
+        projection = torch.randn(28 * 28, 10, generator=gen)
+
+        def make(n: int) -> TensorSplit:
+            images = torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
+            centred = images.flatten(1).float() - 127.5
+            labels = (centred @ projection).argmax(1)
+            return TensorSplit(images, labels)
+
+        return make(self.num_train), make(self.num_test)
+
+
+# == engine ==================================================================================
+def make_config(batch_size: int, epochs: int, train_samples: int, output_dir: str) -> Config:
+    """A normal run's config on the benchmark data; only the progress bar and test are off."""
+    overrides = [
+        "experiment.name=bench_classification",
+        f"experiment.output_dir={output_dir}",
+        f"experiment.seed={SEED}",
+        "data.name=bench_fmnist",
+        f"data.batch_size={batch_size}",
+        f"data.val_fraction={VAL_FRACTION}",
+        f"data.args.num_train={train_samples}",
+        f"data.args.num_test={max(1, train_samples // 6)}",
+        "model.name=Vanilla",
+        "model.args.hidden=[512, 512]",
+        f"optimizer.name={OPTIMIZER}",
+        f"optimizer.lr={LR}",
+        f"trainer.epochs={epochs}",
+        "trainer.progress_bar='off'",  # quoted: YAML reads a bare off as false
+        "trainer.test_after_fit=false",
+    ]
+    return load_config(None, overrides)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock times are complete."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def engine_epoch(trainer: TrainerBase) -> float:
+    """One epoch exactly as ``fit()`` runs it; returns its wall-clock seconds."""
+    sync(trainer.device)
+    started = time.perf_counter()
+    train = trainer.train_epoch()
+    val = trainer.evaluate(trainer.val_loader, "val")
+    trainer.end_epoch(train, val, time.perf_counter() - started)
+    sync(trainer.device)
+    return time.perf_counter() - started
+
+
+# == reference ===============================================================================
+class Reference:
+    """The plain loop: the same model, optimizer and tensors, nothing but the training step."""
+
+    def __init__(self, trainer: TrainerBase) -> None:
+        cfg = trainer.cfg
+        self.device = trainer.device
+        torch.manual_seed(cfg.experiment.seed)  # the trainer seeds the same way before its model
+        self.model: nn.Module = MODELS.build(
+            cfg.model.name,
+            input_shape=tuple(trainer.info.input_shape),
+            num_classes=trainer.info.num_classes,
+            **cfg.model.args,
+        ).to(self.device)
+        self.optimizer: torch.optim.Optimizer = OPTIMIZERS.get(cfg.optimizer.name)(
+            self.model.parameters(), lr=cfg.optimizer.lr
+        )
+        self.train = trainer.data.train  # the very tensors the engine trains on
+        self.val = trainer.data.val
+        self.batch_size = cfg.data.batch_size
+        self.eval_batch_size = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+        self.mean = torch.tensor(trainer.info.mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(trainer.info.std, device=self.device).view(1, -1, 1, 1)
+        self.gen = torch.Generator().manual_seed(cfg.experiment.seed)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> normalised floats on the device."""
+        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def epoch(self) -> float:
+        """A training pass and a validation forward pass; returns the wall-clock seconds."""
+        sync(self.device)
+        started = time.perf_counter()
+        self.model.train()
+        order = torch.randperm(len(self.train), generator=self.gen)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.inputs(self.train.inputs[idx])
+            y = self.train.targets[idx].to(self.device, non_blocking=True)
+            loss = F.cross_entropy(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        with torch.no_grad():
+            for start in range(0, len(self.val), self.eval_batch_size):
+                x = self.inputs(self.val.inputs[start : start + self.eval_batch_size])
+                y = self.val.targets[start : start + self.eval_batch_size].to(self.device)
+                out = self.model(x)
+                loss_sum += F.cross_entropy(out, y, reduction="sum")
+                correct += (out.argmax(1) == y).sum()
+        _ = (loss_sum.item(), correct.item())  # one read at the end, as any loop would
+        sync(self.device)
+        return time.perf_counter() - started
+
+
+# == breakdown ===============================================================================
+class Timers:
+    """Accumulated wall-clock seconds and call counts per named section."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        """Replace ``owner.attr`` (on this instance only) by a timed version of itself."""
+        fn: Callable[..., Any] = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+
+        setattr(owner, attr, timed)
+
+
+def instrument(trainer: TrainerBase, timers: Timers) -> None:
+    """Put timers around the pieces of an engine epoch (instance attributes only)."""
+    t = timers
+    t.wrap(trainer, "train_epoch", "train_epoch (total)")
+    t.wrap(trainer, "evaluate", "evaluate val (total)")
+    t.wrap(trainer, "end_epoch", "end_epoch (total)")
+    # Per batch, inside train_epoch and evaluate.
+    t.wrap(trainer.task, "prepare_batch", "  prepare_batch (uint8->float, normalise)")
+    t.wrap(trainer.task, "forward", "  forward")
+    t.wrap(trainer.task, "compute_loss", "  compute_loss")
+    t.wrap(trainer.precision, "backward", "  backward")
+    t.wrap(trainer, "optimizer_step", "  optimizer_step (step + zero_grad)")
+    t.wrap(trainer.metrics, "update", "  metrics.update (4 metrics)")
+    t.wrap(trainer.train_meter, "update", "  train_meter.update")
+    # Per epoch, inside end_epoch (and TensorBoard per step in train_epoch).
+    assert trainer.writer is not None
+    t.wrap(trainer.writer, "add_scalar", "  TensorBoard add_scalar")
+    t.wrap(trainer.writer, "flush", "  TensorBoard flush")
+    t.wrap(trainer.table, "append", "  metrics.csv append")
+    t.wrap(trainer.table, "plot", "  curves.png plot")
+    t.wrap(trainer, "checkpoint_state", "  checkpoint_state")
+    t.wrap(trainer, "save", "  checkpoint save (best/last)")
+
+
+def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str) -> None:
+    """Run timed engine epochs and print the seconds per epoch of each section (median)."""
+    epochs = max(1, args.epochs)
+    cfg = make_config(batch_size, 1 + epochs, args.train_samples, out_dir)
+    trainer = TrainerBase(cfg, ClassificationTask(cfg))
+    per_epoch: list[tuple[dict[str, float], dict[str, int]]] = []
+    totals: list[float] = []
+    try:
+        engine_epoch(trainer)  # warm-up, untimed
+        timers = Timers(trainer.device)
+        instrument(trainer, timers)
+        ref = Reference(trainer)
+        ref.epoch()
+        ref_times = []
+        for _ in range(epochs):
+            before = dict(timers.seconds), dict(timers.calls)
+            totals.append(engine_epoch(trainer))
+            per_epoch.append(
+                (
+                    {k: v - before[0].get(k, 0.0) for k, v in timers.seconds.items()},
+                    {k: v - before[1].get(k, 0) for k, v in timers.calls.items()},
+                )
+            )
+            ref_times.append(ref.epoch())
+    finally:
+        trainer.close()
+    note = f"median over {epochs} instrumented epochs; timers add some overhead"
+    print(f"\nengine time breakdown, batch size {batch_size} ({note}):")
+    print(f"  {'section':<44} {'s/epoch':>8} {'calls/epoch':>12} {'us/call':>9}")
+    for name in timers.seconds:
+        secs = statistics.median(sec.get(name, 0.0) for sec, _ in per_epoch)
+        calls = statistics.median(n.get(name, 0) for _, n in per_epoch)
+        print(f"  {name:<44} {secs:8.3f} {calls:12.0f} {1e6 * secs / max(calls, 1):9.1f}")
+    print(f"  {'engine epoch (instrumented)':<44} {statistics.median(totals):8.3f}")
+    print(f"  {'reference epoch (uninstrumented)':<44} {statistics.median(ref_times):8.3f}")
+
+
+# == main ====================================================================================
+def measure(args: argparse.Namespace, batch_size: int, out_dir: str) -> dict[str, float]:
+    """Warm up, then interleave engine and reference epochs; return samples/s of each."""
+    cfg = make_config(batch_size, 1 + args.epochs, args.train_samples, out_dir)
+    trainer = TrainerBase(cfg, ClassificationTask(cfg))
+    try:
+        ref = Reference(trainer)
+        n_train = len(trainer.data.train)
+        engine_epoch(trainer)  # warm-up of each, untimed
+        ref.epoch()
+        engine_times, ref_times = [], []
+        for _ in range(args.epochs):  # A B A B ...
+            engine_times.append(engine_epoch(trainer))
+            ref_times.append(ref.epoch())
+    finally:
+        trainer.close()
+    engine_s, ref_s = min(engine_times), min(ref_times)
+    eng = ", ".join(f"{t:.2f}" for t in engine_times)
+    plain = ", ".join(f"{t:.2f}" for t in ref_times)
+    print(f"batch {batch_size}: engine epochs {eng} s; reference epochs {plain} s", file=sys.stderr)
+    return {
+        "batch_size": batch_size,
+        "n_train": n_train,
+        "engine_s": engine_s,
+        "ref_s": ref_s,
+        "engine_rate": n_train / engine_s,
+        "ref_rate": n_train / ref_s,
+        "ratio": ref_s / engine_s,
+        "median_ratio": statistics.median(ref_times) / statistics.median(engine_times),
+    }
+
+
+def print_table(rows: list[dict[str, float]], device: str) -> None:
+    """The result table (stdout)."""
+    n_train = int(rows[0]["n_train"]) if rows else 0
+    where = f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"\nengine vs plain loop, one epoch = train {n_train} samples + validation; {where}")
+    head = f"{'batch':>6} {'engine s/ep':>11} {'ref s/ep':>9} {'engine samples/s':>17} "
+    head += f"{'ref samples/s':>14} {'ratio':>6} {'target':>7} {'median ratio':>12}  result"
+    print("best epoch of each (s/ep, samples/s, ratio = engine / reference); median ratio for info")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ok = "ok" if r["ratio"] >= TARGET_RATIO else "BELOW TARGET"
+        print(f"{int(r['batch_size']):>6} {r['engine_s']:>11.2f} {r['ref_s']:>9.2f} "
+              f"{r['engine_rate']:>17,.0f} {r['ref_rate']:>14,.0f} {r['ratio']:>6.3f} "
+              f"{'>=' + str(TARGET_RATIO):>7} {r['median_ratio']:>12.3f}  {ok}")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--epochs", type=int, default=3, help="measured epochs of each (after warm-up)")
+    p.add_argument("--train-samples", type=int, default=60_000, help="training pool (train+val)")
+    p.add_argument("--breakdown", action="store_true", help="also time the engine's pieces")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; always returns 0."""
+    args = parse_args(argv)
+    args.epochs = max(1, args.epochs)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dltemplate_bench_") as out_dir:
+        for bs in args.batch_sizes:
+            rows.append(measure(args, bs, str(Path(out_dir) / f"bs{bs}")))
+        print_table(rows, _device_name())
+        if args.breakdown:
+            for bs in args.batch_sizes:
+                breakdown(args, bs, str(Path(out_dir) / f"breakdown_bs{bs}"))
+    logging.getLogger("dltemplate").handlers.clear()  # the log files were in out_dir
+    return 0
+
+
+def _device_name() -> str:
+    """The device that ``experiment.device=auto`` picks here."""
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name()})"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The seed template's command-line flags, translated into ``dltemplate`` commands.
+
+The seed's scripts (``trainer_vanilla.py``, ``eval_vanilla.py``) call these, so their
+documented commands keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dltemplate.cli import main
+
+
+def _seed_bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "y")
+
+
+def seed_train_main(argv: list[str], default_config: Path) -> int:
+    """``--proj_name --model_type --data_type --output_dir --gpu_devices --data_dir`` -> train."""
+    p = argparse.ArgumentParser(description="Train as the seed template did.")
+    p.add_argument("--proj_name", default=None)
+    p.add_argument("--model_type", default=None)
+    p.add_argument("--data_type", default=None)
+    p.add_argument("--output_dir", default=None)
+    p.add_argument("--gpu_devices", default=None, nargs="+", type=int)
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--config", default=str(default_config), help="base YAML config")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    args, extra = p.parse_known_args(argv)
+    mapping = {
+        "experiment.name": args.proj_name,
+        "model.name": args.model_type,
+        "data.name": args.data_type,
+        "experiment.output_dir": args.output_dir,
+        "experiment.gpu_devices": args.gpu_devices,
+        "data.root": args.data_dir,
+        "trainer.epochs": args.epochs,
+        "data.batch_size": args.batch_size,
+        "optimizer.lr": args.lr,
+    }
+    overrides = [f"{k}={v}" for k, v in mapping.items() if v is not None]
+    return main(["train", args.config, *overrides, *extra])
+
+
+def seed_eval_main(argv: list[str]) -> int:
+    """``--model_path [--data_dir] [--save_path] [--viz]`` -> ``dltemplate eval``."""
+    p = argparse.ArgumentParser(description="Evaluate as the seed template did.")
+    p.add_argument("--model_path", required=True, help="checkpoint (or run directory)")
+    p.add_argument("--data_dir", default=None, help="override the data folder saved in the run")
+    p.add_argument("--save_path", default=None, help="where to write the JSON report")
+    p.add_argument("--model_type", default=None, help="accepted for compatibility; must match")
+    p.add_argument("--data_type", default=None, help="accepted for compatibility; must match")
+    p.add_argument("--viz", default="False", type=_seed_bool, help="accepted for compatibility")
+    args, extra = p.parse_known_args(argv)
+    cmd = ["eval", args.model_path, *extra]
+    if args.data_dir:
+        cmd.append(f"data.root={args.data_dir}")
+    if args.model_type:
+        cmd.append(f"model.name={args.model_type}")
+    if args.data_type:
+        cmd.append(f"data.name={args.data_type}")
+    if args.save_path:
+        cmd += ["--out", str(Path(args.save_path) / "eval_test.json")]
+    return main(cmd)
