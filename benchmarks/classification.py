@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -148,6 +149,58 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that wall-clock times are complete."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Machine:
+    """How much of the machine's CPU *other* processes use (Linux ``/proc/stat``; else 0).
+
+    On a shared machine another process busy on one core can make a multi-threaded torch
+    epoch several times slower, so measured epochs wait for a quiet moment first and each
+    epoch's share of CPU taken by others is reported beside its time.
+    """
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.available = self._ticks() is not None
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    def snapshot(self) -> tuple[int, int, float]:
+        """(busy ticks, all ticks) of the whole machine and this process's CPU seconds."""
+        busy, total = self._ticks() or (0, 0)
+        return busy, total, time.process_time()
+
+    def others_share(self, before: tuple[int, int, float], after: tuple[int, int, float]) -> float:
+        """Share (0-1) of the machine's CPU that other processes used between two snapshots."""
+        total = after[1] - before[1]
+        if not self.available or total <= 0:
+            return 0.0
+        own = (after[2] - before[2]) * self.tick
+        return min(1.0, max(0.0, (after[0] - before[0] - own) / total))
+
+    def wait_quiet(self, max_wait: float, threshold: float = 0.1) -> None:
+        """Wait (at most ``max_wait`` s) until others use under ``threshold`` of the CPU."""
+        deadline = time.monotonic() + max_wait
+        while self.available and time.monotonic() < deadline:
+            before = self.snapshot()
+            time.sleep(0.5)
+            if self.others_share(before, self.snapshot()) < threshold:
+                return
+
+
+def timed(epoch: Callable[[], float], machine: Machine) -> tuple[float, float]:
+    """Run one epoch; return its seconds and the share of CPU others took meanwhile."""
+    before = machine.snapshot()
+    seconds = epoch()
+    return seconds, machine.others_share(before, machine.snapshot())
 
 
 def engine_epoch(trainer: TrainerBase) -> float:
@@ -271,7 +324,7 @@ def instrument(trainer: TrainerBase, timers: Timers) -> None:
     t.wrap(trainer, "save", "  checkpoint save (best/last)")
 
 
-def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str) -> None:
+def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, machine: Machine) -> None:
     """Run timed engine epochs and print the seconds per epoch of each section (median)."""
     epochs = max(1, args.epochs)
     cfg = make_config(batch_size, 1 + epochs, args.train_samples, out_dir)
@@ -286,6 +339,7 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str) -> None:
         ref.epoch()
         ref_times = []
         for _ in range(epochs):
+            machine.wait_quiet(args.max_wait)
             before = dict(timers.seconds), dict(timers.calls)
             totals.append(engine_epoch(trainer))
             per_epoch.append(
@@ -294,6 +348,7 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str) -> None:
                     {k: v - before[1].get(k, 0) for k, v in timers.calls.items()},
                 )
             )
+            machine.wait_quiet(args.max_wait)
             ref_times.append(ref.epoch())
     finally:
         trainer.close()
@@ -309,7 +364,9 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str) -> None:
 
 
 # == main ====================================================================================
-def measure(args: argparse.Namespace, batch_size: int, out_dir: str) -> dict[str, float]:
+def measure(
+    args: argparse.Namespace, batch_size: int, out_dir: str, machine: Machine
+) -> dict[str, float]:
     """Warm up, then interleave engine and reference epochs; return samples/s of each."""
     cfg = make_config(batch_size, 1 + args.epochs, args.train_samples, out_dir)
     trainer = TrainerBase(cfg, ClassificationTask(cfg))
@@ -318,16 +375,23 @@ def measure(args: argparse.Namespace, batch_size: int, out_dir: str) -> dict[str
         n_train = len(trainer.data.train)
         engine_epoch(trainer)  # warm-up of each, untimed
         ref.epoch()
-        engine_times, ref_times = [], []
+        engine: list[tuple[float, float]] = []
+        plain: list[tuple[float, float]] = []
         for _ in range(args.epochs):  # A B A B ...
-            engine_times.append(engine_epoch(trainer))
-            ref_times.append(ref.epoch())
+            machine.wait_quiet(args.max_wait)
+            engine.append(timed(lambda: engine_epoch(trainer), machine))
+            machine.wait_quiet(args.max_wait)
+            plain.append(timed(ref.epoch, machine))
     finally:
         trainer.close()
-    engine_s, ref_s = min(engine_times), min(ref_times)
-    eng = ", ".join(f"{t:.2f}" for t in engine_times)
-    plain = ", ".join(f"{t:.2f}" for t in ref_times)
-    print(f"batch {batch_size}: engine epochs {eng} s; reference epochs {plain} s", file=sys.stderr)
+
+    def show(runs: list[tuple[float, float]]) -> str:
+        return ", ".join(f"{t:.2f} s ({100 * o:.0f}%)" for t, o in runs)
+
+    print(f"batch {batch_size}: engine epochs {show(engine)}; reference epochs {show(plain)} "
+          "(in brackets: CPU share used by other processes)", file=sys.stderr)  # fmt: skip
+    (engine_s, engine_others), (ref_s, ref_others) = min(engine), min(plain)
+    median_ratio = statistics.median(t for t, _ in plain) / statistics.median(t for t, _ in engine)
     return {
         "batch_size": batch_size,
         "n_train": n_train,
@@ -336,7 +400,8 @@ def measure(args: argparse.Namespace, batch_size: int, out_dir: str) -> dict[str
         "engine_rate": n_train / engine_s,
         "ref_rate": n_train / ref_s,
         "ratio": ref_s / engine_s,
-        "median_ratio": statistics.median(ref_times) / statistics.median(engine_times),
+        "median_ratio": median_ratio,
+        "others": max(engine_others, ref_others),
     }
 
 
@@ -346,15 +411,20 @@ def print_table(rows: list[dict[str, float]], device: str) -> None:
     where = f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"\nengine vs plain loop, one epoch = train {n_train} samples + validation; {where}")
     head = f"{'batch':>6} {'engine s/ep':>11} {'ref s/ep':>9} {'engine samples/s':>17} "
-    head += f"{'ref samples/s':>14} {'ratio':>6} {'target':>7} {'median ratio':>12}  result"
-    print("best epoch of each (s/ep, samples/s, ratio = engine / reference); median ratio for info")
+    head += f"{'ref samples/s':>14} {'ratio':>6} {'target':>7} {'median ratio':>12} "
+    head += f"{'others CPU':>10}  result"
+    print(
+        "best epoch of each (s/ep, samples/s, ratio = engine / reference); median ratio for info;"
+    )
+    print("others CPU: share of the machine's CPU other processes used during those best epochs")
     print(head)
     print("-" * len(head))
     for r in rows:
         ok = "ok" if r["ratio"] >= TARGET_RATIO else "BELOW TARGET"
         print(f"{int(r['batch_size']):>6} {r['engine_s']:>11.2f} {r['ref_s']:>9.2f} "
               f"{r['engine_rate']:>17,.0f} {r['ref_rate']:>14,.0f} {r['ratio']:>6.3f} "
-              f"{'>=' + str(TARGET_RATIO):>7} {r['median_ratio']:>12.3f}  {ok}")  # fmt: skip
+              f"{'>=' + str(TARGET_RATIO):>7} {r['median_ratio']:>12.3f} "
+              f"{100 * r['others']:>9.0f}%  {ok}")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -364,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="measured epochs of each (after warm-up)")
     p.add_argument("--train-samples", type=int, default=60_000, help="training pool (train+val)")
     p.add_argument("--breakdown", action="store_true", help="also time the engine's pieces")
+    quiet = "seconds to wait for other processes to go quiet before each measured epoch"
+    p.add_argument("--max-wait", type=float, default=30.0, help=quiet)
     return p.parse_args(argv)
 
 
@@ -372,13 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.epochs = max(1, args.epochs)
     rows = []
+    machine = Machine()
     with tempfile.TemporaryDirectory(prefix="dltemplate_bench_") as out_dir:
         for bs in args.batch_sizes:
-            rows.append(measure(args, bs, str(Path(out_dir) / f"bs{bs}")))
+            rows.append(measure(args, bs, str(Path(out_dir) / f"bs{bs}"), machine))
         print_table(rows, _device_name())
         if args.breakdown:
             for bs in args.batch_sizes:
-                breakdown(args, bs, str(Path(out_dir) / f"breakdown_bs{bs}"))
+                breakdown(args, bs, str(Path(out_dir) / f"breakdown_bs{bs}"), machine)
     logging.getLogger("dltemplate").handlers.clear()  # the log files were in out_dir
     return 0
 

@@ -25,7 +25,7 @@ from dltemplate.engine.checkpoint import load_checkpoint
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.rundir import find_config, latest_run_dir
 from dltemplate.engine.runlog import setup_logging
-from dltemplate.engine.task import Task, import_plugins
+from dltemplate.engine.task import import_plugins, make_task
 from dltemplate.engine.trainer import TrainerBase
 from dltemplate.errors import UsageError
 from dltemplate.registry import (
@@ -54,11 +54,6 @@ def validate_names(cfg: Config) -> None:
     SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
     for name in cfg.trainer.metrics:
         METRICS.get(name, "trainer.metrics")
-
-
-def make_task(cfg: Config) -> Task:
-    """The task object named by ``experiment.task``."""
-    return TASKS.build(cfg.experiment.task, "experiment.task", cfg=cfg)
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -103,7 +98,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
     evaluator = EvaluatorBase(args.target, args.overrides)
-    evaluator.task = make_task(evaluator.cfg)
     report = evaluator.run(args.split, limit=args.limit_batches)
     out = (
         Path(args.out) if args.out else evaluator.checkpoint_path.parent / f"eval_{args.split}.json"

@@ -18,7 +18,7 @@ from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_
 from dltemplate.engine.device import select_device
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
-from dltemplate.engine.task import Task, import_plugins
+from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.metrics.base import MetricCollection
 
 log = logging.getLogger("dltemplate")
@@ -81,7 +81,7 @@ class EvaluatorBase:
         raw = apply_overrides(state["config"], list(overrides or []))
         self.cfg: Config = config_from_dict(raw, f"{self.checkpoint_path} (saved config)")
         import_plugins(self.cfg)
-        self.task = task or Task(self.cfg)
+        self.task = task or make_task(self.cfg)
         self.device, _ = select_device(self.cfg.experiment.device, self.cfg.experiment.gpu_devices)
         self.info = self.task.data_info()
         self.model = self.task.build_model(self.info).to(self.device)

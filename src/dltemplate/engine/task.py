@@ -18,7 +18,7 @@ from dltemplate.config import Config
 from dltemplate.data.base import Batch, DataInfo, DataSplits, InMemoryDataset, make_splits
 from dltemplate.errors import ConfigError
 from dltemplate.metrics.base import MetricCollection
-from dltemplate.registry import DATASETS, LOSSES, METRICS, MODELS, accepted_kwargs
+from dltemplate.registry import DATASETS, LOSSES, METRICS, MODELS, TASKS, accepted_kwargs
 
 
 def import_plugins(cfg: Config) -> None:
@@ -123,3 +123,8 @@ class Task:
     ) -> list[dict[str, Any]]:
         """A few prediction/label pairs for the evaluation report; none by default."""
         return []
+
+
+def make_task(cfg: Config) -> Task:
+    """The task registered under ``experiment.task`` (see :data:`dltemplate.registry.TASKS`)."""
+    return TASKS.build(cfg.experiment.task, "experiment.task", cfg=cfg)

@@ -37,9 +37,14 @@ from dltemplate.engine.evaluator import evaluate_loader
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.rundir import MetricsTable, new_run_dir, save_config
-from dltemplate.engine.runlog import EpochProgress, setup_logging, use_progress_bar
+from dltemplate.engine.runlog import (
+    EpochProgress,
+    attach_log_file,
+    setup_logging,
+    use_progress_bar,
+)
 from dltemplate.engine.seeding import rng_state, seed_everything, set_rng_state
-from dltemplate.engine.task import Task, import_plugins
+from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.errors import CheckpointError, ConfigError, did_you_mean
 from dltemplate.optim import build_optimizer, build_scheduler, is_plateau, scheduler_interval
 
@@ -80,11 +85,12 @@ class TrainerBase:
         import_plugins(cfg)
         self.cfg = cfg
         tc = cfg.trainer
-        self.task = task or Task(cfg)
+        self.task = task or make_task(cfg)
         self.fast_dev_run = tc.fast_dev_run > 0
         self.epochs = 1 if self.fast_dev_run else tc.epochs
         want_cuda = cfg.experiment.device.startswith(("auto", "cuda")) and torch.cuda.is_available()
         self.dist = D.init_distributed(use_cuda=want_cuda)
+        setup_logging(None, self.dist.is_main)  # the file joins once the run directory exists
         local_rank = self.dist.local_rank if self.dist.enabled else None
         self.device, dp_ids = select_device(
             cfg.experiment.device, cfg.experiment.gpu_devices, local_rank
@@ -410,9 +416,9 @@ class TrainerBase:
             made = new_run_dir(self.cfg.experiment.output_dir) if self.dist.is_main else None
             run_dir = Path(D.broadcast_object(str(made) if made else None))
         self.run_dir = run_dir
-        setup_logging(run_dir / "train.log", self.dist.is_main)
         if not self.dist.is_main:
             return
+        attach_log_file(run_dir / "train.log")
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where needed
 
         self.table = MetricsTable(run_dir / "metrics.csv")
