@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import textwrap
 from pathlib import Path
 
@@ -339,3 +340,26 @@ def test_an_exception_saves_a_checkpoint_and_exits_1(cli, tmp_path, monkeypatch)
     log = (run / "train.log").read_text()
     assert "RuntimeError" in log and "Vanilla_interrupt_ckpt.pth" in log
     logging.getLogger("dltemplate").handlers.clear()
+
+
+def test_compile_wraps_the_model_and_checkpoints_stay_unprefixed(tmp_path):
+    t = trainer(tmp_path, "trainer.compile=true")
+    assert hasattr(t.train_model, "_orig_mod")  # torch.compile's wrapper (compiles lazily)
+    keys = list(t.checkpoint_state()["model"])
+    assert keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+    t.close()
+
+
+def test_plain_progress_lines_when_not_a_terminal(cli, tmp_path):
+    assert (
+        cli(
+            "train",
+            DEMO,
+            f"experiment.output_dir={tmp_path}",
+            "trainer.epochs=1",
+            "trainer.log_every_n_steps=10",
+        )
+        == 0
+    )
+    log = (run_dirs(tmp_path)[0] / "train.log").read_text()
+    assert re.search(r"epoch 1/1 \[10/41\] loss \d+\.\d+, \d+ samples/s", log)
