@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 import re
-import textwrap
+import shlex
 from pathlib import Path
 
 import pytest
@@ -244,85 +244,45 @@ def test_eval_prints_metrics_confusion_matrix_and_named_predictions(cli, tmp_pat
     assert sum(map(sum, report["report"]["confusion_matrix"])) == report["num_samples"]
 
 
+def readme_block(first_line: str) -> str:
+    """The README's fenced code block that starts with ``first_line``."""
+    readme = (REPO / "README.md").read_text()
+    for block in re.findall(r"```\w*\n(.*?)```", readme, flags=re.S):
+        if block.startswith(first_line):
+            return block
+    raise AssertionError(f"README has no code block starting with {first_line!r}")
+
+
+def readme_commands(first_line: str) -> list[list[str]]:
+    """The ``dltemplate ...`` command lines of a README block, split as a shell would."""
+    return [shlex.split(line)[1:] for line in readme_block(first_line).splitlines()]
+
+
 def test_plugin_model_by_decorator_and_by_path_as_the_readme_shows(cli, tmp_path):
-    # Exactly the README's "Add a model" example.
-    (tmp_path / "my_models.py").write_text(
-        textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        from dltemplate.registry import MODELS
-
-
-        @MODELS.register("TinyNet")
-        class TinyNet(nn.Module):
-            def __init__(self, input_shape=(1, 28, 28), num_classes=10, width=32):
-                super().__init__()
-                channels, height, width_px = input_shape
-                self.net = nn.Sequential(
-                    nn.Flatten(),
-                    nn.Linear(channels * height * width_px, width),
-                    nn.ReLU(),
-                    nn.Linear(width, num_classes),
-                )
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.net(x)
-    """)
+    (tmp_path / "my_models.py").write_text(readme_block("# my_models.py"))
+    by_name, by_path = readme_commands(
+        "dltemplate train configs/digits_mlp.yaml experiment.imports=[my_models]"
     )
-    assert cli("train", DEMO, "experiment.imports=[my_models]", "model.name=TinyNet",
-               "model.args={width: 16}", f"experiment.output_dir={tmp_path / 'a'}",
-               "trainer.epochs=1") == 0  # fmt: skip
+    common = [f"experiment.output_dir={tmp_path / 'a'}", "trainer.epochs=1"]
+    assert cli(by_name[0], DEMO, *by_name[2:], *common) == 0
     assert (run_dirs(tmp_path / "a")[0] / "TinyNet_best_ckpt.pth").exists()
-    assert (
-        cli(
-            "train",
-            DEMO,
-            "model.name=my_models:TinyNet",
-            "model.args={width: 16}",
-            f"experiment.output_dir={tmp_path / 'b'}",
-            "trainer.epochs=1",
-        )
-        == 0
-    )
+    common = [f"experiment.output_dir={tmp_path / 'b'}", "trainer.epochs=1"]
+    assert cli(by_path[0], DEMO, *by_path[2:], *common) == 0
     run = run_dirs(tmp_path / "b")[0]
-    assert (run / "TinyNet_best_ckpt.pth").exists()
+    assert torch.load(run / "TinyNet_best_ckpt.pth", weights_only=True)["config"]["model"] == {
+        "name": "my_models:TinyNet",
+        "args": {"width": 16},
+    }
     assert cli("eval", run) == 0  # the saved config finds the model again
 
 
 def test_plugin_dataset_as_the_readme_shows(cli, tmp_path):
-    (tmp_path / "my_data.py").write_text(
-        textwrap.dedent('''
-        import torch
-
-        from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
-        from dltemplate.registry import DATASETS
-
-
-        @DATASETS.register("stripes")
-        class Stripes(InMemoryDataset):
-            """Vertical (0) or horizontal (1) stripes, 16x16 grey images."""
-
-            info = DataInfo(input_shape=(1, 16, 16), num_classes=2,
-                            class_names=["vertical", "horizontal"])
-
-            def load(self):
-                labels = torch.arange(400) % 2
-                images = torch.zeros(400, 1, 16, 16, dtype=torch.uint8)
-                images[labels == 0, :, :, ::2] = 255
-                images[labels == 1, :, ::2, :] = 255
-                return TensorSplit(images, labels), None  # no official test split
-    ''')
+    (tmp_path / "my_data.py").write_text(readme_block("# my_data.py"))
+    (command,) = readme_commands(
+        "dltemplate train configs/digits_mlp.yaml experiment.imports=[my_data]"
     )
     assert (
-        cli(
-            "train",
-            DEMO,
-            "experiment.imports=[my_data]",
-            "data.name=stripes",
-            f"experiment.output_dir={tmp_path}",
-            "trainer.epochs=2",
-        )
+        cli(command[0], DEMO, *command[2:], f"experiment.output_dir={tmp_path}", "trainer.epochs=2")
         == 0
     )
     test = json.loads((run_dirs(tmp_path)[0] / "test_metrics.json").read_text())

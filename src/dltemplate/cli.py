@@ -13,12 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import dltemplate.data  # noqa: F401  (the imports below register the built-in components)
-import dltemplate.losses  # noqa: F401
-import dltemplate.metrics  # noqa: F401
-import dltemplate.models  # noqa: F401
-import dltemplate.optim  # noqa: F401
-import dltemplate.tasks  # noqa: F401
 from dltemplate.config import Config, config_from_dict, load_config
 from dltemplate.config.loader import apply_overrides
 from dltemplate.engine.checkpoint import load_checkpoint

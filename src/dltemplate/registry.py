@@ -39,6 +39,7 @@ class Registry:
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
+        load_builtins()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
@@ -63,6 +64,8 @@ class Registry:
                 raise ConfigError(f"{where}module '{module_name}' has no '{attr}'{hint}")
             return getattr(module, attr)
         if name not in self._items:
+            load_builtins()
+        if name not in self._items:
             hint = did_you_mean(name, self._items)
             raise ConfigError(
                 f"{where}unknown {self.kind} '{name}'{hint}; "
@@ -80,6 +83,15 @@ class Registry:
         except ValueError:  # builtins without a signature: let the call itself decide
             pass
         return factory(**kwargs)
+
+
+_BUILTIN_PACKAGES = ("data", "models", "losses", "metrics", "optim", "tasks")
+
+
+def load_builtins() -> None:
+    """Import the packages that register dltemplate's own components (once, on first lookup)."""
+    for package in _BUILTIN_PACKAGES:
+        importlib.import_module(f"dltemplate.{package}")
 
 
 def accepted_kwargs(factory: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
