@@ -7,6 +7,9 @@ import json
 import logging
 import re
 import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -323,3 +326,53 @@ def test_plain_progress_lines_when_not_a_terminal(cli, tmp_path):
     )
     log = (run_dirs(tmp_path)[0] / "train.log").read_text()
     assert re.search(r"epoch 1/1 \[10/41\] loss \d+\.\d+, \d+ samples/s", log)
+
+
+def test_sigterm_saves_the_interrupt_checkpoint(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dltemplate", "train", str(DEMO), "trainer.epochs=1000",
+         f"experiment.output_dir={tmp_path}"],
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    for line in proc.stderr:  # wait until training is under way
+        if "epoch 2/1000" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    run = run_dirs(tmp_path)[0]
+    state = torch.load(run / "Vanilla_interrupt_ckpt.pth", weights_only=True)
+    assert state["global_step"] >= 2 * 41
+    assert "checkpoint saved to" in (run / "train.log").read_text()
+
+
+def test_small_cnn_learns_digits(cli, tmp_path):
+    assert (
+        cli(
+            "train",
+            DEMO,
+            f"experiment.output_dir={tmp_path}",
+            "model.name=SmallCNN",
+            "model.args={width: 16}",
+            "trainer.epochs=3",
+            "optimizer.lr=0.003",
+        )
+        == 0
+    )
+    assert json.loads((run_dirs(tmp_path)[0] / "test_metrics.json").read_text())["accuracy"] > 0.9
+
+
+def test_progress_bar_on_shows_loss_and_throughput(cli, tmp_path, capsys):
+    assert (
+        cli(
+            "train",
+            DEMO,
+            f"experiment.output_dir={tmp_path}",
+            "trainer.epochs=1",
+            "trainer.progress_bar=on",
+            "trainer.log_every_n_steps=5",
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "samples_s=" in err

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,16 @@ def validate_names(cfg: Config) -> None:
         METRICS.get(name, "trainer.metrics")
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    # Schedulers and torchrun stop jobs with SIGTERM: treat it like Ctrl-C, so the run saves.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Validate ``cfg``, train, test; return the test metrics."""
     validate_names(cfg)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     return TrainerBase(cfg, make_task(cfg)).fit()
 
 

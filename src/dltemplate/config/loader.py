@@ -60,6 +60,8 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
             and str(value) in choices
         ):
             value = str(value)  # `precision: 32` in YAML is an int
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if value not in choices:
             raise ConfigError(
                 f"{key}={value!r}: must be one of {', '.join(map(str, choices))}"
