@@ -254,3 +254,29 @@ def test_sample_rates_shrink_the_splits():
 def test_out_of_range_rates_are_config_errors(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         _splits(TinyDataset(50), **kwargs)
+
+
+class _Grouped(InMemoryDataset):
+    """40 samples in 10 groups of 4 (like the views of one car)."""
+
+    info = DataInfo(input_shape=(1, 2, 2), num_classes=2, class_names=["a", "b"])
+
+    def load(self):
+        n = 40
+        inputs = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone()
+        groups = [f"car{i // 4:02d}" for i in range(n)]
+        return TensorSplit(inputs, torch.arange(n) % 2, groups), None
+
+
+def test_groups_never_fall_into_two_splits():
+    splits = make_splits(_Grouped(), seed=3, val_fraction=0.25, test_fraction=0.2,
+                         train_val_sample_rate=1.0, test_sample_rate=1.0)  # fmt: skip
+    sets = [set(s.groups) for s in (splits.train, splits.val, splits.test)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert [len(s) for s in sets] == [6, 2, 2]
+    assert len(splits.train) == 24  # whole groups of 4
+    record = splits.group_record()
+    assert record["test"] == sorted(sets[2])
+    again = make_splits(_Grouped(), seed=3, val_fraction=0.25, test_fraction=0.2,
+                        train_val_sample_rate=1.0, test_sample_rate=1.0)  # fmt: skip
+    assert again.group_record() == record

@@ -8,7 +8,7 @@ indexing, so the model, not the input pipeline, sets the speed. A dataset is one
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,21 +29,29 @@ class DataInfo:
 
 @dataclass
 class TensorSplit:
-    """One split held in memory: ``inputs[i]`` is sample i, ``targets[i]`` its label."""
+    """One split held in memory: ``inputs[i]`` is sample i, ``targets[i]`` its label.
+
+    ``groups[i]`` (optional) names the group of sample i, e.g. the car of a photo: splits then
+    keep every group whole, so no group falls into two of train, validation and test.
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor
+    groups: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.targets):
             raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
+        if self.groups is not None and len(self.groups) != len(self.inputs):
+            raise ValueError(f"{len(self.inputs)} inputs but {len(self.groups)} group names")
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def subset(self, index: torch.Tensor) -> TensorSplit:
         """The samples at ``index``, in that order."""
-        return TensorSplit(self.inputs[index], self.targets[index])
+        groups = None if self.groups is None else [self.groups[i] for i in index.tolist()]
+        return TensorSplit(self.inputs[index], self.targets[index], groups)
 
 
 @dataclass
@@ -55,6 +63,14 @@ class DataSplits:
     test: TensorSplit
     info: DataInfo
     notes: list[str] = field(default_factory=list)  # what the split did, for the log
+
+    def group_record(self) -> dict[str, list[str]] | None:
+        """The groups of each split (saved in the run directory), or None without groups."""
+        if self.train.groups is None:
+            return None
+        return {
+            name: sorted(set(getattr(self, name).groups or [])) for name in ("train", "val", "test")
+        }
 
 
 class InMemoryDataset:
@@ -105,19 +121,40 @@ def make_splits(
     gen = torch.Generator().manual_seed(seed)
     notes = []
     if test is None:
-        perm = torch.randperm(len(pool), generator=gen)
-        n_test = _take(len(pool), test_fraction, "data.test_fraction")
-        test, pool = pool.subset(perm[:n_test]), pool.subset(perm[n_test:])
-        notes.append(f"no official test split: {n_test} samples set aside by seed {seed}")
-    perm = torch.randperm(len(pool), generator=gen)
-    perm = perm[: _take(len(pool), train_val_sample_rate, "data.train_val_sample_rate")]
+        test, pool = _divide(pool, gen, _take, test_fraction, "data.test_fraction")
+        notes.append(f"no official test split: {len(test)} samples set aside by seed {seed}")
+    rate = train_val_sample_rate
+    pool, _ = _divide(pool, gen, _take, rate, "data.train_val_sample_rate")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
-    n_val = round(len(perm) * val_fraction)
-    val, train = pool.subset(perm[:n_val]), pool.subset(perm[n_val:])
-    test_idx = torch.randperm(len(test), generator=gen)
-    test = test.subset(test_idx[: _take(len(test), test_sample_rate, "data.test_sample_rate")])
+    val, train = _divide(pool, gen, lambda n, f, k: round(n * f), val_fraction, "")
+    test, _ = _divide(test, gen, _take, test_sample_rate, "data.test_sample_rate")
+    if pool.groups is not None:
+        notes.append(
+            f"split by group: {len(set(train.groups or []))} train, "
+            f"{len(set(val.groups or []))} val, {len(set(test.groups or []))} test"
+        )
     return DataSplits(train, val, test, dataset.describe(), notes)
+
+
+def _divide(
+    split: TensorSplit,
+    gen: torch.Generator,
+    count: Callable[[int, float, str], int],
+    fraction: float,
+    key: str,
+) -> tuple[TensorSplit, TensorSplit]:
+    """Draw ``count(units, fraction, key)`` random units (samples, or whole groups) from
+    ``split``; return ``(drawn, rest)``, each in the split's order."""
+    if split.groups is None:
+        ids = torch.arange(len(split))
+    else:
+        names = {g: i for i, g in enumerate(sorted(set(split.groups)))}
+        ids = torch.tensor([names[g] for g in split.groups], dtype=torch.long)
+    units = ids.unique()
+    chosen = units[torch.randperm(len(units), generator=gen)[: count(len(units), fraction, key)]]
+    drawn = torch.isin(ids, chosen)
+    return split.subset(drawn.nonzero().squeeze(1)), split.subset((~drawn).nonzero().squeeze(1))
 
 
 @dataclass

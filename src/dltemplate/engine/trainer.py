@@ -449,6 +449,9 @@ class TrainerBase:
         )
         for note in self.data.notes:
             log.info("data: %s", note)
+        groups = self.data.group_record()
+        if groups is not None and resumed_from is None:
+            (run_dir / "split.json").write_text(json.dumps(groups, indent=1))
         # purge_step drops TensorBoard events past the resumed step, so curves do not fold back.
         self.writer = SummaryWriter(str(run_dir / "summary"), purge_step=self.global_step or None)
 
