@@ -50,7 +50,7 @@ def evaluate_loader(
             outputs = task.forward(model, batch)
             loss = task.compute_loss(criterion, outputs, batch)
         meter.update(loss, len(batch.targets))
-        metrics.update(outputs.float(), batch.targets)
+        task.update_metrics(metrics, outputs, batch)
         if on_batch is not None:
             on_batch(i, batch, outputs)
     metrics.sync(D.all_reduce_sum)

@@ -113,6 +113,10 @@ class Task:
         """The loss of a batch (a mean over its samples)."""
         return criterion(outputs, batch.targets)
 
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: Batch) -> None:
+        """Feed one batch's outputs to the metrics (outputs are detached already)."""
+        metrics.update(outputs.float(), batch.targets)
+
     # -- reporting --------------------------------------------------------------------------
     def log_images(self, writer: Any, tag: str, batch: Batch, outputs: torch.Tensor, step: int):
         """Optional pictures for TensorBoard after validation (first batch); none by default."""

@@ -66,6 +66,13 @@ def limit_batches(limit: int | float | None, full: int, key: str) -> int | None:
     return limit
 
 
+def _detach(outputs: Any) -> Any:
+    # Models may return several heads (deep supervision) as a list or tuple.
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(o.detach() for o in outputs)
+    return outputs.detach()
+
+
 def clip_gradients(params: list[nn.Parameter], norm: float | None, value: float | None) -> None:
     """Clip gradients by global norm and/or element value (after unscaling)."""
     if value is not None:
@@ -181,7 +188,7 @@ class TrainerBase:
                 self.optimizer_step()
                 self.batch_in_epoch = i + 1
             self.train_meter.update(loss.detach(), n)
-            self.metrics.update(outputs.detach().float(), batch.targets)
+            self.task.update_metrics(self.metrics, _detach(outputs), batch)
             report = progress.wants_loss()
             progress.update(n * self.dist.world_size, loss.item() if report else None)
             if report and self.writer is not None:
