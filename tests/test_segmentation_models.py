@@ -33,7 +33,7 @@ def test_output_has_input_size(cls, bilinear, size):
 
 
 def test_minimum_size_and_more_classes():
-    model = UNet(input_shape=(1, 8, 9), num_classes=3, base_width=4, depth=3)
+    model = UNet(input_shape=(1, 8, 9), num_classes=3, base_width=4, depth=3).eval()
     assert model(torch.randn(1, 1, 8, 9)).shape == (1, 3, 8, 9)
 
 

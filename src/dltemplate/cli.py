@@ -101,13 +101,45 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
     evaluator = EvaluatorBase(args.target, args.overrides)
-    report = evaluator.run(args.split, limit=args.limit_batches)
+    viz_dir = None
+    if args.viz:
+        viz_dir = Path(args.viz_dir) if args.viz_dir else evaluator.checkpoint_path.parent / "viz"
+    report = evaluator.run(
+        args.split, limit=args.limit_batches, viz_dir=viz_dir, viz_freq=args.viz_freq
+    )
     out = (
         Path(args.out) if args.out else evaluator.checkpoint_path.parent / f"eval_{args.split}.json"
     )
     EvaluatorBase.write_report(report, out)
     print(format_report(report))
     print(f"report written to {out}")
+    if "pictures" in report:
+        print(f"{report['pictures']['count']} pictures written to {report['pictures']['folder']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    setup_logging()
+    evaluator = EvaluatorBase(args.target, args.overrides)
+    paths = [Path(p) for p in args.images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UsageError(f"no such image file: {', '.join(missing)}")
+    written = evaluator.task.predict_files(
+        evaluator.model, paths, Path(args.out), evaluator.device, evaluator.info
+    )
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from dltemplate.data.sample_carvana import make_sample_carvana
+
+    if args.n < 1:
+        raise UsageError(f"--n {args.n}: must be at least 1")
+    out = make_sample_carvana(Path(args.out), n=args.n)
+    print(f"wrote {args.n} synthetic Carvana-layout image/mask pairs to {out}")
     return 0
 
 
@@ -125,11 +157,14 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{name:>{width}} " + " ".join(f"{c:>5}" for c in row))
     if report["samples"]:
         lines.append("sample predictions:")
-        lines += [
-            f"  predicted {s['prediction']!r:<16} label {s['label']!r}"
-            + ("" if s["correct"] else "  (wrong)")
-            for s in report["samples"]
-        ]
+        for sample in report["samples"]:
+            if "prediction" in sample:
+                wrong = "" if sample["correct"] else "  (wrong)"
+                lines.append(
+                    f"  predicted {sample['prediction']!r:<16} label {sample['label']!r}{wrong}"
+                )
+            else:
+                lines.append("  " + ", ".join(f"{k} {v}" for k, v in sample.items()))
     return "\n".join(lines)
 
 
@@ -175,7 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", help="JSON report path (default: <run>/eval_<split>.json)")
     p.add_argument("--limit-batches", type=int, default=None, help="evaluate only N batches")
+    p.add_argument("--viz", action="store_true", help="write pictures of predictions")
+    p.add_argument("--viz-dir", default=None, help="where --viz writes (default: <run>/viz)")
+    p.add_argument("--viz-freq", type=int, default=50, help="picture every N-th sample")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict on image files with a trained run")
+    p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="folder for the predictions")
+    p.set_defaults(func=cmd_predict, overrides=[])
+
+    p = sub.add_parser("make-sample-data", help="write a synthetic sample dataset")
+    p.add_argument("dataset", choices=["carvana"])
+    p.add_argument("out", help="folder to write into")
+    p.add_argument("--n", type=int, default=64, help="number of image/mask pairs")
+    p.set_defaults(func=cmd_sample_data)
 
     p = sub.add_parser("compare-configs", help="print the keys that differ between two configs")
     p.add_argument("a")

@@ -46,14 +46,15 @@ def seed_train_main(argv: list[str], default_config: Path) -> int:
 
 
 def seed_eval_main(argv: list[str]) -> int:
-    """``--model_path [--data_dir] [--save_path] [--viz]`` -> ``dltemplate eval``."""
+    """``--model_path [--data_dir] [--save_path] [--viz True]`` -> ``dltemplate eval``."""
     p = argparse.ArgumentParser(description="Evaluate as the seed template did.")
     p.add_argument("--model_path", required=True, help="checkpoint (or run directory)")
     p.add_argument("--data_dir", default=None, help="override the data folder saved in the run")
     p.add_argument("--save_path", default=None, help="where to write the JSON report")
     p.add_argument("--model_type", default=None, help="accepted for compatibility; must match")
     p.add_argument("--data_type", default=None, help="accepted for compatibility; must match")
-    p.add_argument("--viz", default="False", type=_seed_bool, help="accepted for compatibility")
+    p.add_argument("--viz", default="False", type=_seed_bool, help="write prediction triplets")
+    p.add_argument("--viz_freq", type=int, default=50, help="a triplet every N-th sample")
     args, extra = p.parse_known_args(argv)
     cmd = ["eval", args.model_path, *extra]
     if args.data_dir:
@@ -64,4 +65,8 @@ def seed_eval_main(argv: list[str]) -> int:
         cmd.append(f"data.name={args.data_type}")
     if args.save_path:
         cmd += ["--out", str(Path(args.save_path) / "eval_test.json")]
+    if args.viz:
+        cmd += ["--viz", "--viz-freq", str(args.viz_freq)]
+        if args.save_path:
+            cmd += ["--viz-dir", args.save_path]
     return main(cmd)

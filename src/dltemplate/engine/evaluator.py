@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from dltemplate.config import Config, config_from_dict
-from dltemplate.data.base import Batch, DataInfo, IndexLoader
+from dltemplate.data.base import Batch, DataInfo, DataSplits, IndexLoader, TensorSplit
 from dltemplate.engine import distributed as D
 from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_model_weights
 from dltemplate.engine.device import select_device
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.task import Task, import_plugins, make_task
+from dltemplate.errors import DataError
 from dltemplate.metrics.base import MetricCollection
 
 log = logging.getLogger("dltemplate")
@@ -91,17 +92,35 @@ class EvaluatorBase:
         self.precision = Precision(self.cfg.trainer.precision, self.device)
         self.epoch = state["epoch"]
 
-    def run(self, split: str = "test", limit: int | None = None) -> dict[str, Any]:
-        """Evaluate on ``split``; return metrics, the full metric report and sample predictions."""
-        data = self.task.load_data()
-        batch_size = self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size
-        loader = IndexLoader(getattr(data, split), batch_size, training=False, limit_batches=limit)
-        samples: list[dict[str, Any]] = []
+    def run(
+        self,
+        split: str = "test",
+        limit: int | None = None,
+        viz_dir: Path | None = None,
+        viz_freq: int = 50,
+    ) -> dict[str, Any]:
+        """Evaluate on ``split``; return metrics, the full metric report and sample predictions.
 
-        def keep_samples(i: int, batch: Batch, outputs: torch.Tensor) -> None:
+        With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder.
+        """
+        data = self.task.load_data()
+        evaluated = self._same_groups_as_the_run(data, split)
+        batch_size = self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size
+        loader = IndexLoader(evaluated, batch_size, training=False, limit_batches=limit)
+        samples: list[dict[str, Any]] = []
+        seen = [0, 0]  # samples so far, pictures written
+
+        def per_batch(i: int, batch: Batch, outputs: torch.Tensor) -> None:
             if i == 0:
                 samples.extend(self.task.describe_predictions(batch, outputs, self.info))
+            if viz_dir is not None:
+                seen[1] += self.task.save_visuals(
+                    batch, outputs, seen[0], viz_dir, viz_freq, self.info
+                )
+            seen[0] += len(batch.targets)
 
+        if viz_dir is not None:
+            viz_dir.mkdir(parents=True, exist_ok=True)
         metrics = evaluate_loader(
             self.task,
             self.model,
@@ -111,17 +130,42 @@ class EvaluatorBase:
             device=self.device,
             info=self.info,
             precision=self.precision,
-            on_batch=keep_samples,
+            on_batch=per_batch,
         )
-        return {
+        report = {
             "checkpoint": str(self.checkpoint_path),
             "split": split,
-            "num_samples": len(getattr(data, split)),
+            "num_samples": len(evaluated),
             "epoch": self.epoch,
             "metrics": metrics,
             "report": self.metrics.report(),
             "samples": samples,
         }
+        if viz_dir is not None:
+            report["pictures"] = {"folder": str(viz_dir), "count": seen[1]}
+        return report
+
+    def _same_groups_as_the_run(self, data: DataSplits, split: str) -> TensorSplit:
+        """The split's samples; when the run saved its groups (split.json), exactly those."""
+        saved = self.checkpoint_path.parent / "split.json"
+        if not saved.exists() or data.train.groups is None:
+            return getattr(data, split)
+        wanted = set(json.loads(saved.read_text())[split])
+        everything = [data.train, data.val, data.test]
+        found = {g for part in everything for g in (part.groups or [])}
+        if wanted - found:
+            missing = ", ".join(sorted(wanted - found)[:5])
+            raise DataError(f"{saved}: the run's {split} groups are not in the data ({missing})")
+        parts = []
+        for part in everything:
+            keep = [i for i, g in enumerate(part.groups or []) if g in wanted]
+            if keep:
+                parts.append(part.subset(torch.tensor(keep, dtype=torch.long)))
+        return TensorSplit(
+            torch.cat([p.inputs for p in parts]),
+            torch.cat([p.targets for p in parts]),
+            [g for p in parts for g in (p.groups or [])],
+        )
 
     @staticmethod
     def write_report(report: dict[str, Any], path: Path) -> Path:

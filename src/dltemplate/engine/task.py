@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from dltemplate.config import Config
 from dltemplate.data.base import Batch, DataInfo, DataSplits, InMemoryDataset, make_splits
-from dltemplate.errors import ConfigError
+from dltemplate.errors import ConfigError, UsageError
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.registry import DATASETS, LOSSES, METRICS, MODELS, TASKS, accepted_kwargs
 
@@ -121,6 +122,30 @@ class Task:
     def log_images(self, writer: Any, tag: str, batch: Batch, outputs: torch.Tensor, step: int):
         """Optional pictures for TensorBoard after validation (first batch); none by default."""
         return None
+
+    def save_visuals(
+        self,
+        batch: Batch,
+        outputs: Any,
+        first_index: int,
+        out_dir: Path,
+        every: int,
+        info: DataInfo,
+    ) -> int:
+        """Write pictures of samples ``first_index + i`` where that index is a multiple of
+        ``every`` (``eval --viz``); return how many were written. None by default."""
+        return 0
+
+    def predict_files(
+        self,
+        model: nn.Module,
+        paths: list[Path],
+        out_dir: Path,
+        device: torch.device,
+        info: DataInfo,
+    ) -> list[Path]:
+        """Predict on files (``dltemplate predict``) and write the results into ``out_dir``."""
+        raise UsageError(f"task '{self.cfg.experiment.task}' does not support predict")
 
     def describe_predictions(
         self, batch: Batch, outputs: torch.Tensor, info: DataInfo, limit: int = 10

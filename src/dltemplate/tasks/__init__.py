@@ -1,5 +1,6 @@
 """Tasks (registered by name in :data:`dltemplate.registry.TASKS`): hooks for the engine."""
 
 from dltemplate.tasks.classification import ClassificationTask
+from dltemplate.tasks.segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "SegmentationTask"]

@@ -1,0 +1,144 @@
+"""Binary segmentation: uint8 images normalised on the device, logits per pixel, dice and IoU.
+
+Models may return several heads (UNet++ deep supervision) as a list while training; the losses
+and metrics average over them. Pictures: an image / ground truth / prediction grid in
+TensorBoard at each validation, the seed's triplets with ``eval --viz``, and ``predict``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from dltemplate.data.base import Batch, DataInfo
+from dltemplate.engine.task import Task
+from dltemplate.errors import DataError
+from dltemplate.metrics.base import MetricCollection
+from dltemplate.registry import TASKS
+
+
+def _mean_logits(outputs: Any) -> torch.Tensor:
+    # Deep supervision: several heads while training; their mean is the prediction.
+    if isinstance(outputs, (list, tuple)):
+        return torch.stack(list(outputs)).mean(0)
+    return outputs
+
+
+def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
+    """A normalised (C, H, W) tensor back to an (H, W, C) uint8 picture."""
+    mean = torch.tensor(info.mean, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(info.std, device=x.device).view(-1, 1, 1)
+    pixels = ((x.float() * std + mean).clamp(0, 1) * 255).round().byte()
+    return pixels.permute(1, 2, 0).cpu().numpy()
+
+
+def _mask_png(mask: torch.Tensor) -> np.ndarray:
+    """A (1, H, W) 0/1 mask as an (H, W) uint8 picture, 0 or 255."""
+    return (mask[0].cpu().numpy() > 0).astype(np.uint8) * 255
+
+
+@TASKS.register("segmentation")
+class SegmentationTask(Task):
+    """Binary masks from per-pixel logits; dice and IoU; pictures of the predictions."""
+
+    def default_metrics(self, info: DataInfo) -> list[str]:
+        """Every segmentation run logs these."""
+        return ["dice", "iou"]
+
+    def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
+        """Move uint8 images and masks to ``device``, then scale and normalise the images."""
+        x = batch.inputs.to(device, non_blocking=True).float().div_(255.0)
+        mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+        masks = batch.targets.to(device, non_blocking=True)
+        return Batch((x - mean) / std, masks, batch.global_size)
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: Batch) -> None:
+        """Metrics see the mean of the heads."""
+        metrics.update(_mean_logits(outputs).float(), batch.targets)
+
+    def log_images(self, writer: Any, tag: str, batch: Batch, outputs: Any, step: int) -> None:
+        """A grid of up to 4 rows: image | ground truth | prediction."""
+        info = self.data_info()
+        pred = (_mean_logits(outputs) > 0).float()
+        rows = []
+        for i in range(min(4, len(batch.targets))):
+            image = torch.from_numpy(_to_uint8_image(batch.inputs[i], info)).permute(2, 0, 1)
+            truth = batch.targets[i].float().cpu().expand(3, -1, -1) * 255
+            guess = pred[i].cpu().expand(3, -1, -1) * 255
+            rows.append(torch.cat([image.float(), truth, guess], dim=2))
+        grid = torch.cat(rows, dim=1).byte()
+        writer.add_image(f"{tag}/image_truth_prediction", grid, step)
+
+    def save_visuals(
+        self,
+        batch: Batch,
+        outputs: Any,
+        first_index: int,
+        out_dir: Path,
+        every: int,
+        info: DataInfo,
+    ) -> int:
+        """The seed's triplets: ``<n>_image.png``, ``<n>_mask.png``, ``<n>_pred.png``."""
+        pred = (_mean_logits(outputs) > 0).byte()
+        written = 0
+        for i in range(len(batch.targets)):
+            n = first_index + i
+            if n % max(1, every):
+                continue
+            Image.fromarray(_to_uint8_image(batch.inputs[i], info)).save(
+                out_dir / f"{n:05d}_image.png"
+            )
+            Image.fromarray(_mask_png(batch.targets[i])).save(out_dir / f"{n:05d}_mask.png")
+            Image.fromarray(_mask_png(pred[i])).save(out_dir / f"{n:05d}_pred.png")
+            written += 1
+        return written
+
+    def describe_predictions(
+        self, batch: Batch, outputs: Any, info: DataInfo, limit: int = 10
+    ) -> list[dict[str, Any]]:
+        """Per-image dice of the first ``limit`` images of a batch."""
+        pred = _mean_logits(outputs)[:limit] > 0
+        truth = batch.targets[:limit] > 0
+        inter = (pred & truth).flatten(1).sum(1).double()
+        total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).double()
+        dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+        return [{"dice": round(float(d), 4)} for d in dice]
+
+    @torch.no_grad()
+    def predict_files(
+        self,
+        model: nn.Module,
+        paths: list[Path],
+        out_dir: Path,
+        device: torch.device,
+        info: DataInfo,
+    ) -> list[Path]:
+        """Predict a mask for each image at its own size; write ``<stem>_mask.png`` (0/255)."""
+        model.eval()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        height, width = info.input_shape[1:]
+        written = []
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    original = img.convert("RGB")
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+                raise DataError(f"{path}: not a readable image ({exc})") from exc
+            resized = original.resize((width, height), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)[None]
+            batch = self.prepare_batch(Batch(x, torch.zeros(1), 1), device, info)
+            logits = _mean_logits(self.forward(model, batch))
+            full = F.interpolate(logits.float(), size=original.size[::-1], mode="bilinear")
+            mask = (full[0, 0] > 0).byte().cpu().numpy() * 255
+            target = out_dir / f"{Path(path).stem}_mask.png"
+            Image.fromarray(mask).save(target)
+            written.append(target)
+        return written

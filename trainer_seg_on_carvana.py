@@ -1,0 +1,20 @@
+"""The seed's segmentation training command, a thin wrapper over ``dltemplate train``.
+
+    python trainer_seg_on_carvana.py --proj_name SegOnCarvana --model_type UNet \
+        --data_type Carvana --output_dir Dataset/Carvana/ --gpu_devices 0 \
+        --data_dir ./Dataset/Carvana/
+
+``--model_type UNet++`` (or ``NestedUNet``) trains UNet++. Extra ``section.key=value``
+arguments are passed through as config overrides.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dltemplate.seed_args import seed_train_main
+
+if __name__ == "__main__":
+    config = Path(__file__).resolve().parent / "configs" / "unet_carvana.yaml"
+    sys.exit(seed_train_main(sys.argv[1:], config))
