@@ -8,3 +8,5 @@ LOSSES.register("cross_entropy")(nn.CrossEntropyLoss)
 LOSSES.register("nll")(nn.NLLLoss)
 LOSSES.register("bce_with_logits")(nn.BCEWithLogitsLoss)
 LOSSES.register("mse")(nn.MSELoss)
+
+from dltemplate.losses import segmentation  # noqa: E402, F401  (registers dice, bce, bce_dice)

@@ -7,8 +7,11 @@ from dltemplate.metrics.classification import (
     PrecisionRecallF1,
     TopKAccuracy,
 )
+from dltemplate.metrics.segmentation import Dice, IoU
 
 __all__ = [
+    "Dice",
+    "IoU",
     "Accuracy",
     "ConfusionMatrix",
     "Metric",

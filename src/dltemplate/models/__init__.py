@@ -1,3 +1,3 @@
 """Networks, registered by name in :data:`dltemplate.registry.MODELS`."""
 
-from dltemplate.models import cnn, mlp  # noqa: F401  (registers the models)
+from dltemplate.models import cnn, mlp, unet  # noqa: F401  (registers the models)

@@ -126,6 +126,7 @@ class UNet(nn.Module):
 
 @MODELS.register("UNet++")
 @MODELS.register("UNetPlusPlus")
+@MODELS.register("NestedUNet")  # the name some UNet++ code uses
 class UNetPlusPlus(nn.Module):
     """UNet with nested dense skip pathways.
 
