@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 from dltemplate.data import carvana
 from dltemplate.data.carvana import Carvana, decode_pair
 from dltemplate.data.sample_carvana import make_sample_carvana
-from dltemplate.errors import ConfigError, DataError
+from dltemplate.errors import ConfigError, DataError, UsageError
 from dltemplate.registry import DATASETS
 
 N, VIEWS, SIZE = 20, 4, (96, 64)  # 5 cars of 4 views, 96x64 (W x H) photos
@@ -123,8 +123,11 @@ def test_hq_reads_train_hq(root):
 
 def test_masks_with_255_are_binarised(root):
     image, mask = nth(root, 3)
-    labels = np.asarray(Image.open(mask))
-    Image.fromarray((labels * 255).astype(np.uint8)).save(mask)  # grey 0/255 GIF
+    with Image.open(mask) as m:
+        labels = np.asarray(m)
+    Image.fromarray((labels * 255).astype(np.uint8)).save(mask, optimize=False)
+    with Image.open(mask) as m:  # 0/255, as some real masks are
+        assert set(np.unique(np.asarray(m)).tolist()) == {0, 255}
     img, m = decode_pair(image, mask, (32, 48))
     assert img.shape == (3, 32, 48) and m.shape == (1, 32, 48)
     assert set(np.unique(m).tolist()) == {0, 1}
@@ -324,6 +327,12 @@ def test_make_sample_carvana_layout(tmp_path):
             assert set(np.unique(np.asarray(m)).tolist()) == {0, 1}
     readme = (out / "SYNTHETIC_README.txt").read_text()
     assert "synthetic" in readme.lower() and "Kaggle" in readme
+
+
+def test_make_sample_carvana_rejects_bad_counts(tmp_path):
+    for kwargs in ({"n": 0}, {"views": 0}, {"views": 100}):
+        with pytest.raises(UsageError):
+            make_sample_carvana(tmp_path / "bad", **kwargs)
 
 
 def test_make_sample_carvana_is_reproducible(tmp_path):

@@ -153,7 +153,9 @@ class Carvana(InMemoryDataset):
         if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
             raise ConfigError(f"Carvana: scale={scale!r}: must be a positive number or null")
         if size is not None and (
-            len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)
+            not isinstance(size, (list, tuple))
+            or len(size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in size)
         ):
             raise ConfigError(f"Carvana: size={size!r}: must be [height, width], both positive")
         if not isinstance(workers, int) or workers < 0:
@@ -222,7 +224,10 @@ class Carvana(InMemoryDataset):
                 self._raise_missing(folder)
         try:
             images = sorted(
-                p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                p
+                for p in self.image_dir.iterdir()
+                # Hidden names are macOS "._x.jpg" metadata files, not photos.
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
             )
             mask_names = {p.name for p in self.mask_dir.iterdir()}
         except OSError as exc:
@@ -274,7 +279,7 @@ class Carvana(InMemoryDataset):
             if self.scale is None:
                 return height, width
             return max(1, round(height * self.scale)), max(1, round(width * self.scale))
-        raise DataError(f"Carvana: no readable image in {self.image_dir}")
+        raise DataError(f"Carvana: no readable image with a mask in {self.image_dir}")
 
     def _cache_key(self, pairs: list[tuple[Path, Path]], size: tuple[int, int]) -> str:
         """A hash of everything the decoded arrays depend on."""
@@ -299,7 +304,15 @@ class Carvana(InMemoryDataset):
         failed: list[str] = []
         workers = min(self.workers or min(4, os.cpu_count() or 1), n)
         jobs = [(str(image), str(mask), size) for image, mask in pairs]
-        log.info("Carvana: decoding %d image/mask pairs to %dx%d (once: cached)", n, h, w)
+        log.info(
+            "Carvana: decoding %d image/mask pairs to %dx%d (H x W) in %d process(es); "
+            "later loads read the cache in %s",
+            n,
+            h,
+            w,
+            workers,
+            self.cache_dir,
+        )
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
         try:
             if pool is None:
@@ -340,6 +353,10 @@ class DecodeCache:
         self.stem = self.family + key[:16]
         self.meta_path = folder / f"{self.stem}.json"
 
+    def array_path(self, kind: str) -> Path:
+        """The ``.npy`` file of ``kind`` ("images" or "masks")."""
+        return self.folder / f"{self.stem}.{kind}.npy"
+
     def read(self) -> Decoded | None:
         """The cached arrays, or None when there is no cache or it is corrupt (with a warning)."""
         if not self.meta_path.is_file():
@@ -348,8 +365,9 @@ class DecodeCache:
             meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
             if meta.get("version") != CACHE_VERSION or meta.get("key") != self.key:
                 raise ValueError("its meta is not for this key")
-            images = _read_npy(self.folder / meta["images"]["file"], meta["images"])
-            masks = _read_npy(self.folder / meta["masks"]["file"], meta["masks"])
+            # The names are fixed by the key: a path read from the meta is never followed.
+            images = _read_npy(self.array_path("images"), meta["images"])
+            masks = _read_npy(self.array_path("masks"), meta["masks"])
             names, failed = list(meta["names"]), list(meta["failed"])
             h, w = self.size
             if images.shape != (len(names), 3, h, w) or masks.shape != (len(names), 1, h, w):
@@ -365,10 +383,10 @@ class DecodeCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             meta: dict[str, Any] = {"version": CACHE_VERSION, "key": self.key}
             for kind, array in (("images", decoded.images), ("masks", decoded.masks)):
-                name = f"{self.stem}.{kind}.npy"
-                crc = _atomic_write(self.folder / name, lambda f, a=array: np.save(f, a))
+                path = self.array_path(kind)
+                crc = _atomic_write(path, lambda f, a=array: np.save(f, a))
                 meta[kind] = {
-                    "file": name,
+                    "file": path.name,
                     "shape": list(array.shape),
                     "dtype": str(array.dtype),
                     "crc32": crc,
