@@ -332,42 +332,56 @@ def instrument(trainer: TrainerBase, timers: Timers) -> None:
 
 
 def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, machine: Machine) -> None:
-    """Run timed engine epochs and print the seconds per epoch of each section (median)."""
+    """Run timed engine epochs and print the seconds per epoch of each section.
+
+    Each number is the median over the undisturbed epochs (over all when none was).
+    """
     epochs = max(1, args.epochs)
     cfg = make_config(batch_size, 1 + epochs, args.train_samples, out_dir)
     trainer = TrainerBase(cfg, ClassificationTask(cfg))
-    per_epoch: list[tuple[dict[str, float], dict[str, int]]] = []
-    totals: list[float] = []
+    # (seconds per section, calls per section, epoch seconds, others' CPU share) per epoch
+    engine: list[tuple[dict[str, float], dict[str, int], float, float]] = []
+    plain: list[tuple[float, float]] = []
     try:
         engine_epoch(trainer)  # warm-up, untimed
         timers = Timers(trainer.device)
         instrument(trainer, timers)
         ref = Reference(trainer)
         ref.epoch()
-        ref_times = []
         for _ in range(epochs):
             machine.wait_quiet(args.max_wait)
-            before = dict(timers.seconds), dict(timers.calls)
-            totals.append(engine_epoch(trainer))
-            per_epoch.append(
+            secs, calls = dict(timers.seconds), dict(timers.calls)
+            seconds, others = timed(lambda: engine_epoch(trainer), machine)
+            engine.append(
                 (
-                    {k: v - before[0].get(k, 0.0) for k, v in timers.seconds.items()},
-                    {k: v - before[1].get(k, 0) for k, v in timers.calls.items()},
+                    {k: v - secs.get(k, 0.0) for k, v in timers.seconds.items()},
+                    {k: v - calls.get(k, 0) for k, v in timers.calls.items()},
+                    seconds,
+                    others,
                 )
             )
             machine.wait_quiet(args.max_wait)
-            ref_times.append(ref.epoch())
+            plain.append(timed(ref.epoch, machine))
     finally:
         trainer.close()
-    note = f"median over {epochs} instrumented epochs; timers add some overhead"
+    quiet_engine = [e for e in engine if e[3] < QUIET_SHARE] or engine
+    quiet_plain = _quiet(plain) or plain
+    disturbed = sum(e[3] >= QUIET_SHARE for e in engine) + len(plain) - len(_quiet(plain))
+    note = f"median over {len(quiet_engine)} instrumented epochs; timers add some overhead"
+    if disturbed:
+        note += f"; {disturbed} epoch(s) disturbed by other processes"
+        if quiet_engine is engine or quiet_plain is plain:
+            note += ", NO undisturbed epoch on one side: numbers are noisy"
     print(f"\nengine time breakdown, batch size {batch_size} ({note}):")
     print(f"  {'section':<44} {'s/epoch':>8} {'calls/epoch':>12} {'us/call':>9}")
     for name in timers.seconds:
-        secs = statistics.median(sec.get(name, 0.0) for sec, _ in per_epoch)
-        calls = statistics.median(n.get(name, 0) for _, n in per_epoch)
-        print(f"  {name:<44} {secs:8.3f} {calls:12.0f} {1e6 * secs / max(calls, 1):9.1f}")
-    print(f"  {'engine epoch (instrumented)':<44} {statistics.median(totals):8.3f}")
-    print(f"  {'reference epoch (uninstrumented)':<44} {statistics.median(ref_times):8.3f}")
+        secs = statistics.median(e[0].get(name, 0.0) for e in quiet_engine)
+        n = statistics.median(e[1].get(name, 0) for e in quiet_engine)
+        print(f"  {name:<44} {secs:8.3f} {n:12.0f} {1e6 * secs / max(n, 1):9.1f}")
+    engine_s = statistics.median(e[2] for e in quiet_engine)
+    ref_s = statistics.median(t for t, _ in quiet_plain)
+    print(f"  {'engine epoch (instrumented)':<44} {engine_s:8.3f}")
+    print(f"  {'reference epoch (uninstrumented)':<44} {ref_s:8.3f}")
 
 
 # == main ====================================================================================
@@ -375,7 +389,8 @@ def measure(
     args: argparse.Namespace, batch_size: int, out_dir: str, machine: Machine
 ) -> dict[str, float]:
     """Warm up, then interleave engine and reference epochs; return samples/s of each."""
-    cfg = make_config(batch_size, 1 + args.epochs, args.train_samples, out_dir)
+    epochs = 1 + 2 * args.epochs  # warm-up, measured epochs and room for the extra rounds
+    cfg = make_config(batch_size, epochs, args.train_samples, out_dir)
     trainer = TrainerBase(cfg, ClassificationTask(cfg))
     try:
         ref = Reference(trainer)

@@ -37,6 +37,7 @@ class DataConfig:
     test_fraction: float = 0.2  # set aside for test when the dataset has no test split
     train_val_sample_rate: float = 1.0  # the seed's sub-sampling of the training pool
     test_sample_rate: float = 1.0  # the seed's sub-sampling of the test split
+    augment: bool = False  # random training-time augmentation, as the task defines it
     args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments
 
 

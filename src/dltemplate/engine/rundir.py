@@ -12,6 +12,7 @@ import datetime
 import json
 import platform
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,36 +115,52 @@ class MetricsTable:
             writer.writerows(self.rows)
         tmp.replace(self.path)
 
-    def plot(self, png: Path) -> None:
-        """Draw each metric (train and val on one panel) against the epoch into ``png``."""
-        import matplotlib
+    def plot(self, png: Path) -> threading.Thread:
+        """Redraw the curves into ``png`` in a background thread (returned, to join).
 
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
+        Drawing takes a few tenths of a second; a thread lets the next epoch start meanwhile.
+        """
+        self.wait()
+        rows = [dict(r) for r in self.rows]  # a snapshot: the table may grow while drawing
+        self._plotting = threading.Thread(target=plot_curves, args=(rows, png), daemon=True)
+        self._plotting.start()
+        return self._plotting
 
-        if not self.rows:
-            return
-        names = sorted({k.split("/", 1)[1] for k in self.rows[0] if "/" in k and k[:4] != "lr"})
-        names = [n for n in names if n != "lr"]
-        epochs = [int(float(r["epoch"])) for r in self.rows]
-        cols = min(3, max(1, len(names)))
-        rows = -(-len(names) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-        for ax, name in zip(axes.flat, names):
-            for split in ("train", "val"):
-                key = f"{split}/{name}"
-                pts = [
-                    (e, float(r[key])) for e, r in zip(epochs, self.rows) if r.get(key, "") != ""
-                ]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=split)
-            ax.set_title(name)
-            ax.set_xlabel("epoch")
-            ax.legend()
-        for ax in list(axes.flat)[len(names) :]:
-            ax.axis("off")
-        fig.tight_layout()
-        tmp = png.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        tmp.replace(png)
+    def wait(self) -> None:
+        """Wait for a drawing in progress to finish."""
+        if getattr(self, "_plotting", None) is not None:
+            self._plotting.join()
+            self._plotting = None
+
+
+def plot_curves(rows: list[dict[str, Any]], png: Path) -> None:
+    """Draw each metric of ``rows`` (train and val on one panel) against the epoch into ``png``."""
+    # The object API, not pyplot: no global state, so drawing off the main thread is safe.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        return
+    names = sorted({k.split("/", 1)[1] for k in rows[0] if "/" in k})
+    epochs = [int(float(r["epoch"])) for r in rows]
+    cols = min(3, max(1, len(names)))
+    nrows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * nrows))
+    FigureCanvasAgg(fig)
+    # A fixed layout: tight_layout would draw the whole figure once more.
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.92, wspace=0.25, hspace=0.45)
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for split in ("train", "val"):
+            key = f"{split}/{name}"
+            pts = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, "") != ""]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=split)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=72)
+    tmp.replace(png)

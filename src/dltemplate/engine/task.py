@@ -106,6 +106,14 @@ class Task:
         """Move the batch to ``device`` and turn stored inputs into what the model eats."""
         return Batch(batch.inputs.to(device), batch.targets.to(device), batch.global_size)
 
+    def augment(self, batch: Batch, info: DataInfo) -> Batch:
+        """Random changes to a prepared training batch (when ``data.augment``); none by default.
+
+        Use torch's global generator: it is seeded and saved in checkpoints, so resumed runs
+        draw the same augmentations.
+        """
+        return batch
+
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The model's outputs for a batch."""
         return model(batch.inputs)

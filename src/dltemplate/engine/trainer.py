@@ -172,6 +172,8 @@ class TrainerBase:
         progress = self._progress(len(loader), f"epoch {self.epoch + 1}/{self.epochs}")
         for i, batch in enumerate(loader, start=loader.skip_batches):
             batch = self.task.prepare_batch(batch, self.device, self.info)
+            if self.cfg.data.augment:
+                batch = self.task.augment(batch, self.info)
             n = len(batch.targets)
             update_now = (i + 1) % tc.grad_accum_steps == 0 or i + 1 == len(loader)
             # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
@@ -479,7 +481,9 @@ class TrainerBase:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def close(self) -> None:
-        """Flush and close TensorBoard and leave the process group."""
+        """Finish the curves picture, close TensorBoard and leave the process group."""
+        if getattr(self, "table", None) is not None:
+            self.table.wait()
         if getattr(self, "writer", None) is not None:
             self.writer.close()
             self.writer = None

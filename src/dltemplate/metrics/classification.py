@@ -117,6 +117,7 @@ class PrecisionRecallF1(ConfusionMatrix):
         }
 
     def report(self) -> dict[str, Any]:
-        """Macro averages and per-class lists."""
+        """Macro averages, per-class lists and the confusion matrix."""
         p, r, f = self._per_class()
-        return {**self.compute(), "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist()}
+        per_class = {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist()}
+        return {**self.compute(), **per_class, **super().report()}

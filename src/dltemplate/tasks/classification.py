@@ -17,7 +17,7 @@ class ClassificationTask(Task):
 
     def default_metrics(self, info: DataInfo) -> list[str]:
         """Every classification run logs these."""
-        return ["accuracy", "topk_accuracy", "precision_recall_f1", "confusion_matrix"]
+        return ["accuracy", "topk_accuracy", "precision_recall_f1"]  # the last reports the matrix
 
     def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
         """Move to ``device`` first (uint8 is 4x less to copy), then scale and normalise there."""

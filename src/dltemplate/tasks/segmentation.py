@@ -59,6 +59,24 @@ class SegmentationTask(Task):
         masks = batch.targets.to(device, non_blocking=True)
         return Batch((x - mean) / std, masks, batch.global_size)
 
+    def augment(self, batch: Batch, info: DataInfo) -> Batch:
+        """Per image: a horizontal flip (half the time), a random order of the colour channels
+        and a brightness/contrast change, so that a few cars teach shape rather than colour."""
+        x, masks = batch.inputs, batch.targets
+        n = len(x)
+        flip = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        masks = torch.where(flip.view(-1, 1, 1, 1), masks.flip(-1), masks)
+        mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+        pixels = x * std + mean  # back to [0, 1] to jitter colours
+        order = torch.argsort(torch.rand(n, pixels.shape[1], device=x.device), dim=1)
+        pixels = torch.gather(pixels, 1, order.view(n, -1, 1, 1).expand_as(pixels))
+        gain = torch.empty(n, 1, 1, 1, device=x.device).uniform_(0.7, 1.3)
+        shift = torch.empty(n, 1, 1, 1, device=x.device).uniform_(-0.15, 0.15)
+        pixels = ((pixels - 0.5) * gain + 0.5 + shift).clamp(0, 1)
+        return Batch((pixels - mean) / std, masks, batch.global_size)
+
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: Batch) -> None:
         """Metrics see the mean of the heads."""
         metrics.update(_mean_logits(outputs).float(), batch.targets)
