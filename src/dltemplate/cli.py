@@ -23,7 +23,7 @@ from dltemplate.engine.rundir import find_config, latest_run_dir
 from dltemplate.engine.runlog import setup_logging
 from dltemplate.engine.task import import_plugins, make_task
 from dltemplate.engine.trainer import TrainerBase
-from dltemplate.errors import UsageError
+from dltemplate.errors import DataError, UsageError
 from dltemplate.registry import (
     DATASETS,
     LOSSES,
@@ -182,8 +182,17 @@ def cmd_count(args: argparse.Namespace) -> int:
         cfg = load_config(path, args.overrides)
     validate_names(cfg)
     task = make_task(cfg)
-    model = task.build_model(task.data_info())
-    print(format_counts(count_parameters(model), f"model {cfg.model.name}"))
+    title = f"model {cfg.model.name}"
+    try:
+        info = task.data_info()
+    except DataError as exc:  # counting needs no data: the model's own default shape will do
+        log.warning("%s", exc)
+        model = MODELS.build(cfg.model.name, "model.name", **cfg.model.args)
+        title += " (data not found: the model's default input shape)"
+    else:
+        model = task.build_model(info)
+        title += f" on input {tuple(info.input_shape)}"
+    print(format_counts(count_parameters(model), title))
     return 0
 
 

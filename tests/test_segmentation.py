@@ -1,0 +1,154 @@
+"""Segmentation end to end on generated Carvana-layout data: train, eval --viz, predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_dirs
+from PIL import Image
+
+from dltemplate.data.sample_carvana import make_sample_carvana
+
+UNET = REPO / "configs" / "unet_carvana.yaml"
+UNETPP = REPO / "configs" / "unetpp_carvana.yaml"
+
+
+@pytest.fixture(scope="module")
+def carvana(tmp_path_factory) -> Path:
+    """32 synthetic pairs (4 cars x 8 views) at 480x320: quick to train at 1/4 scale."""
+    return make_sample_carvana(tmp_path_factory.mktemp("carvana"), n=32, views=8,
+                               image_size=(480, 320))  # fmt: skip
+
+
+def small(data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.root={data}", f"experiment.output_dir={out}", "data.args.scale=0.25",
+            "model.args.base_width=8", "model.args.depth=3", "trainer.log_every_n_steps=2",
+            *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def unet_run(carvana, tmp_path_factory) -> Path:
+    from dltemplate.cli import main
+
+    out = tmp_path_factory.mktemp("unet")
+    code = main(["train", str(UNET), *small(carvana, out, "trainer.epochs=12",
+                                                 "optimizer.lr=0.005")])  # fmt: skip
+    assert code == 0
+    (run,) = run_dirs(out)
+    return run
+
+
+def test_unet_learns_the_cars_and_keeps_them_whole_in_splits(unet_run):
+    split = json.loads((unet_run / "split.json").read_text())
+    cars = [set(split[k]) for k in ("train", "val", "test")]
+    assert cars[0] and cars[1] and cars[2]
+    assert not (cars[0] & cars[1] or cars[0] & cars[2] or cars[1] & cars[2])
+    best = max(float(r.split(",")[header_index(unet_run, "val/dice")])
+               for r in (unet_run / "metrics.csv").read_text().splitlines()[1:])  # fmt: skip
+    assert best > 0.7
+    assert (unet_run / "UNet_best_ckpt.pth").exists()
+
+
+def header_index(run: Path, column: str) -> int:
+    return (run / "metrics.csv").read_text().splitlines()[0].split(",").index(column)
+
+
+def test_tensorboard_gets_an_image_truth_prediction_grid(unet_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(unet_run / "summary"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "val/image_truth_prediction" in acc.Tags()["images"]
+    first = acc.Images("val/image_truth_prediction")[0]
+    assert first.width == 3 * 120 and first.height % 80 == 0  # image | truth | prediction
+
+
+def test_eval_viz_writes_triplets_of_the_run_test_cars(cli, unet_run, tmp_path, capsys):
+    viz = tmp_path / "viz"
+    assert cli("eval", unet_run, "--viz", "--viz-dir", viz, "--viz-freq", "3") == 0
+    out = capsys.readouterr().out
+    assert "dice" in out and "iou" in out
+    report = json.loads((unet_run / "eval_test.json").read_text())
+    test_cars = json.loads((unet_run / "split.json").read_text())["test"]
+    assert report["num_samples"] == 8 * len(test_cars)
+    assert report["pictures"]["count"] == len(range(0, report["num_samples"], 3))
+    for kind in ("image", "mask", "pred"):
+        files = sorted(viz.glob(f"*_{kind}.png"))
+        assert len(files) == report["pictures"]["count"]
+    mask = np.asarray(Image.open(viz / "00000_mask.png"))
+    assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_predict_writes_masks_at_each_image_size(cli, unet_run, carvana, tmp_path):
+    image = next((carvana / "train").glob("*.jpg"))
+    other = tmp_path / "other.png"
+    Image.open(image).resize((200, 150)).save(other)
+    assert cli("predict", unet_run, image, other, "--out", tmp_path / "pred") == 0
+    first = Image.open(tmp_path / "pred" / f"{image.stem}_mask.png")
+    assert first.size == Image.open(image).size
+    assert Image.open(tmp_path / "pred" / "other_mask.png").size == (200, 150)
+    truth = np.asarray(Image.open(carvana / "train_masks" / f"{image.stem}_mask.gif")) > 0
+    pred = np.asarray(first) > 0
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.6
+
+
+def test_predict_on_a_broken_image_exits_2(cli, unet_run, tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    assert cli("predict", unet_run, broken, "--out", tmp_path / "pred") == 2
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_unetpp_with_deep_supervision_trains(cli, carvana, tmp_path):
+    assert cli("train", UNETPP, *small(carvana, tmp_path, "trainer.epochs=2")) == 0
+    (run,) = run_dirs(tmp_path)
+    assert (run / "UNet++_best_ckpt.pth").exists()
+    assert cli("eval", run) == 0
+
+
+def test_count_params_reports_unet_and_unetpp(cli, capsys):
+    assert cli("count-params", UNET) == 0
+    assert cli("count-params", UNETPP) == 0
+    out = capsys.readouterr().out
+    assert "model UNet" in out and "model UNet++" in out and "total" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["data.args.scale=0.01"], "depth"),  # 3x5 pixels cannot go 3 levels down
+        (["data.root=/nonexistent/carvana"], "/nonexistent/carvana"),
+    ],
+)
+def test_bad_segmentation_input_exits_2(cli, carvana, tmp_path, capsys, extra, expected):
+    assert cli("train", UNET, *small(carvana, tmp_path / "out"), *extra) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_seed_segmentation_commands(carvana, tmp_path):
+    out = tmp_path / "Results"
+    train = subprocess.run(
+        [sys.executable, str(REPO / "trainer_seg_on_carvana.py"), "--proj_name", "SegOnCarvana",
+         "--model_type", "UNet", "--data_type", "Carvana", "--output_dir", f"{out}/",
+         "--gpu_devices", "0", "--data_dir", str(carvana), "--epochs", "1",
+         "data.args.scale=0.25", "model.args.base_width=8"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    (run,) = run_dirs(out)
+    viz = tmp_path / "test_viz"
+    ev = subprocess.run(
+        [sys.executable, str(REPO / "eval_seg_on_carvana.py"), "--model_path",
+         str(run / "UNet_best_ckpt.pth"), "--save_path", f"{viz}/", "--data_dir", str(carvana),
+         "--model_type", "UNet", "--data_type", "Carvana", "--viz", "True"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    assert "dice" in ev.stdout
+    assert list(viz.glob("*_pred.png")) and (viz / "eval_test.json").exists()
