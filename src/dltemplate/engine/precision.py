@@ -23,7 +23,11 @@ class Precision:
         self.precision = precision
         self.device = device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        enabled = precision == "fp16"
+        if hasattr(torch.amp, "GradScaler"):
+            self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
+        else:  # torch < 2.3
+            self.scaler = torch.cuda.amp.GradScaler(enabled=enabled)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Context in which the forward pass and loss run."""

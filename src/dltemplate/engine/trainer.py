@@ -112,7 +112,12 @@ class TrainerBase:
         self._check_monitor()
         self.precision = Precision(tc.precision, self.device)
         resume_from = self._resume_checkpoint() if tc.resume else None
+        # Rank 0 loads first, so that files are downloaded and decode caches written once.
+        if not self.dist.is_main:
+            D.barrier()
         self.data = self.task.load_data()
+        if self.dist.is_main and self.dist.enabled:
+            D.barrier()
         self.train_loader, self.val_loader, self.test_loader = self._make_loaders()
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.grad_accum_steps)
