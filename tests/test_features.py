@@ -45,7 +45,7 @@ def test_fast_dev_run_runs_one_batch_per_split_and_writes_no_checkpoint(cli, tmp
 def test_limit_batches_int_and_fraction(tmp_path):
     t = trainer(tmp_path, "trainer.limit_train_batches=3", "trainer.limit_val_batches=0.5")
     assert len(t.train_loader) == 3
-    assert len(t.val_loader) == max(1, int(t.val_loader._full_length() * 0.5))
+    assert len(t.val_loader) == max(1, int(t.val_loader.full_length() * 0.5))
     t.close()
 
 

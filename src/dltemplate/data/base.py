@@ -205,7 +205,8 @@ class IndexLoader:
         """Choose the permutation of this epoch (as DistributedSampler.set_epoch does)."""
         self.epoch = epoch
 
-    def _full_length(self) -> int:
+    def full_length(self) -> int:
+        """Batches in a whole epoch, before ``limit_batches``."""
         n = len(self.split)
         if self.training:
             step = self.batch_size * self.world_size
@@ -215,7 +216,7 @@ class IndexLoader:
         return math.ceil(math.ceil(n / self.world_size) / self.batch_size)
 
     def __len__(self) -> int:
-        full = self._full_length()
+        full = self.full_length()
         return full if self.limit_batches is None else min(full, self.limit_batches)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, int]]:

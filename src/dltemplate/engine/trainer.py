@@ -385,13 +385,10 @@ class TrainerBase:
         if self.fast_dev_run:
             limits = [tc.fast_dev_run] * 3
         if tc.overfit_batches > 0:  # the same few batches, in order, to train and to validate
+            n = min(len(train_split), tc.overfit_batches * d.batch_size * self.dist.world_size)
             train = IndexLoader(train_split, d.batch_size, training=True, shuffle=False, **where)
             limits[0] = tc.overfit_batches
-            val_split = train_split.subset(
-                torch.arange(
-                    min(len(train_split), tc.overfit_batches * d.batch_size * self.dist.world_size)
-                )
-            )
+            val_split = train_split.subset(torch.arange(n))
         val = IndexLoader(val_split, eval_bs, training=False, **where)
         test = IndexLoader(self.data.test, eval_bs, training=False, **where)
         keys = [
@@ -400,7 +397,7 @@ class TrainerBase:
             "trainer.limit_test_batches",
         ]
         for loader, limit, key in zip((train, val, test), limits, keys):
-            loader.limit_batches = limit_batches(limit, loader._full_length(), key)
+            loader.limit_batches = limit_batches(limit, loader.full_length(), key)
         return train, val, test
 
     def _wrap_model(self, dp_ids: list[int]) -> tuple[nn.Module, nn.Module]:

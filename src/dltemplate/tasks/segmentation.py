@@ -60,8 +60,9 @@ class SegmentationTask(Task):
         return Batch((x - mean) / std, masks, batch.global_size)
 
     def augment(self, batch: Batch, info: DataInfo) -> Batch:
-        """Per image: a horizontal flip (half the time), a random order of the colour channels
-        and a brightness/contrast change, so that a few cars teach shape rather than colour."""
+        """Per image: a horizontal flip (half the time), a random order of the colour channels,
+        a saturation change (down to grey) and a brightness/contrast change, so that a few cars
+        teach shape rather than colour."""
         x, masks = batch.inputs, batch.targets
         n = len(x)
         flip = torch.rand(n, device=x.device) < 0.5
@@ -72,8 +73,11 @@ class SegmentationTask(Task):
         pixels = x * std + mean  # back to [0, 1] to jitter colours
         order = torch.argsort(torch.rand(n, pixels.shape[1], device=x.device), dim=1)
         pixels = torch.gather(pixels, 1, order.view(n, -1, 1, 1).expand_as(pixels))
-        gain = torch.empty(n, 1, 1, 1, device=x.device).uniform_(0.7, 1.3)
-        shift = torch.empty(n, 1, 1, 1, device=x.device).uniform_(-0.15, 0.15)
+        grey = pixels.mean(1, keepdim=True)
+        saturation = torch.empty(n, 1, 1, 1, device=x.device).uniform_(0.0, 1.5)
+        pixels = grey + saturation * (pixels - grey)
+        gain = torch.empty(n, 1, 1, 1, device=x.device).uniform_(0.6, 1.4)
+        shift = torch.empty(n, 1, 1, 1, device=x.device).uniform_(-0.25, 0.25)
         pixels = ((pixels - 0.5) * gain + 0.5 + shift).clamp(0, 1)
         return Batch((pixels - mean) / std, masks, batch.global_size)
 
