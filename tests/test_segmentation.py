@@ -157,6 +157,7 @@ def test_seed_segmentation_commands(carvana, tmp_path):
 
 
 def test_augmentation_moves_masks_with_images_and_varies_colour():
+    """Flips and shifts move image and mask alike; colours change per image."""
     import torch
 
     from dltemplate.config import load_config
@@ -174,6 +175,6 @@ def test_augmentation_moves_masks_with_images_and_varies_colour():
     out = task.augment(Batch(images, masks, 64), info)
     bar = out.inputs.mean(dim=(1, 2)).argmax(dim=1)  # brightest column of each image
     assert torch.equal(bar, out.targets[:, 0, 0].argmax(dim=1))  # the mask moved alike
-    assert set(bar.tolist()) == {3, 12}  # some flipped, some not
+    assert len(set(bar.tolist())) > 4  # flipped and shifted by various amounts
     background = out.inputs[:, :, 0, 0]
     assert len({tuple(c.round(decimals=2).tolist()) for c in background}) > 10  # colours vary

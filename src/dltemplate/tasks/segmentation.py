@@ -68,6 +68,12 @@ class SegmentationTask(Task):
         flip = torch.rand(n, device=x.device) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         masks = torch.where(flip.view(-1, 1, 1, 1), masks.flip(-1), masks)
+        # A random shift of up to an eighth of the picture (wrapping round), image and mask alike.
+        h, w = x.shape[-2:]
+        dy = torch.randint(-h // 8, h // 8 + 1, (n,)).tolist()
+        dx = torch.randint(-w // 8, w // 8 + 1, (n,)).tolist()
+        x = torch.stack([xi.roll((a, b), (-2, -1)) for xi, a, b in zip(x, dy, dx)])
+        masks = torch.stack([m.roll((a, b), (-2, -1)) for m, a, b in zip(masks, dy, dx)])
         mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
         pixels = x * std + mean  # back to [0, 1] to jitter colours
