@@ -12,6 +12,7 @@ Prints, for UNet on the synthetic sample set (``make-sample-data carvana``, 64 p
 - *waiting*: the share of the engine's training-step time spent waiting for the next batch
   (the loader's ``next()``), the figure the design keeps under 10% after the first epoch.
 
+Augmentation is off on both sides, so that the engine and the plain loop do the same work.
 Run from the repository root: ``python benchmarks/segmentation.py [--n 64] [--epochs 3]``.
 The exit status is 0 whatever the numbers: this measures, it does not test.
 """
