@@ -52,6 +52,7 @@ def test_unet_learns_the_cars_and_keeps_them_whole_in_splits(unet_run):
     assert not (cars[0] & cars[1] or cars[0] & cars[2] or cars[1] & cars[2])
     best = max(float(r.split(",")[header_index(unet_run, "val/dice")])
                for r in (unet_run / "metrics.csv").read_text().splitlines()[1:])  # fmt: skip
+    assert "SYNTHETIC sample data" in (unet_run / "train.log").read_text()
     assert best > 0.65  # marking half the pixels at random scores about 0.3
     assert (unet_run / "UNet_best_ckpt.pth").exists()
 
