@@ -188,9 +188,7 @@ class Carvana(InMemoryDataset):
         (0/1), grouped by car id. There is no official test split (Kaggle's has no masks)."""
         pairs, orphans = self._scan()
         if (self.root_path / "SYNTHETIC_README.txt").exists():  # say so wherever it is used
-            log.info(
-                "%s is SYNTHETIC sample data (make-sample-data), not Kaggle's", self.root_path
-            )
+            log.info("%s is SYNTHETIC sample data (make-sample-data), not Kaggle's", self.root_path)
         size = self._output_size(pairs)
         cache = DecodeCache(self.cache_dir, self._cache_key(pairs, size), size, self.hq)
         decoded = cache.read()
