@@ -157,7 +157,9 @@ class TrainerBase:
                     self.cfg.trainer.monitor,
                     self.early_stopping.bad_epochs,
                 )
-            return self.test() if self.cfg.trainer.test_after_fit else {}
+            metrics = self.test() if self.cfg.trainer.test_after_fit else {}
+            D.barrier()  # leave together: gloo aborts a process whose peer left first
+            return metrics
         except BaseException as exc:
             self.save_interrupt_checkpoint(exc)
             raise
