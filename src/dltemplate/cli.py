@@ -1,4 +1,4 @@
-"""The command line: ``dltemplate train | eval | resume | compare-configs | count-params``.
+"""dltemplate: train, evaluate, resume and inspect runs from a YAML config.
 
 Exit status: 0 done; 2 bad usage, configuration or input (the message says what and where);
 1 a failure during the run (after the interrupt checkpoint was written); 130 Ctrl-C.
@@ -198,7 +198,11 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dltemplate`` command."""
-    parser = argparse.ArgumentParser(prog="dltemplate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dltemplate",
+        description=__doc__.split("\n")[0],
+        epilog="Exit status: 0 done, 2 bad usage/config/input, 1 failure in the run, 130 Ctrl-C.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     over = {"nargs": "*", "default": [], "metavar": "section.key=value"}
 
