@@ -7,6 +7,7 @@ indexing, so the model, not the input pipeline, sets the speed. A dataset is one
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,17 @@ class DataInfo:
     class_names: list[str]
     mean: tuple[float, ...] = (0.5,)  # per channel, on the [0, 1] scale
     std: tuple[float, ...] = (0.5,)
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)
+
+
+def channel_stats(info: DataInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of ``info`` as ``(1, C, 1, 1)`` tensors on ``device``, made once, not
+    per batch."""
+    return _stats(tuple(info.mean), device), _stats(tuple(info.std), device)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dltemplate.data.base import Batch, DataInfo
+from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.engine.task import Task
 from dltemplate.registry import TASKS
 
@@ -24,10 +24,9 @@ class ClassificationTask(Task):
         x = batch.inputs.to(device, non_blocking=True)
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = torch.tensor(info.mean, device=device).view(shape)
-        std = torch.tensor(info.std, device=device).view(shape)
-        x = (x - mean) / std
+        mean, std = channel_stats(info, x.device)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # also for inputs that are not images
+        x = (x - mean.view(shape)) / std.view(shape)
         return Batch(x, batch.targets.to(device, non_blocking=True), batch.global_size)
 
     def describe_predictions(

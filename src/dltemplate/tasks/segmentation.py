@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from dltemplate.data.base import Batch, DataInfo
+from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.engine.task import Task
 from dltemplate.errors import DataError
 from dltemplate.metrics.base import MetricCollection
@@ -32,9 +32,8 @@ def _mean_logits(outputs: Any) -> torch.Tensor:
 
 def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
     """A normalised (C, H, W) tensor back to an (H, W, C) uint8 picture."""
-    mean = torch.tensor(info.mean, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(info.std, device=x.device).view(-1, 1, 1)
-    pixels = ((x.float() * std + mean).clamp(0, 1) * 255).round().byte()
+    mean, std = channel_stats(info, x.device)
+    pixels = ((x.float() * std[0] + mean[0]).clamp(0, 1) * 255).round().byte()
     return pixels.permute(1, 2, 0).cpu().numpy()
 
 
@@ -54,8 +53,7 @@ class SegmentationTask(Task):
     def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
         """Move uint8 images and masks to ``device``, then scale and normalise the images."""
         x = batch.inputs.to(device, non_blocking=True).float().div_(255.0)
-        mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+        mean, std = channel_stats(info, x.device)
         masks = batch.targets.to(device, non_blocking=True)
         return Batch((x - mean) / std, masks, batch.global_size)
 
@@ -74,8 +72,7 @@ class SegmentationTask(Task):
         dx = torch.randint(-w // 8, w // 8 + 1, (n,)).tolist()
         x = torch.stack([xi.roll((a, b), (-2, -1)) for xi, a, b in zip(x, dy, dx)])
         masks = torch.stack([m.roll((a, b), (-2, -1)) for m, a, b in zip(masks, dy, dx)])
-        mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = channel_stats(info, x.device)
         pixels = x * std + mean  # back to [0, 1] to jitter colours
         order = torch.argsort(torch.rand(n, pixels.shape[1], device=x.device), dim=1)
         pixels = torch.gather(pixels, 1, order.view(n, -1, 1, 1).expand_as(pixels))
