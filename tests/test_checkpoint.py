@@ -83,6 +83,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 
     loaded = torch.load(path, weights_only=True)
     assert loaded["format"] == FORMAT
+    assert loaded["digest"].startswith("blake2b:")  # a string: weights_only loads it
     assert loaded["epoch"] == 2 and loaded["global_step"] == 17
     assert loaded["config"] == state["config"]
     for key, tensor in model.state_dict().items():

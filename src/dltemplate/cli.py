@@ -21,9 +21,10 @@ from dltemplate.engine.checkpoint import load_checkpoint
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.rundir import find_config, latest_run_dir
 from dltemplate.engine.runlog import setup_logging
+from dltemplate.engine.stopping import RunStopped
 from dltemplate.engine.task import import_plugins, make_task
 from dltemplate.engine.trainer import TrainerBase
-from dltemplate.errors import DataError, UsageError
+from dltemplate.errors import DataError, NonFiniteLossError, UsageError
 from dltemplate.registry import (
     DATASETS,
     LOSSES,
@@ -53,8 +54,9 @@ def validate_names(cfg: Config) -> None:
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
-    # Schedulers and torchrun stop jobs with SIGTERM: treat it like Ctrl-C, so the run saves.
-    raise KeyboardInterrupt(f"signal {signum}")
+    # Before training starts (loading data), SIGTERM stops like Ctrl-C; the trainer then takes
+    # both signals over and stops at the next step boundary.
+    raise RunStopped("SIGTERM", at_boundary=False)
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -267,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dltemplate: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        name = exc.signal_name if isinstance(exc, RunStopped) else "SIGINT"
+        print(f"dltemplate: interrupted by {name}", file=sys.stderr)
         return 130
+    except NonFiniteLossError as exc:
+        print(f"dltemplate: error: {exc}", file=sys.stderr)
+        return 1
     except Exception:
         log.exception("dltemplate: the run failed")
         return 1

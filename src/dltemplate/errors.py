@@ -22,6 +22,10 @@ class CheckpointError(UsageError):
     """A path is not a checkpoint, or a checkpoint does not match the configuration."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (``trainer.stop_on_nan``): exit status 1."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest candidate, or ``""`` if none is close."""
     close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.5)

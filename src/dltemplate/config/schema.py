@@ -99,6 +99,8 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # TensorBoard loss and plain progress lines
     progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: a bar only on a terminal
     save_on_exception: bool = True  # write <Model>_interrupt_ckpt.pth when a run stops
+    stop_on_nan: bool = True  # a NaN/inf training loss stops the run before any checkpoint
+    sync_batchnorm: bool = False  # BatchNorm statistics over all processes (DDP == 1 process)
     test_after_fit: bool = True  # evaluate the best checkpoint on the test split
     resume: str | None = None  # run directory or checkpoint to continue from
 

@@ -231,6 +231,13 @@ class IndexLoader:
         full = self.full_length()
         return full if self.limit_batches is None else min(full, self.limit_batches)
 
+    def global_batch_sizes(self) -> list[int]:
+        """Samples in each training batch of an epoch, over all processes (the last may be
+        short); gradient accumulation weighs micro-batches by them."""
+        step = self.batch_size * self.world_size
+        n = len(self.split)
+        return [min(step, n - i * step) for i in range(len(self))]
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, int]]:
         n = len(self.split)
         if self.training:

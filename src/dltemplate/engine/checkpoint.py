@@ -1,15 +1,22 @@
 """Checkpoints: written atomically, loadable with ``torch.load(weights_only=True)``.
 
 A checkpoint holds only tensors and plain types; the model is saved unwrapped (no ``module.``
-or ``_orig_mod.`` prefixes), so it loads into a bare model on any device.
+or ``_orig_mod.`` prefixes), so it loads into a bare model on any device. Each checkpoint also
+carries a ``"digest"`` of its content, checked on load, so a damaged file is an error rather
+than a run silently resumed from wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +24,10 @@ from dltemplate.errors import CheckpointError
 
 FORMAT = "dltemplate-checkpoint-v1"
 KINDS = ("best", "last", "interrupt")
+DIGEST_KEY = "digest"
+DIGEST_PREFIX = "blake2b:"
+
+log = logging.getLogger("dltemplate")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -46,13 +57,79 @@ def checkpoint_name(model_name: str, kind: str) -> str:
     return f"{safe}_{kind}_ckpt.pth"
 
 
+def _frame(tag: bytes, text: str) -> bytes:
+    # a length prefix keeps the encoding unambiguous ("ab"+"c" differs from "a"+"bc")
+    data = text.encode("utf-8", "surrogatepass")
+    return tag + len(data).to_bytes(8, "little") + data
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Feed ``obj`` into the hash ``h`` by a canonical walk (see :func:`content_digest`)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided:  # sparse: hash the values it stands for
+            t = t.to_dense()
+        t = t.cpu().resolve_conj().resolve_neg().contiguous()
+        # a uint8 view works for every dtype numpy lacks (bf16) and for 0-dim tensors
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        h.update(_frame(b"T", f"{t.dtype}|{tuple(t.shape)}|{raw.nbytes}"))
+        h.update(memoryview(raw))
+    elif isinstance(obj, np.ndarray):
+        arr = np.ascontiguousarray(obj)
+        h.update(_frame(b"A", f"{arr.dtype.str}|{arr.shape}|{arr.nbytes}"))
+        h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+    elif isinstance(obj, Mapping):  # dict, OrderedDict: keys in order, with their names
+        h.update(b"D" + len(obj).to_bytes(8, "little"))
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):  # one tag: a tuple may come back as a list
+        h.update(b"L" + len(obj).to_bytes(8, "little"))
+        for item in obj:
+            _feed(h, item)
+    elif obj is None:
+        h.update(b"N")
+    elif isinstance(obj, (bool, np.bool_)):
+        h.update(b"B1" if obj else b"B0")
+    elif isinstance(obj, numbers.Integral):  # int and numpy integers hash alike
+        h.update(_frame(b"I", repr(int(obj))))
+    elif isinstance(obj, numbers.Real):  # float repr round-trips exactly
+        h.update(_frame(b"F", float.__repr__(float(obj))))
+    elif isinstance(obj, numbers.Complex):
+        h.update(_frame(b"C", repr(complex(obj))))
+    elif isinstance(obj, str):
+        h.update(_frame(b"S", obj))
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(b"Y" + len(obj).to_bytes(8, "little"))
+        h.update(memoryview(obj))
+    else:  # torch.dtype, torch.device...: reprs that survive a save/load round trip
+        h.update(_frame(b"O", f"{type(obj).__module__}.{type(obj).__qualname__}:{obj!r}"))
+
+
+def content_digest(state: Mapping[str, Any]) -> str:
+    """``"blake2b:<hex>"`` of a checkpoint's content; a top-level ``"digest"`` key is left out.
+
+    The walk is canonical: dict keys in order with their names, lists and tuples item by item,
+    tensors by dtype, shape and raw bytes, plain values by a type tag and their repr. So the
+    digest of a loaded checkpoint equals the one of the state that was saved.
+    """
+    h = hashlib.blake2b()
+    _feed(h, {k: v for k, v in state.items() if k != DIGEST_KEY})
+    return DIGEST_PREFIX + h.hexdigest()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file intact."""
+    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file intact.
+
+    The file holds ``state`` with a ``"format"`` marker and a ``"digest"`` of its content.
+    """
     path = Path(path)
+    content = {"format": FORMAT, **{k: v for k, v in state.items() if k != DIGEST_KEY}}
+    content[DIGEST_KEY] = content_digest(content)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, **state}, fh)
+            torch.save(content, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -61,18 +138,56 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             tmp.unlink()
 
 
+# One state that newest_intact_checkpoint loaded and checked, handed to the next
+# load_checkpoint of the same unchanged file, so that resuming does not read it twice.
+_handoff: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+
+def _file_signature(path: Path) -> tuple[Any, ...]:
+    st = path.stat()  # os.replace gives a new inode, an in-place write a new mtime
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a dltemplate checkpoint on the CPU; anything else is a CheckpointError naming it."""
+    """Load a dltemplate checkpoint on the CPU; anything else is a CheckpointError naming it.
+
+    The content must match the checkpoint's digest (a damaged file is a CheckpointError);
+    checkpoints written before digests existed load unchecked.
+    """
+    global _handoff
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    handed, _handoff = _handoff, None  # never keep a big state alive longer than this
+    if handed is not None and handed[0] == _file_signature(path):
+        return handed[1]
+    return _load_and_verify(path)
+
+
+def _load_and_verify(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds on foreign files (KeyError, IndexError...)
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dltemplate checkpoint (no '{FORMAT}' marker)")
+    digest = state.get(DIGEST_KEY)
+    if digest is None:
+        # An old checkpoint has no digest at all; a digest-like value under another key means
+        # the key's name itself was damaged.
+        if any(isinstance(v, str) and v.startswith(DIGEST_PREFIX) for v in state.values()):
+            raise CheckpointError(_damaged(path))
+        return state
+    if not isinstance(digest, str) or digest != content_digest(state):
+        raise CheckpointError(_damaged(path))
     return state
+
+
+def _damaged(path: Path) -> str:
+    return (
+        f"{path}: the checkpoint is damaged (its content does not match its digest); "
+        "the file changed after it was written (disk or copy error): use another checkpoint"
+    )
 
 
 def find_checkpoint(run_dir: Path, kinds: tuple[str, ...] = ("best", "last")) -> Path:
@@ -85,15 +200,79 @@ def find_checkpoint(run_dir: Path, kinds: tuple[str, ...] = ("best", "last")) ->
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint in ``run_dir`` that got furthest (most optimizer steps): where to resume."""
-    candidates = [
-        p for kind in ("last", "interrupt") for p in Path(run_dir).glob(f"*_{kind}_ckpt.pth")
-    ]
-    if not candidates:
-        raise CheckpointError(
-            f"{run_dir}: nothing to resume (no *_last_ckpt.pth or *_interrupt_ckpt.pth)"
-        )
-    return max(candidates, key=lambda p: (load_checkpoint(p)["global_step"], p.stat().st_mtime))
+    """The intact checkpoint in ``run_dir`` that got furthest: where to resume.
+
+    See :func:`newest_intact_checkpoint`; damaged checkpoints it skips are logged as warnings.
+    """
+    path, skipped = newest_intact_checkpoint(run_dir)
+    for bad, reason in skipped:
+        log.warning("skipping damaged checkpoint %s (%s); resuming from %s", bad, reason, path)
+    return path
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The intact checkpoint in ``run_dir`` to resume from, and the ``(path, reason)`` skipped.
+
+    Among ``*_last_ckpt.pth`` and ``*_interrupt_ckpt.pth`` it picks the intact one with the
+    most optimizer steps (``global_step``; a tie goes to the newest file). Only when none of
+    them is intact does it fall back on a ``*_best_ckpt.pth`` that holds a training state
+    (``global_step`` and ``optimizer``). No intact candidate is a CheckpointError naming the
+    damaged files. The chosen state is kept for the next :func:`load_checkpoint` of that file,
+    so it is not read twice.
+    """
+    global _handoff
+    run_dir = Path(run_dir)
+    skipped: list[tuple[Path, str]] = []
+    primary = sorted(p for k in ("last", "interrupt") for p in run_dir.glob(f"*_{k}_ckpt.pth"))
+    chosen = _furthest(primary, ("global_step",), skipped)
+    if chosen is None:
+        best = sorted(run_dir.glob("*_best_ckpt.pth"))
+        chosen = _furthest(best, ("global_step", "optimizer"), skipped, quiet=True)
+    if chosen is None:
+        if not skipped:
+            raise CheckpointError(
+                f"{run_dir}: nothing to resume (no *_last_ckpt.pth or *_interrupt_ckpt.pth)"
+            )
+        listing = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+        raise CheckpointError(f"{run_dir}: nothing to resume, no intact checkpoint ({listing})")
+    path, state, signature = chosen
+    _handoff = (signature, state)
+    return path, skipped
+
+
+def _furthest(
+    paths: list[Path],
+    needed: tuple[str, ...],
+    skipped: list[tuple[Path, str]],
+    quiet: bool = False,
+) -> tuple[Path, dict[str, Any], tuple[Any, ...]] | None:
+    """The intact one of ``paths`` with the most steps; unusable ones go to ``skipped``.
+
+    With ``quiet``, an intact file that lacks ``needed`` keys is passed over silently.
+    """
+    best: tuple[tuple[int, int], Path, dict[str, Any], tuple[Any, ...]] | None = None
+    for path in paths:
+        try:
+            signature = _file_signature(path)  # before loading: a later rewrite won't match
+            state = _load_and_verify(path)
+        except (CheckpointError, OSError) as exc:
+            skipped.append((path, _reason(path, exc)))
+            continue
+        missing = [k for k in needed if k not in state]
+        if missing:
+            if not quiet:
+                skipped.append((path, f"no training state (no {', '.join(missing)})"))
+            continue
+        key = (int(state["global_step"]), signature[-1])
+        if best is None or key > best[0]:
+            best = (key, path, state, signature)  # drops the previous state: one in memory
+    return None if best is None else best[1:]
+
+
+def _reason(path: Path, exc: Exception) -> str:
+    # the message without its leading "<path>: ", which the caller shows anyway
+    msg = str(exc)
+    return msg[len(f"{path}: ") :] if msg.startswith(f"{path}: ") else msg
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, Any], source: str) -> None:

@@ -65,6 +65,19 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def all_reduce_max(tensor: torch.Tensor) -> None:
+    """Replace ``tensor`` by its element-wise maximum over all processes, in place."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` as held by process ``src``, on every process."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
+import os
 import platform
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -22,6 +25,9 @@ import dltemplate
 from dltemplate.errors import UsageError
 
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
+_RUN_NAME = re.compile(r"(\d{8}_\d{6})(?:_(\d+))?")
+# ".<name>.<pid>.tmp": how save_checkpoint and atomic_write_text name their temp files
+_PID_TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
 
 def new_run_dir(output_dir: str | Path) -> Path:
@@ -39,12 +45,98 @@ def new_run_dir(output_dir: str | Path) -> Path:
     raise UsageError(f"{base}: cannot create a run directory named after {stamp}")
 
 
+def run_dir_time(name: str) -> tuple[datetime.datetime, int] | None:
+    """``(start time, N)`` from a run directory name ``YYYYmmdd_HHMMSS[_N]``, else None."""
+    match = _RUN_NAME.fullmatch(name)
+    if match is None:
+        return None
+    try:
+        stamp = datetime.datetime.strptime(match.group(1), TIMESTAMP_FORMAT)
+    except ValueError:
+        return None
+    return stamp, int(match.group(2) or 0)
+
+
 def latest_run_dir(output_dir: str | Path) -> Path:
-    """The newest run directory (one holding a config JSON) under ``output_dir``."""
+    """The newest run directory (one holding a config JSON) under ``output_dir``.
+
+    Newest by the timestamp in its name (``_N`` after the bare stamp), not by modification
+    time: evaluating an old run writes into it but does not make it the latest. Folders whose
+    names are no timestamp are ignored, unless no folder has one (then: newest modified).
+    """
     runs = [p.parent for p in Path(output_dir).glob("*/config_*.json")]
     if not runs:
         raise UsageError(f"no run directory under {output_dir}")
+    stamped = [(t, p) for p in runs if (t := run_dir_time(p.name)) is not None]
+    if stamped:
+        return max(stamped, key=lambda tp: (tp[0], tp[1].name))[1]
     return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (no newline translation): all of it or nothing.
+
+    It goes to ``.<name>.<pid>.tmp`` in the same folder, is flushed to disk, then renamed
+    over ``path``; a crash leaves the old file, and :func:`remove_stale_temp_files` the temp.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(text.encode(encoding))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (when unsure: yes, so that nothing live is removed)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete temp files that a killed writer left in ``run_dir``; return the removed paths.
+
+    These are ``.<name>.<pid>.tmp`` (checkpoints, :func:`atomic_write_text`, metrics), older
+    ``*.csv.tmp`` and ``*.tmp.png`` (curves). A pid-named one whose process is alive and is not
+    this one is kept: it may be another process writing right now.
+    """
+    removed = []
+    me = os.getpid()
+    for path in sorted(Path(run_dir).iterdir()):
+        name = path.name
+        match = _PID_TEMP.fullmatch(name)
+        if match is not None:
+            pid = int(match.group(2))
+            if pid != me and _pid_alive(pid):
+                continue
+        elif not (
+            (name.startswith(".") and name.endswith(".tmp"))
+            or name.endswith(".csv.tmp")
+            or name.endswith(".tmp.png")
+        ):
+            continue
+        if not path.is_file():
+            continue
+        try:
+            path.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+        removed.append(path)
+    return removed
 
 
 def git_commit() -> str | None:
@@ -72,7 +164,7 @@ def save_config(run_dir: Path, name: str, config: dict[str, Any]) -> Path:
         "git_commit": git_commit(),
     }
     path = run_dir / f"config_{name}_{run_dir.name}.json"
-    path.write_text(json.dumps({**config, "_meta": meta}, indent=2))
+    atomic_write_text(path, json.dumps({**config, "_meta": meta}, indent=2))
     return path
 
 
@@ -108,12 +200,12 @@ class MetricsTable:
         columns: list[str] = []
         for r in self.rows:
             columns += [k for k in r if k not in columns]
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns or ["epoch"])
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=columns or ["epoch"])
+        writer.writeheader()
+        writer.writerows(self.rows)
+        # the pid-named temp file lets remove_stale_temp_files tell a live writer's from a dead one
+        atomic_write_text(self.path, buf.getvalue())
 
     def plot(self, png: Path) -> threading.Thread:
         """Redraw the curves into ``png`` in a background thread (returned, to join).

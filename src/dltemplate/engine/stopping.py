@@ -1,0 +1,112 @@
+"""Stopping a run exactly: signals that take effect at the next step boundary, and the state of
+the run as it was at that boundary.
+
+A signal (Ctrl-C, SIGTERM from a scheduler or torchrun) only *asks* the run to stop; the loop
+stops at the next optimizer-step boundary, where weights, optimizer, scheduler, counters, meters
+and random generators all agree, so the interrupt checkpoint resumes exactly. A second signal
+stops at once. An exception between two boundaries is saved from :class:`BoundarySnapshot`: the
+random-generator states and model buffers (BatchNorm statistics) as they were at the last one.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+
+from dltemplate.engine import distributed as D
+from dltemplate.engine.seeding import rng_state
+
+_HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunStopped(KeyboardInterrupt):
+    """The run stopped because a signal asked it to (at a step boundary, or at once on the second
+    signal). ``signal_name`` is e.g. ``'SIGTERM'``."""
+
+    def __init__(self, signal_name: str, at_boundary: bool) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.at_boundary = at_boundary
+
+
+class StopSignals:
+    """Within ``with StopSignals():``, SIGINT and SIGTERM set :attr:`requested` instead of
+    stopping; a second signal raises :class:`RunStopped` at once. Outside the main thread (where
+    Python cannot install handlers) it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _HANDLED:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None:  # asked twice: the user means now
+            raise RunStopped(name, at_boundary=False)
+        self.requested = name
+
+    def agreed(self, distributed: bool) -> str | None:
+        """The signal every process stops for at this boundary, or None to go on.
+
+        Under several processes a signal may reach one process, or reach them at different
+        steps: one all-reduce makes every process stop at the same step.
+        """
+        if not distributed:
+            return self.requested
+        names = [s.name for s in _HANDLED]
+        mine = names.index(self.requested) + 1 if self.requested else 0
+        flag = torch.tensor([mine], dtype=torch.int64, device=D.collective_device())
+        D.all_reduce_max(flag)
+        agreed = int(flag.item())
+        return names[agreed - 1] if agreed else None
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s random stream: ``seed`` on rank 0, distinct elsewhere."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank * 7_919) % 2**63
+
+
+class BoundarySnapshot:
+    """What changes between two step boundaries without an optimizer step: the random-generator
+    states (dropout, augmentation) and the model's buffers (BatchNorm running statistics).
+
+    :meth:`take` at each boundary costs one RNG read and one fused buffer copy; after an
+    exception part-way through a step, :meth:`model_state` and :attr:`rng` give the state as it
+    was at the last boundary.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = [name for name, _ in model.named_buffers()]
+        self.live = [b for _, b in model.named_buffers()]
+        self.saved = [b.detach().clone() for b in self.live]
+        self.rng: dict[str, Any] = rng_state()
+
+    def take(self) -> None:
+        """Record the state at this boundary."""
+        if self.live:
+            with torch.no_grad():
+                torch._foreach_copy_(self.saved, self.live)
+        self.rng = rng_state()
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` with its buffers as they were at the last boundary."""
+        state = dict(model.state_dict())
+        for name, saved in zip(self.names, self.saved):
+            if name in state:
+                state[name] = saved.clone()
+        return state
