@@ -509,9 +509,14 @@ class TrainerBase:
         return results
 
     def _restarted_run_dir(self) -> Path | None:
-        """Under ``torchrun --max-restarts``, a restarted worker goes on with its run directory:
-        resumed from its newest checkpoint, or started over in it if it has none yet."""
-        if self.cfg.trainer.resume:
+        """The run directory to start over in, if any: one given to resume that holds no
+        checkpoint yet (killed early), or under ``torchrun --max-restarts`` the one a restarted
+        worker was writing (resumed from its newest checkpoint if it has one)."""
+        resume = self.cfg.trainer.resume
+        if resume:
+            if Path(resume).is_dir() and not any(Path(resume).glob("*_ckpt.pth")):
+                self.cfg.trainer.resume = None  # stopped before its first checkpoint
+                return Path(resume)
             return None
         found = restarted_run_dir(self.cfg.experiment.output_dir) if self.dist.is_main else None
         found = D.broadcast_object(str(found) if found else None)
@@ -700,7 +705,7 @@ class TrainerBase:
                 log.info("run %s started: %s", run_dir.name, run_dir)
             else:
                 self.table.truncate(1)
-                log.info("run %s restarted by torchrun before its first checkpoint", run_dir.name)
+                log.info("run %s had no checkpoint yet: started over in %s", run_dir.name, run_dir)
         else:
             self.table.truncate(self.epoch + 1)  # drop rows of epochs that will run again
             log.info(

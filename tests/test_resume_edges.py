@@ -1,0 +1,381 @@
+"""Edges of resuming: train longer, finished runs, `resume last`, damaged checkpoints, non-finite
+losses, a dead writer's temp files and the signal that stopped a run."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_dirs
+
+from dltemplate.tasks.classification import ClassificationTask
+
+DEMO = REPO / "configs" / "digits_mlp.yaml"
+SMALL = ["data.train_val_sample_rate=0.3", "model.args.hidden=[32]"]
+SPE = 13  # optimizer steps per epoch with SMALL (388 training samples, batch 32)
+LAST, BEST, INTERRUPT = "Vanilla_last_ckpt.pth", "Vanilla_best_ckpt.pth", "Vanilla_interrupt_ckpt.pth"
+
+
+@pytest.fixture(autouse=True)
+def _close_log_files() -> Iterator[None]:
+    """In-process runs leave the dltemplate logger writing to their train.log: close it."""
+    yield
+    log = logging.getLogger("dltemplate")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
+def train(cli, out: Path, *overrides: str) -> int:
+    return cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, *overrides)
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(run / "metrics.csv")))
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def max_diff(a: Path, b: Path) -> float:
+    wa, wb = ckpt(a)["model"], ckpt(b)["model"]
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def snapshot(run: Path, pattern: str = "**/*") -> dict[str, tuple[bytes, int]]:
+    """Every file under ``run`` matching ``pattern``: its bytes and its mtime (ns)."""
+    return {
+        str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(run.glob(pattern))
+        if p.is_file()
+    }
+
+
+@contextlib.contextmanager
+def forward_patched(monkeypatch, hook) -> Iterator[None]:
+    """ClassificationTask.forward calls ``hook(n, outputs)`` on the n-th training forward (1-based,
+    counted in this process) and returns what it returns; undone on leaving."""
+    original = ClassificationTask.forward
+    calls = [0]
+
+    def forward(self, model, batch):
+        if model.training:
+            calls[0] += 1
+            outputs = hook(calls[0], lambda: original(self, model, batch))
+            return outputs
+        return original(self, model, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(ClassificationTask, "forward", forward)
+        yield
+
+
+def interrupted_after(monkeypatch, steps: int):
+    """Ctrl-C (KeyboardInterrupt) in the forward of the step after ``steps`` optimizer steps."""
+
+    def hook(n, run_forward):
+        if n == steps + 1:
+            raise KeyboardInterrupt
+        return run_forward()
+
+    return forward_patched(monkeypatch, hook)
+
+
+def flip_middle(path: Path, length: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    assert len(data) > 2 * length, f"{path} is too small to damage its middle"
+    start = len(data) // 2 - length // 2
+    for i in range(start, start + length):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def dead_pid(start: int = 999_999) -> int:
+    pid = start
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+# == 1. train longer ============================================================================
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "onecycle"])
+def test_train_longer_stretches_the_schedule_without_raising_the_lr(
+    cli, tmp_path, capsys, scheduler
+):
+    out = tmp_path / "out"
+    assert train(cli, out, f"scheduler.name={scheduler}", "trainer.epochs=3") == 0
+    (run,) = run_dirs(out)
+    assert ckpt(run / LAST)["global_step"] == 3 * SPE
+
+    assert cli("resume", run, "trainer.epochs=6") == 0
+    assert run_dirs(out) == [run]
+    table = rows(run)
+    assert [int(r["epoch"]) for r in table] == [1, 2, 3, 4, 5, 6]
+    lrs = [float(r["lr"]) for r in table]
+    assert all(math.isfinite(x) and x >= 0 for x in lrs)
+    at_switch = lrs[2]
+    if scheduler in ("cosine", "step"):  # per epoch: the logged lr is the epoch's lr
+        assert all(b <= a for a, b in zip(lrs[2:], lrs[3:])), lrs
+    else:  # per step: never back above the lr the old schedule had reached
+        assert max(lrs[3:]) <= at_switch, lrs
+    # The old schedule had run out: the new epochs hold its final value (no restart).
+    assert lrs[3] == pytest.approx(lrs[4]) and lrs[4] == pytest.approx(lrs[5])
+    last = ckpt(run / LAST)
+    assert (last["epoch"], last["global_step"], last["finished"]) == (6, 6 * SPE, True)
+
+    log = (run / "train.log").read_text()
+    assert "training longer" in log and "stretched over" in log
+    assert "config changed on resume" in log and "trainer.epochs: 3 -> 6" in log
+    (cfg_file,) = run.glob("config_*.json")
+    assert json.loads(cfg_file.read_text())["trainer"]["epochs"] == 6
+
+    # A plain resume now reads epochs=6 from the saved config: finished, nothing changes.
+    before = snapshot(run)
+    capsys.readouterr()
+    assert cli("resume", run) == 0
+    assert f"run {run} is finished (epoch 6" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_a_stretched_run_stopped_and_resumed_matches_one_never_stopped(cli, tmp_path, monkeypatch):
+    """Train longer from an interrupt mid-schedule (the schedule is really stretched), then
+    interrupt the stretched part too: the resumed result equals the uninterrupted stretch."""
+    common = ["scheduler.name=onecycle", "trainer.epochs=3"]
+    first_stop = SPE + 5  # in epoch 2 of 3, past one-cycle's warm-up: annealing
+    runs = {}
+    for name in ("straight", "stopped"):
+        out = tmp_path / name
+        with interrupted_after(monkeypatch, first_stop):
+            assert train(cli, out, *common) == 130
+        (run,) = run_dirs(out)
+        assert ckpt(run / INTERRUPT)["global_step"] == first_stop
+        runs[name] = run
+
+    straight, stopped = runs["straight"], runs["stopped"]
+    assert cli("resume", straight, "trainer.epochs=6") == 0
+    second_stop = 4 * SPE + 3  # in epoch 5, inside the stretched schedule
+    with interrupted_after(monkeypatch, second_stop - first_stop):
+        assert cli("resume", stopped, "trainer.epochs=6") == 130
+    assert ckpt(stopped / INTERRUPT)["global_step"] == second_stop
+    assert cli("resume", stopped) == 0  # the saved config already says 6 epochs
+
+    for run in (straight, stopped):
+        assert [int(r["epoch"]) for r in rows(run)] == [1, 2, 3, 4, 5, 6]
+        last = ckpt(run / LAST)
+        assert (last["epoch"], last["global_step"], last["finished"]) == (6, 6 * SPE, True)
+        assert "stretched over steps 18-78" in (run / "train.log").read_text()
+    lrs = [float(r["lr"]) for r in rows(straight)]
+    assert all(b <= a for a, b in zip(lrs[1:], lrs[2:])), lrs  # annealing on, never back up
+    assert lrs[-1] < 1e-6  # and it ends where the old one-cycle ended
+    assert [float(r["lr"]) for r in rows(stopped)] == pytest.approx(lrs, rel=1e-9, abs=0)
+    assert max_diff(straight / LAST, stopped / LAST) <= 1e-6
+
+
+# == 2. a finished run ==========================================================================
+def test_resuming_a_finished_run_changes_nothing(cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(cli, out, "trainer.epochs=2") == 0
+    (run,) = run_dirs(out)
+    before = snapshot(run)
+    expected = {"train.log", "metrics.csv", "test_metrics.json", LAST, BEST}
+    assert expected <= before.keys()
+    assert ckpt(run / LAST)["finished"] is True
+
+    for args in ((run,), ("last", "--output-dir", out)):
+        capsys.readouterr()
+        assert cli("resume", *args) == 0
+        assert f"run {run} is finished (epoch 2, step {2 * SPE}" in capsys.readouterr().err
+        assert snapshot(run) == before  # same files, same bytes, same mtimes
+        assert run_dirs(out) == [run]
+
+
+# == 3. resume last goes by the timestamp =======================================================
+def test_resume_last_picks_the_newest_run_not_the_last_written(cli, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with interrupted_after(monkeypatch, SPE + 5):
+        assert train(cli, out, "trainer.epochs=2") == 130
+    assert train(cli, out, "trainer.epochs=2") == 0
+    first, second = run_dirs(out)
+    assert (first / INTERRUPT).exists() and ckpt(second / LAST)["finished"] is True
+
+    assert cli("eval", first) == 0  # writes into the first run: now the most recently modified
+    assert (first / "eval_test.json").exists()
+    assert first.stat().st_mtime_ns >= second.stat().st_mtime_ns
+    first_before, second_before = snapshot(first), snapshot(second)
+
+    capsys.readouterr()
+    assert cli("resume", "last", "--output-dir", out) == 0
+    err = capsys.readouterr().err
+    assert f"run {second} is finished" in err and str(first) not in err
+    first_ckpts = {k: v for k, v in first_before.items() if k.endswith("_ckpt.pth")}
+    assert first_ckpts.keys() == {BEST, LAST, INTERRUPT}
+    assert snapshot(first, "*_ckpt.pth") == first_ckpts  # the interrupted run was not resumed
+    assert snapshot(first) == first_before and snapshot(second) == second_before
+    assert run_dirs(out) == [first, second]
+
+
+# == 4. a damaged checkpoint ====================================================================
+def test_a_damaged_checkpoint_is_refused_by_eval_and_skipped_by_resume(
+    cli, tmp_path, monkeypatch, capsys
+):
+    assert train(cli, tmp_path / "full", "trainer.epochs=2") == 0
+    (full,) = run_dirs(tmp_path / "full")
+    assert ckpt(full / LAST)["global_step"] == 2 * SPE
+
+    out = tmp_path / "stopped"
+    with interrupted_after(monkeypatch, SPE + 5):
+        assert train(cli, out, "trainer.epochs=2") == 130
+    (run,) = run_dirs(out)
+    interrupt, last = run / INTERRUPT, run / LAST
+    assert ckpt(interrupt)["global_step"] == SPE + 5
+    flip_middle(interrupt)
+
+    capsys.readouterr()
+    assert cli("eval", interrupt) == 2
+    err = capsys.readouterr().err
+    assert str(interrupt) in err and "damaged" in err
+    assert not (run / "eval_test.json").exists()
+
+    assert cli("resume", run) == 0
+    log = (run / "train.log").read_text()
+    assert f"skipping damaged checkpoint {interrupt}" in log
+    assert f"resuming from the newest intact checkpoint: {last}" in log
+    assert f"resumed from {last} at epoch 2, step {SPE}" in log
+    assert [int(r["epoch"]) for r in rows(run)] == [1, 2]
+    assert ckpt(last)["global_step"] == 2 * SPE
+    assert max_diff(last, full / LAST) <= 1e-6
+
+    damaged = sorted(run.glob("*_ckpt.pth"))
+    assert {p.name for p in damaged} == {BEST, LAST, INTERRUPT}
+    for path in damaged:
+        if path != interrupt:
+            flip_middle(path)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert cli("resume", run) == 2
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err
+    for path in damaged:
+        assert path.name in err
+    assert snapshot(run) == before
+
+
+# == 5. a non-finite loss =======================================================================
+def nan_at(monkeypatch, step: int, run_parent: Path, seen: dict):
+    """The training loss is NaN at optimizer step ``step``; the checkpoints on disk at that
+    moment are recorded in ``seen``."""
+
+    def hook(n, run_forward):
+        outputs = run_forward()
+        if n == step:
+            (run,) = run_dirs(run_parent)
+            seen.update(snapshot(run, "*_ckpt.pth"))
+            return outputs * float("nan")
+        return outputs
+
+    return forward_patched(monkeypatch, hook)
+
+
+@pytest.mark.parametrize("every", [5, 50])  # checked mid-epoch, or only at the epoch's end
+def test_a_nan_loss_stops_the_run_before_any_checkpoint_is_overwritten(
+    cli, tmp_path, monkeypatch, capsys, every
+):
+    out, seen, bad = tmp_path / "out", {}, SPE + 3
+    with nan_at(monkeypatch, bad, out, seen):
+        code = train(cli, out, "trainer.epochs=3", f"trainer.log_every_n_steps={every}")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"at step {bad} (epoch 2)" in err and "nan" in err
+    (run,) = run_dirs(out)
+    assert seen.keys() == {BEST, LAST}
+    assert snapshot(run, "*_ckpt.pth") == seen  # not overwritten: same bytes, same mtimes
+    assert ckpt(run / LAST)["epoch"] == 1
+    assert not (run / INTERRUPT).exists()
+    assert "no interrupt checkpoint written" in (run / "train.log").read_text()
+    assert [int(r["epoch"]) for r in rows(run)] == [1]
+
+
+def test_stop_on_nan_false_trains_on(cli, tmp_path, monkeypatch):
+    out, seen = tmp_path / "out", {}
+    with nan_at(monkeypatch, SPE + 3, out, seen):
+        code = train(cli, out, "trainer.epochs=3", "trainer.stop_on_nan=false")
+    assert code == 0
+    (run,) = run_dirs(out)
+    assert [int(r["epoch"]) for r in rows(run)] == [1, 2, 3]
+    last = ckpt(run / LAST)
+    assert (last["epoch"], last["finished"]) == (3, True)
+    assert not (run / INTERRUPT).exists()
+
+
+# == 6. a dead writer's temp file ===============================================================
+def test_resume_removes_the_temp_file_of_a_dead_writer(cli, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with interrupted_after(monkeypatch, SPE + 5):
+        assert train(cli, out, "trainer.epochs=2") == 130
+    (run,) = run_dirs(out)
+    stale = run / f".{LAST}.{dead_pid()}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    alive = run / f".{BEST}.{os.getppid()}.tmp"  # a live process (not this one) may be writing
+    alive.write_bytes(b"being written")
+
+    assert cli("resume", run) == 0
+    assert not stale.exists()
+    assert alive.exists()
+    assert ckpt(run / LAST)["epoch"] == 2
+
+
+# == 7. the log names the signal ================================================================
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_log_names_the_signal_that_stopped_the_run(cli, tmp_path, sig):
+    spe = 41  # the full training pool: 1293 samples, batch 32
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dltemplate", "train", str(DEMO), "trainer.epochs=1000",
+         "model.args.hidden=[32]", "trainer.log_every_n_steps=1",
+         f"experiment.output_dir={tmp_path / 'out'}"],
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stderr:  # wait until epoch 2 is under way
+            if "epoch 2/1000 [" in line:
+                break
+        proc.send_signal(sig)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+    assert proc.returncode == 130, rest
+    assert f"interrupted by {sig.name}" in rest
+    (run,) = run_dirs(tmp_path / "out")
+    state = ckpt(run / INTERRUPT)
+    assert state["global_step"] == state["epoch"] * spe + state["batch_in_epoch"]
+    assert spe <= state["global_step"] < 3 * spe, "the signal came late (a slow machine?)"
+    log = (run / "train.log").read_text()
+    where = f"at epoch {state['epoch'] + 1}, step {state['global_step']}"
+    assert f"stopped by {sig.name} {where}; checkpoint saved to {run / INTERRUPT}" in log
+
+    if sig == signal.SIGTERM:
+        assert cli("resume", run, "trainer.epochs=3") == 0
+        last = ckpt(run / LAST)
+        assert (last["epoch"], last["global_step"], last["finished"]) == (3, 3 * spe, True)
+        assert [int(r["epoch"]) for r in rows(run)] == [1, 2, 3]

@@ -1,0 +1,212 @@
+"""Any stop, anywhere, is exact: a run stopped at any point of the loop, in any way, and resumed
+ends bit-identical to the run never stopped (weights, optimizer, scheduler, every metrics.csv
+row but `seconds`, test_metrics.json).
+
+The default suite covers every point for the dropout + one-cycle configuration with an
+exception and SIGTERM, plus a few cells of the others; `-m slow` runs the whole campaign
+(points x ways x configurations, 2 processes under torchrun included).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_dirs
+from stop_injection import EXIT, POINTS, WAYS, install
+
+from dltemplate.cli import main
+from dltemplate.data.sample_carvana import make_sample_carvana
+
+DIGITS = REPO / "configs" / "digits_mlp.yaml"
+UNET = REPO / "configs" / "unet_carvana.yaml"
+INJECT = REPO / "tests" / "stop_injection.py"
+SMALL_DIGITS = [
+    "data.train_val_sample_rate=0.15",  # 194 training samples: a short last batch
+    "data.test_sample_rate=0.2",
+    "model.args.hidden=[32]",
+    "model.args.dropout=0.2",
+    "trainer.epochs=3",
+    "trainer.log_every_n_steps=4",
+]
+CONFIGS = {
+    # dropout, one-cycle stepped per optimizer step
+    "dropout_onecycle": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=16", "scheduler.name=onecycle"],
+    # accumulation: 25 micro-batches of 8 in windows of 3, the last window one short batch;
+    # cosine stepped per epoch
+    "accumulation": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=8",
+                     "trainer.grad_accum_steps=3", "scheduler.name=cosine"],
+}  # fmt: skip
+# The stop comes at the NTH occurrence of the point after the first epoch ended.
+NTH = {"validation": 1, "final_test": 2, "epoch_end": 1, "checkpoint_write": 1}
+
+
+def segmentation_config(data: Path) -> list[str]:
+    """UNet with BatchNorm and random augmentation on 16 small generated photos of 4 cars."""
+    return [str(UNET), f"data.root={data}", "data.batch_size=2", "data.args.scale=0.25",
+            "data.args.workers=1", "model.args.base_width=4", "model.args.depth=2",
+            "trainer.epochs=3", "trainer.log_every_n_steps=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def carvana(tmp_path_factory) -> Path:
+    return make_sample_carvana(tmp_path_factory.mktemp("carvana"), n=16, views=4,
+                               image_size=(160, 96))  # fmt: skip
+
+
+def config_args(name: str, carvana: Path | None) -> list[str]:
+    return segmentation_config(carvana) if name == "segmentation" else CONFIGS[name]
+
+
+def results(run: Path) -> dict[str, object]:
+    """What must be bit-identical between a stopped-and-resumed run and an unstopped one."""
+    (last,) = run.glob("*_last_ckpt.pth")
+    state = torch.load(last, weights_only=True)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    for row in rows:
+        row.pop("seconds")
+    return {
+        "model": state["model"],
+        "optimizer": state["optimizer"],
+        "scheduler": state["scheduler"],
+        "steps": (state["epoch"], state["global_step"]),
+        "rows": rows,
+        "test": json.loads((run / "test_metrics.json").read_text()),
+    }
+
+
+def assert_identical(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+_references: dict[str, dict[str, object]] = {}
+
+
+def reference(name: str, args: list[str], tmp_path_factory) -> dict[str, object]:
+    """The run never stopped (once per configuration)."""
+    if name not in _references:
+        out = tmp_path_factory.mktemp(f"reference_{name}")
+        assert main(["train", *args, f"experiment.output_dir={out}"]) == 0
+        (run,) = run_dirs(out)
+        _references[name] = results(run)
+    return _references[name]
+
+
+def stop_and_resume(name: str, args: list[str], point: str, way: str, out: Path) -> Path:
+    nth = NTH.get(point, 3)
+    command = ["train", *args, f"experiment.output_dir={out}"]
+    if way == "sigkill":  # cannot be survived in-process
+        proc = subprocess.run([sys.executable, str(INJECT), point, way, str(nth), "--", *command],
+                              cwd=out.parent, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == EXIT[way], proc.stderr[-2000:]
+    else:
+        undo = install(point, way, nth)
+        try:
+            code = main(command)
+        finally:
+            undo()
+        assert code == EXIT[way]
+    (run,) = run_dirs(out)
+    assert main(["resume", str(run)]) == 0
+    assert run_dirs(out) == [run]
+    assert not list(run.glob(".*.tmp")), "temporary files left behind"
+    return run
+
+
+def check_cell(name, point, way, tmp_path, tmp_path_factory, carvana=None):
+    args = config_args(name, carvana)
+    expected = reference(name, args, tmp_path_factory)
+    run = stop_and_resume(name, args, point, way, tmp_path / "out")
+    assert_identical(results(run), expected, f"{name}/{point}/{way}")
+
+
+@pytest.mark.parametrize("way", ["exception", "sigterm"])
+@pytest.mark.parametrize("point", POINTS)
+def test_every_point_is_exact(point, way, tmp_path, tmp_path_factory):
+    check_cell("dropout_onecycle", point, way, tmp_path, tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    "name, point, way",
+    [
+        ("dropout_onecycle", "after_backward", "sigint"),
+        ("dropout_onecycle", "after_forward", "sigkill"),
+        ("accumulation", "after_forward", "exception"),
+        ("accumulation", "after_optimizer_step", "sigterm"),
+        ("accumulation", "epoch_end", "exception"),
+        ("segmentation", "after_forward", "exception"),
+        ("segmentation", "after_backward", "sigterm"),
+    ],
+)
+def test_sample_of_other_cells_is_exact(name, point, way, tmp_path, tmp_path_factory, carvana):
+    check_cell(name, point, way, tmp_path, tmp_path_factory, carvana)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("name", ["dropout_onecycle", "accumulation", "segmentation"])
+def test_campaign(name, point, way, tmp_path, tmp_path_factory, carvana):
+    check_cell(name, point, way, tmp_path, tmp_path_factory, carvana)
+
+
+# == two processes under torchrun ===============================================================
+def torchrun(args: list[str], cwd: Path, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+DDP = [*CONFIGS["dropout_onecycle"], "data.batch_size=8"]
+_ddp_reference: list[dict[str, object]] = []
+
+
+def ddp_cell(point: str, way: str, tmp_path: Path, tmp_path_factory) -> None:
+    from test_training import free_port
+
+    if not _ddp_reference:
+        out = tmp_path_factory.mktemp("ddp_reference")
+        done = torchrun(["-m", "dltemplate", "train", *DDP, f"experiment.output_dir={out}"],
+                        out, free_port())  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        _ddp_reference.append(results(run_dirs(out)[0]))
+    out = tmp_path / "out"
+    # Signals reach one process (rank 1); an exception or SIGKILL fails that process alone.
+    stopped = torchrun([str(INJECT), point, way, str(NTH.get(point, 3)), "1", "--", "train", *DDP,
+                        f"experiment.output_dir={out}"], tmp_path, free_port())  # fmt: skip
+    assert stopped.returncode != 0
+    (run,) = run_dirs(out)
+    resumed = torchrun(["-m", "dltemplate", "resume", str(run)], tmp_path, free_port())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dirs(out) == [run]
+    assert_identical(results(run), _ddp_reference[0], f"ddp/{point}/{way}")
+
+
+@pytest.mark.parametrize("point, way", [("after_backward", "sigterm")])
+def test_two_processes_stop_exactly(point, way, tmp_path, tmp_path_factory):
+    ddp_cell(point, way, tmp_path, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("point", POINTS)
+def test_two_processes_campaign(point, way, tmp_path, tmp_path_factory):
+    ddp_cell(point, way, tmp_path, tmp_path_factory)
