@@ -37,7 +37,8 @@ SMALL_DIGITS = [
 ]
 CONFIGS = {
     # dropout, one-cycle stepped per optimizer step
-    "dropout_onecycle": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=16", "scheduler.name=onecycle"],
+    "dropout_onecycle": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=16",
+                         "scheduler.name=onecycle"],
     # accumulation: 25 micro-batches of 8 in windows of 3, the last window one short batch;
     # cosine stepped per epoch
     "accumulation": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=8",
@@ -113,8 +114,8 @@ def stop_and_resume(name: str, args: list[str], point: str, way: str, out: Path)
     nth = NTH.get(point, 3)
     command = ["train", *args, f"experiment.output_dir={out}"]
     if way == "sigkill":  # cannot be survived in-process
-        proc = subprocess.run([sys.executable, str(INJECT), point, way, str(nth), "--", *command],
-                              cwd=out.parent, capture_output=True, text=True, timeout=300)  # fmt: skip
+        cmd = [sys.executable, str(INJECT), point, way, str(nth), "--", *command]
+        proc = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=300)
         assert proc.returncode == EXIT[way], proc.stderr[-2000:]
     else:
         undo = install(point, way, nth)
@@ -170,9 +171,9 @@ def test_campaign(name, point, way, tmp_path, tmp_path_factory, carvana):
 # == two processes under torchrun ===============================================================
 def torchrun(args: list[str], cwd: Path, port: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 DDP = [*CONFIGS["dropout_onecycle"], "data.batch_size=8"]
