@@ -110,8 +110,14 @@ def reference(name: str, args: list[str], tmp_path_factory) -> dict[str, object]
     return _references[name]
 
 
+def nth_for(name: str, point: str) -> int:
+    if point == "after_scheduler_step" and name != "dropout_onecycle":
+        return 1  # cosine steps once an epoch: the first step after the first epoch
+    return NTH.get(point, 3)
+
+
 def stop_and_resume(name: str, args: list[str], point: str, way: str, out: Path) -> Path:
-    nth = NTH.get(point, 3)
+    nth = nth_for(name, point)
     command = ["train", *args, f"experiment.output_dir={out}"]
     if way == "sigkill":  # cannot be survived in-process
         cmd = [sys.executable, str(INJECT), point, way, str(nth), "--", *command]
@@ -191,8 +197,19 @@ def ddp_cell(point: str, way: str, tmp_path: Path, tmp_path_factory) -> None:
         _ddp_reference.append(results(run_dirs(out)[0]))
     out = tmp_path / "out"
     # Signals reach one process (rank 1); an exception or SIGKILL fails that process alone.
-    stopped = torchrun([str(INJECT), point, way, str(NTH.get(point, 3)), "1", "--", "train", *DDP,
-                        f"experiment.output_dir={out}"], tmp_path, free_port())  # fmt: skip
+    nth = str(nth_for("dropout_onecycle", point))
+    command = [
+        str(INJECT),
+        point,
+        way,
+        nth,
+        "1",
+        "--",
+        "train",
+        *DDP,
+        f"experiment.output_dir={out}",
+    ]
+    stopped = torchrun(command, tmp_path, free_port())
     assert stopped.returncode != 0
     (run,) = run_dirs(out)
     resumed = torchrun(["-m", "dltemplate", "resume", str(run)], tmp_path, free_port())

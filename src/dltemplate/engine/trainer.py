@@ -425,7 +425,8 @@ class TrainerBase:
             "global_step": self.global_step,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.dist.world_size,
-            "train_progress": [t.cpu() for t in self._train_state()],
+            # Each process's own running sums of the epoch (reduced only to report them).
+            "train_progress": D.gather_objects([t.cpu() for t in self._train_state()]),
             "best_score": self.early_stopping.best,
             "early_stopping": self.early_stopping.state_dict(),
             "rng": D.gather_objects(rng),
@@ -559,8 +560,12 @@ class TrainerBase:
         self.finished_already = (
             f"run {self.run_dir} is finished (epoch {state['epoch']}, step "
             f"{state['global_step']}"
-            + (", early stopping" if stopped_early.should_stop else "")
-            + "): nothing to do; resume with a larger trainer.epochs to train longer"
+            + "): nothing to do; "
+            + (
+                "early stopping ended it (a larger trainer.early_stopping_patience continues it)"
+                if stopped_early.should_stop
+                else "resume with a larger trainer.epochs to train longer"
+            )
         )
         return True
 
@@ -582,8 +587,12 @@ class TrainerBase:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.early_stopping.load_state_dict(state["early_stopping"])
-        for mine, kept in zip(self._train_state(), state["train_progress"]):
-            mine.copy_(kept)
+        progress = state["train_progress"]
+        if progress and isinstance(progress[0], torch.Tensor):  # written by an older version
+            progress = [progress]
+        if len(progress) == self.dist.world_size:
+            for mine, kept in zip(self._train_state(), progress[self.dist.rank]):
+                mine.copy_(kept)
         self._train_longer(state)
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
