@@ -45,7 +45,7 @@ CONFIGS = {
                      "trainer.grad_accum_steps=3", "scheduler.name=cosine"],
 }  # fmt: skip
 # The stop comes at the NTH occurrence of the point after the first epoch ended.
-NTH = {"validation": 1, "final_test": 2, "epoch_end": 1, "checkpoint_write": 1}
+NTH = {"validation": 1, "final_test": 1, "epoch_end": 1, "checkpoint_write": 1}
 
 
 def segmentation_config(data: Path) -> list[str]:
