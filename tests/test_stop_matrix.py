@@ -228,3 +228,40 @@ def test_two_processes_stop_exactly(point, way, tmp_path, tmp_path_factory):
 @pytest.mark.parametrize("point", POINTS)
 def test_two_processes_campaign(point, way, tmp_path, tmp_path_factory):
     ddp_cell(point, way, tmp_path, tmp_path_factory)
+
+
+@pytest.mark.parametrize("stop_in_epoch", [1, 2])
+def test_a_task_drawing_from_numpy_resumes_exactly(stop_in_epoch, tmp_path, monkeypatch):
+    """NumPy's generator is read at every step once an epoch showed the task uses it; before
+    that, a stop part-way through a step writes no interrupt checkpoint rather than a wrong one."""
+    import numpy as np
+
+    from dltemplate.data.base import Batch
+    from dltemplate.tasks.classification import ClassificationTask
+
+    def augment(self, batch, info):
+        noise = torch.from_numpy(np.random.normal(0, 0.1, tuple(batch.inputs.shape)))
+        return Batch(batch.inputs + noise.float(), batch.targets, batch.global_size)
+
+    monkeypatch.setattr(ClassificationTask, "augment", augment)
+    args = [*CONFIGS["dropout_onecycle"], "data.augment=true"]
+    assert main(["train", *args, f"experiment.output_dir={tmp_path / 'ref'}"]) == 0
+    expected = results(run_dirs(tmp_path / "ref")[0])
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    original = ClassificationTask.forward
+
+    def forward(self, model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 13 * (stop_in_epoch - 1) + 5:  # 13 steps an epoch
+                raise RuntimeError("injected")
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    assert main(["train", *args, f"experiment.output_dir={out}"]) == 1
+    (run,) = run_dirs(out)
+    assert (run / "Vanilla_interrupt_ckpt.pth").exists() == (stop_in_epoch == 2)
+    monkeypatch.setattr(ClassificationTask, "forward", original)
+    assert main(["resume", str(run)]) == 0
+    assert_identical(results(run), expected)

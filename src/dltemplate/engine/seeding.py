@@ -28,10 +28,10 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every generator's state, as tensors and plain types (loads with ``weights_only=True``)."""
+def host_rng_state() -> dict[str, Any]:
+    """Python's and NumPy's generator states, as tensors and plain types."""
     np_state = np.random.get_state()
-    state: dict[str, Any] = {
+    return {
         "python": random.getstate(),
         "numpy": {
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -39,11 +39,31 @@ def rng_state() -> dict[str, Any]:
             "has_gauss": int(np_state[3]),
             "cached_gaussian": float(np_state[4]),
         },
-        "torch": torch.get_rng_state(),
     }
+
+
+def torch_rng_state() -> dict[str, Any]:
+    """torch's generator states (CPU, and every GPU): cheap to read."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def same_host_rng_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`host_rng_state` results are the same state."""
+    na, nb = a["numpy"], b["numpy"]
+    return (
+        a["python"] == b["python"]
+        and torch.equal(na["keys"], nb["keys"])
+        and (na["pos"], na["has_gauss"], na["cached_gaussian"])
+        == (nb["pos"], nb["has_gauss"], nb["cached_gaussian"])
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state, as tensors and plain types (loads with ``weights_only=True``)."""
+    return {**host_rng_state(), **torch_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

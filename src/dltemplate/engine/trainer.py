@@ -94,6 +94,10 @@ def clip_gradients(params: list[nn.Parameter], norm: float | None, value: float 
         torch.nn.utils.clip_grad_norm_(params, norm)
 
 
+class _NotExact(Exception):
+    """The state of the last step boundary is not known: no interrupt checkpoint then."""
+
+
 class TrainerBase:
     """Trains ``task``'s model as ``cfg`` says; rank 0 writes the run directory.
 
@@ -222,6 +226,7 @@ class TrainerBase:
         if self.batch_in_epoch == 0:
             self.train_meter.reset()
             self.train_metrics.reset()
+        self.snapshot.epoch_start()
         sizes = loader.global_batch_sizes()
         window: list[tuple[torch.Tensor, int, Any, Batch]] = []  # micro-batches since the step
         progress = self._progress(len(loader), f"epoch {self.epoch + 1}/{self.epochs}")
@@ -259,6 +264,7 @@ class TrainerBase:
             if update_now:
                 self.check_stop()
         progress.close()
+        self.snapshot.epoch_end()
         return self._reduced(self.train_meter, self.train_metrics)
 
     def optimizer_step(self, window: list[tuple[torch.Tensor, int, Any, Batch]], position: int):
@@ -413,7 +419,11 @@ class TrainerBase:
         boundary, for a stop part-way through a step.
         """
         model = unwrap_model(self.model)
-        rng = self.snapshot.rng if at_last_boundary else rng_state()
+        rng = self.snapshot.rng() if at_last_boundary else rng_state()
+        unknown = torch.tensor([rng is None], dtype=torch.int64, device=D.collective_device())
+        D.all_reduce_max(unknown)  # every process decides alike
+        if unknown.item():
+            raise _NotExact("the task drew from Python's or NumPy's generator in this epoch")
         return {
             "model_name": self.cfg.model.name,
             "model": self.snapshot.model_state(model) if at_last_boundary else model.state_dict(),
@@ -483,6 +493,16 @@ class TrainerBase:
         try:
             state = self.checkpoint_state(at_last_boundary=True)
             path = self.save("interrupt", state)
+        except _NotExact as why:
+            log.error(
+                "run stopped by %s %s; no interrupt checkpoint written (%s); resume continues "
+                "from the newest checkpoint: dltemplate resume %s",
+                what,
+                where,
+                why,
+                self.run_dir,
+            )
+            return
         except Exception as save_exc:  # the original error matters more than this one
             log.error("run stopped by %s; saving a checkpoint failed too: %s", what, save_exc)
             return
