@@ -47,7 +47,18 @@ def init_distributed(use_cuda: bool) -> DistContext:
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt == 0:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # torchrun keeps its key-value store across restarts: without a fresh prefix the
+            # restarted workers would read the failed attempt's peer addresses and not connect.
+            store, _, _ = next(dist.rendezvous("env://", ctx.rank, world_size, timeout=timeout))
+            store = dist.PrefixStore(f"attempt_{attempt}", store)
+            dist.init_process_group(
+                backend, store=store, rank=ctx.rank, world_size=world_size, timeout=timeout
+            )
     return ctx
 
 

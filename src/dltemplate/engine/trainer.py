@@ -8,6 +8,7 @@ named piece that the loop calls. Read :meth:`TrainerBase.fit` first.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -807,4 +808,9 @@ class TrainerBase:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
             self.writer = None
+        # Free the DDP wrapper while the process group lives: freed after it, its last hold on
+        # gloo can deadlock at exit (the GIL against gloo's worker thread).
+        if isinstance(getattr(self, "train_model", None), DistributedDataParallel):
+            self.train_model = self.eval_model
+            gc.collect()
         D.shutdown_distributed()
