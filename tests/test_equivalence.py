@@ -184,6 +184,7 @@ def test_two_processes_match_one_with_a_short_odd_last_batch(tmp_path):
         assert test["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
 
 
+@pytest.mark.slow  # ~15 s; tests/test_sync_batchnorm.py checks the layer on 2 processes
 def test_sync_batchnorm_makes_two_processes_match_one(tmp_path):
     """With trainer.sync_batchnorm, SmallCNN on 2 processes x 16 equals 1 process x 32, weights
     and BatchNorm running statistics alike; without it they differ clearly."""
@@ -200,6 +201,7 @@ def test_sync_batchnorm_makes_two_processes_match_one(tmp_path):
     assert diff_local > 1e-3
 
 
+@pytest.mark.slow  # tests/test_training.py checks the saved streams differ by rank too
 def test_each_rank_draws_its_own_random_numbers(tmp_path):
     """Under 2 processes each rank draws from its own random stream (seeded by rank), and the
     checkpoint keeps one random state per rank: after the same dropout draws they differ."""

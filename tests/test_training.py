@@ -229,5 +229,8 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path):
     m2 = json.loads((run_two / "test_metrics.json").read_text())
     assert m1["accuracy"] == pytest.approx(m2["accuracy"], abs=1e-9)
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-5)
+    # Each process has its own random stream, saved per rank.
+    rng = torch.load(run_two / "Vanilla_last_ckpt.pth", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     # Rank 0 alone logs: each epoch line appears once in the log.
     assert (run_two / "train.log").read_text().count("epoch 1/2 ") == 1
