@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import os
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +57,46 @@ def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 def run_dirs(output_dir: Path) -> list[Path]:
     """Run directories under ``output_dir``, oldest first."""
     return sorted(p for p in Path(output_dir).iterdir() if p.is_dir())
+
+
+def free_port() -> int:
+    """A free TCP port, so concurrent test runs do not fight over torchrun's default."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def run_launcher(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> str:
+    """Run ``cmd``; return its output. A hang fails the test after ``timeout`` seconds, with
+    torchrun and its workers killed (output goes to a file: no pipe left open by a worker)."""
+    log = cwd / f"launcher_{len(list(cwd.glob('launcher_*.log')))}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [*descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"torchrun hung for {timeout} s:\n{log.read_text()[-4000:]}")
+    output = log.read_text()
+    assert proc.returncode == 0, output[-4000:]
+    return output

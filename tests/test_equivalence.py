@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, free_port, run_dirs, run_launcher
 
 from dltemplate.config import load_config
 from dltemplate.engine.trainer import TrainerBase
@@ -31,13 +27,6 @@ SMALL_LEN = 115
 PLAIN = ["optimizer.name=sgd", "optimizer.lr=0.1", "scheduler.name=none"]
 MLP = ["model.args.hidden=[32]", "model.args.dropout=0.0"]
 CNN = ["model.name=SmallCNN", "model.args={width: 8, dropout: 0.0}"]
-
-
-def free_port() -> int:
-    """A free TCP port, so concurrent test runs do not fight over torchrun's default."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -56,42 +45,6 @@ def train_here(out: Path, *overrides: str) -> tuple[TrainerBase, dict[str, float
     cfg = load_config(DEMO, [f"experiment.output_dir={out}", *overrides])
     trainer = TrainerBase(cfg, ClassificationTask(cfg))
     return trainer, trainer.fit()
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def run_launcher(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> str:
-    """Run ``cmd``; return its output. A hang fails the test after ``timeout`` seconds, with
-    torchrun and its workers killed (output goes to a file: no pipe left open by a worker)."""
-    log = cwd / f"launcher_{len(list(cwd.glob('launcher_*.log')))}.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for pid in [*descendants(proc.pid), proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"torchrun hung for {timeout} s:\n{log.read_text()[-4000:]}")
-    output = log.read_text()
-    assert proc.returncode == 0, output[-4000:]
-    return output
 
 
 def torchrun(out: Path, *overrides: str, nproc: int = 2) -> Path:

@@ -16,6 +16,7 @@ import torch
 
 import dltemplate.engine.checkpoint as ckpt_module
 import dltemplate.engine.rundir as rundir_module
+from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.engine.checkpoint import (
     FORMAT,
     content_digest,
@@ -26,7 +27,6 @@ from dltemplate.engine.checkpoint import (
 )
 from dltemplate.engine.rundir import (
     MetricsTable,
-    atomic_write_text,
     latest_run_dir,
     remove_stale_temp_files,
     save_config,

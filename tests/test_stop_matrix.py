@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, free_port, run_dirs
 from stop_injection import EXIT, POINTS, WAYS, install
 
 from dltemplate.cli import main
@@ -197,7 +197,6 @@ _ddp_reference: list[dict[str, object]] = []
 
 
 def ddp_cell(point: str, way: str, tmp_path: Path, tmp_path_factory) -> None:
-    from test_training import free_port
 
     if not _ddp_reference:
         out = tmp_path_factory.mktemp("ddp_reference")

@@ -3,20 +3,16 @@ with the results of a job that was never stopped."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, free_port, run_dirs, run_launcher
 
 DEMO = REPO / "configs" / "digits_mlp.yaml"
 EPOCHS = 3
@@ -60,52 +56,9 @@ TrainerBase.optimizer_step = _optimizer_step
 """
 
 
-def free_port() -> int:
-    """A free TCP port, so concurrent test runs do not fight over torchrun's default."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def static_rendezvous() -> tuple[list[str], dict[str, str]]:
     """torchrun's default rendezvous, as the README launches it."""
     return ["--master_port", str(free_port())], {}
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def run_launcher(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> str:
-    """Run ``cmd``; return its output. A hang fails the test after ``timeout`` seconds, with
-    torchrun and its workers killed (output goes to a file: no pipe left open by a worker)."""
-    log = cwd / f"launcher_{len(list(cwd.glob('launcher_*.log')))}.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for pid in [*descendants(proc.pid), proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"torchrun hung for {timeout} s:\n{log.read_text()[-4000:]}")
-    output = log.read_text()
-    assert proc.returncode == 0, output[-4000:]
-    return output
 
 
 def torchrun(cwd: Path, out: Path, kill_after: int) -> str:

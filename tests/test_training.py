@@ -5,27 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, free_port, run_dirs
 
 from dltemplate.config import load_config
 from dltemplate.engine.trainer import TrainerBase
 from dltemplate.tasks.classification import ClassificationTask
 
 DEMO = REPO / "configs" / "digits_mlp.yaml"
-
-
-def free_port() -> int:
-    """A free TCP port, so concurrent test runs do not fight over torchrun's default."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:

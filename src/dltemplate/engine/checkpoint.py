@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import numbers
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dltemplate.engine.atomic import atomic_write
 from dltemplate.errors import CheckpointError
 
 FORMAT = "dltemplate-checkpoint-v1"
@@ -126,16 +126,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path = Path(path)
     content = {"format": FORMAT, **{k: v for k, v in state.items() if k != DIGEST_KEY}}
     content[DIGEST_KEY] = content_digest(content)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(content, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda fh: torch.save(content, fh))
 
 
 # One state that newest_intact_checkpoint loaded and checked, handed to the next

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import dltemplate
+from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.errors import UsageError
 
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
@@ -71,25 +72,6 @@ def latest_run_dir(output_dir: str | Path) -> Path:
     if stamped:
         return max(stamped, key=lambda tp: (tp[0], tp[1].name))[1]
     return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
-
-
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically (no newline translation): all of it or nothing.
-
-    It goes to ``.<name>.<pid>.tmp`` in the same folder, is flushed to disk, then renamed
-    over ``path``; a crash leaves the old file, and :func:`remove_stale_temp_files` the temp.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(text.encode(encoding))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dltemplate.config import Config, config_to_dict
 from dltemplate.data.base import Batch, IndexLoader, TensorSplit
 from dltemplate.engine import distributed as D
+from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.engine.checkpoint import (
     checkpoint_name,
     load_checkpoint,
@@ -41,7 +42,6 @@ from dltemplate.engine.precision import Precision
 from dltemplate.engine.restarts import forget_restart_marker, remember_run_dir, restarted_run_dir
 from dltemplate.engine.rundir import (
     MetricsTable,
-    atomic_write_text,
     find_config,
     new_run_dir,
     remove_stale_temp_files,
