@@ -26,6 +26,7 @@ from dltemplate.engine.task import import_plugins, make_task
 from dltemplate.engine.trainer import TrainerBase
 from dltemplate.errors import DataError, NonFiniteLossError, UsageError
 from dltemplate.registry import (
+    CALLBACKS,
     DATASETS,
     LOSSES,
     METRICS,
@@ -51,6 +52,8 @@ def validate_names(cfg: Config) -> None:
     SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
     for name in cfg.trainer.metrics:
         METRICS.get(name, "trainer.metrics")
+    for i, item in enumerate(cfg.callbacks):
+        CALLBACKS.get(item.name, f"callbacks[{i}].name")
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -146,9 +149,14 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """Metrics, confusion matrix and sample predictions as the seed's eval prints them."""
+    """Metrics, confusion matrix and sample predictions as the seed's eval prints them.
+
+    Sample entries (see :meth:`dltemplate.engine.task.Task.describe_predictions`) with a
+    ``prediction`` and a ``label`` print as a classification line, other dicts as ``key value``
+    pairs, and anything else as its ``repr``: a task's own entries never break the report.
+    """
     lines = [f"{report['checkpoint']} on {report['split']} ({report['num_samples']} samples):"]
-    lines += [f"  {k}: {v:.4f}" for k, v in report["metrics"].items()]
+    lines += [f"  {k}: {_metric_value(v)}" for k, v in report["metrics"].items()]
     full = report["report"]
     if "confusion_matrix" in full:
         names = full.get("class_names") or [str(i) for i in range(len(full["confusion_matrix"]))]
@@ -159,15 +167,30 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{name:>{width}} " + " ".join(f"{c:>5}" for c in row))
     if report["samples"]:
         lines.append("sample predictions:")
-        for sample in report["samples"]:
-            if "prediction" in sample:
-                wrong = "" if sample["correct"] else "  (wrong)"
-                lines.append(
-                    f"  predicted {sample['prediction']!r:<16} label {sample['label']!r}{wrong}"
-                )
-            else:
-                lines.append("  " + ", ".join(f"{k} {v}" for k, v in sample.items()))
+        lines += ["  " + _sample_line(sample) for sample in report["samples"]]
     return "\n".join(lines)
+
+
+def _metric_value(value: Any) -> str:
+    """A metric as ``0.1234``; a value that is not a number as it is."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return str(value)
+
+
+_CLASSIFICATION_KEYS = ("prediction", "label", "correct")
+
+
+def _sample_line(sample: Any) -> str:
+    """One sample prediction: a classification line, ``key value`` pairs, or a ``repr``."""
+    if not isinstance(sample, dict):
+        return repr(sample)
+    if "prediction" in sample and "label" in sample:
+        wrong = "  (wrong)" if "correct" in sample and not sample["correct"] else ""
+        line = f"predicted {sample['prediction']!r:<16} label {sample['label']!r}{wrong}"
+        rest = {k: v for k, v in sample.items() if k not in _CLASSIFICATION_KEYS}
+        return line + "".join(f", {k} {v}" for k, v in rest.items())
+    return ", ".join(f"{k} {v}" for k, v in sample.items())
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

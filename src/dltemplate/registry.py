@@ -85,7 +85,7 @@ class Registry:
         return factory(**kwargs)
 
 
-_BUILTIN_PACKAGES = ("data", "models", "losses", "metrics", "optim", "tasks")
+_BUILTIN_PACKAGES = ("data", "models", "losses", "metrics", "optim", "tasks", "callbacks")
 
 
 def load_builtins() -> None:
@@ -111,3 +111,4 @@ OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
 METRICS = Registry("metric")
 TASKS = Registry("task")
+CALLBACKS = Registry("callback")

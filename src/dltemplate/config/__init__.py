@@ -8,6 +8,7 @@ from dltemplate.config.loader import (
     read_yaml,
 )
 from dltemplate.config.schema import (
+    CallbackConfig,
     Config,
     DataConfig,
     ExperimentConfig,
@@ -19,6 +20,7 @@ from dltemplate.config.schema import (
 )
 
 __all__ = [
+    "CallbackConfig",
     "Config",
     "DataConfig",
     "ExperimentConfig",

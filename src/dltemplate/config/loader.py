@@ -128,6 +128,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                 f"{source}: unknown config section '{name}'{did_you_mean(name, sections)}; "
                 f"sections are {', '.join(sections)}"
             )
+        if typing.get_origin(sections[name]) is list:  # a list section (callbacks)
+            (item_cls,) = typing.get_args(sections[name])
+            built[name] = _list_section(values, item_cls, name, source)
+            continue
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -146,6 +150,32 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return Config(**built)
 
 
+def _list_section(values: Any, cls: type, name: str, source: str) -> list[Any]:
+    """A list of ``cls`` items, each a mapping of its keys or just its ``name``."""
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise ConfigError(f"{source}: section '{name}' must be a list, e.g. {name}: [grad_norm]")
+    hints = typing.get_type_hints(cls)
+    items = []
+    for i, item in enumerate(values):
+        where = f"{name}[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: {where}: expected a name or a mapping with 'name'")
+        for key in item:
+            if key not in hints:
+                valid = [f"{where}.{k}" for k in hints]
+                raise ConfigError(
+                    f"{source}: unknown key '{where}.{key}'{did_you_mean(f'{where}.{key}', valid)}"
+                )
+        if "name" not in item:
+            raise ConfigError(f"{source}: {where}: 'name' is missing")
+        items.append(cls(**{k: check_value(v, hints[k], f"{where}.{k}") for k, v in item.items()}))
+    return items
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain nested dicts (JSON/YAML-ready)."""
     return dataclasses.asdict(cfg)
@@ -157,6 +187,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': expected section.key=value")
     key, _, value = text.partition("=")
     path = key.strip().split(".")
+    if path == ["callbacks"]:  # the one list section: replaced whole
+        return path, yaml_load(value) if value.strip() else []
     if len(path) < 2 or not all(path):
         raise ConfigError(f"override '{text}': the key must be section.key, e.g. trainer.epochs=5")
     try:

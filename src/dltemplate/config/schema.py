@@ -106,6 +106,15 @@ class TrainerConfig:
 
 
 @dataclass
+class CallbackConfig:
+    """One callback: a registered name (grad_norm, ema, freeze, max_time) or a
+    package.module:Class path, with its keyword arguments. In YAML a bare name will do."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     """The whole configuration of a run."""
 
@@ -116,3 +125,4 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: list[CallbackConfig] = field(default_factory=list)  # run in this order

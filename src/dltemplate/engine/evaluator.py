@@ -169,7 +169,15 @@ class EvaluatorBase:
 
     @staticmethod
     def write_report(report: dict[str, Any], path: Path) -> Path:
-        """Save the report as JSON."""
+        """Save the report as JSON (tensors and NumPy values as lists or numbers, anything
+        else that JSON cannot hold as its ``str``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        path.write_text(json.dumps(report, indent=2, default=_jsonable))
         return path
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` (which :mod:`json` cannot write) as something it can."""
+    if hasattr(value, "tolist"):  # torch tensors, NumPy arrays and scalars
+        return value.tolist()
+    return str(value)

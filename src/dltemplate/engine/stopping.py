@@ -60,20 +60,27 @@ class StopSignals:
             raise RunStopped(name, at_boundary=False)
         self.requested = name
 
+    def request(self, reason: str) -> None:
+        """Ask the run to stop at the next step boundary, as a signal would (e.g. ``max_time``)."""
+        if self.requested is None:
+            self.requested = reason
+
     def agreed(self, distributed: bool) -> str | None:
-        """The signal every process stops for at this boundary, or None to go on.
+        """The reason every process stops for at this boundary, or None to go on.
 
         Under several processes a signal may reach one process, or reach them at different
         steps: one all-reduce makes every process stop at the same step.
         """
         if not distributed:
             return self.requested
-        names = [s.name for s in _HANDLED]
-        mine = names.index(self.requested) + 1 if self.requested else 0
-        flag = torch.tensor([mine], dtype=torch.int64, device=D.collective_device())
+        flag = torch.tensor(
+            [int(self.requested is not None)], dtype=torch.int64, device=D.collective_device()
+        )
         D.all_reduce_max(flag)
-        agreed = int(flag.item())
-        return names[agreed - 1] if agreed else None
+        if not flag.item():
+            return None
+        reasons = [r for r in D.gather_objects(self.requested) if r is not None]
+        return reasons[0]
 
 
 def rank_seed(seed: int, rank: int) -> int:

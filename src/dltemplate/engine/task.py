@@ -36,6 +36,19 @@ def import_plugins(cfg: Config) -> None:
             raise ConfigError(f"experiment.imports: cannot import '{module}': {exc}") from exc
 
 
+def _shape_mismatch(loss_name: str, outputs: torch.Size, targets: torch.Size) -> ConfigError:
+    """The error of :meth:`Task.compute_loss` for outputs and targets of different shapes."""
+    out, tgt = tuple(outputs), tuple(targets)
+    try:
+        effect = f"they would broadcast to {tuple(torch.broadcast_shapes(out, tgt))}"
+    except RuntimeError:
+        effect = "they do not broadcast"
+    return ConfigError(
+        f"loss.name={loss_name}: the model's outputs have shape {out} but the targets {tgt}; "
+        f"{effect} — make the model return {tgt} or reshape in the task's compute_loss"
+    )
+
+
 class Task:
     """Default hooks: a registered in-memory dataset, a model fed the dataset's shape, a loss
     applied to ``model(inputs)`` and ``targets``, and the metrics named in the config."""
@@ -119,8 +132,27 @@ class Task:
         return model(batch.inputs)
 
     def compute_loss(self, criterion: nn.Module, outputs: torch.Tensor, batch: Batch) -> Any:
-        """The loss of a batch (a mean over its samples)."""
-        return criterion(outputs, batch.targets)
+        """The loss of a batch (a mean over its samples).
+
+        For torch's own losses (``mse``, ``bce_with_logits``...), floating-point outputs and
+        targets of different shapes are a :class:`~dltemplate.errors.ConfigError` naming both
+        shapes, not a loss silently taken over their broadcast: a ``(N, 1)`` output against
+        ``(N,)`` targets would compare every sample with every target. Integer targets
+        (classification), other losses (the segmentation losses add a missing mask channel
+        themselves) and multi-head outputs (lists, tuples) are passed on unchecked; override
+        this hook to reshape them yourself.
+        """
+        targets = batch.targets
+        if (
+            isinstance(outputs, torch.Tensor)
+            and isinstance(targets, torch.Tensor)
+            and outputs.shape != targets.shape
+            and outputs.is_floating_point()
+            and targets.is_floating_point()
+            and isinstance(criterion, nn.modules.loss._Loss)
+        ):
+            raise _shape_mismatch(self.cfg.loss.name, outputs.shape, targets.shape)
+        return criterion(outputs, targets)
 
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: Batch) -> None:
         """Feed one batch's outputs to the metrics (outputs are detached already)."""
@@ -158,7 +190,15 @@ class Task:
     def describe_predictions(
         self, batch: Batch, outputs: torch.Tensor, info: DataInfo, limit: int = 10
     ) -> list[dict[str, Any]]:
-        """A few prediction/label pairs for the evaluation report; none by default."""
+        """A few sample predictions of the first batch for the evaluation report (``eval``
+        prints them and writes them into its JSON report); none by default.
+
+        Return a list of JSON-able dicts, one per sample, at most ``limit``. The keys
+        ``prediction``, ``label`` and optionally ``correct`` (bool) are printed as a
+        classification line (``predicted 'cat'  label 'dog'  (wrong)``); any other keys as
+        ``key value`` pairs (``x0 0.31, predicted 1.2, target 1.25``). Round floats yourself:
+        values are printed as they are.
+        """
         return []
 
 

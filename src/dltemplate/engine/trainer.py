@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dltemplate.callbacks.base import CallbackList
 from dltemplate.config import Config, config_to_dict
 from dltemplate.data.base import Batch, IndexLoader, TensorSplit
 from dltemplate.engine import distributed as D
@@ -61,6 +62,7 @@ from dltemplate.errors import CheckpointError, ConfigError, NonFiniteLossError, 
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.optim import build_optimizer, build_scheduler, is_plateau, scheduler_interval
 from dltemplate.optim.stretch import StretchedSchedule, is_stretched_state, stretch_scheduler
+from dltemplate.registry import CALLBACKS
 
 log = logging.getLogger("dltemplate")
 
@@ -93,6 +95,18 @@ def clip_gradients(params: list[nn.Parameter], norm: float | None, value: float 
         torch.nn.utils.clip_grad_value_(params, value)
     if norm is not None:
         torch.nn.utils.clip_grad_norm_(params, norm)
+
+
+def build_callbacks(cfg: Config) -> CallbackList:
+    """The callbacks of ``cfg.callbacks``, in order; a bad name or argument is a ConfigError."""
+    built = []
+    for i, item in enumerate(cfg.callbacks):
+        key = f"callbacks[{i}]"
+        try:
+            built.append(CALLBACKS.build(item.name, f"{key}.name", **item.args))
+        except (TypeError, ValueError) as exc:  # the callback refused its arguments
+            raise ConfigError(f"{key} '{item.name}': {exc}") from exc
+    return CallbackList(built)
 
 
 class _NotExact(Exception):
@@ -136,6 +150,9 @@ class TrainerBase:
         self.eval_metrics = self.task.build_metrics(self.info)
         self._check_monitor()
         self.precision = Precision(tc.precision, self.device)
+        self.callbacks = build_callbacks(cfg)
+        for setup in self.callbacks.setup:
+            setup(self)
         self._restart_dir = self._restarted_run_dir()
         resume_from = self._resume_checkpoint() if tc.resume else None
         if resume_from is not None and self._is_finished(resume_from[0]):
@@ -177,6 +194,7 @@ class TrainerBase:
         self.snapshot = BoundarySnapshot(unwrap_model(self.model))
         self._torn: str | None = None  # set while a step or an epoch end is half done
         self._losses: list[torch.Tensor] = []  # losses since the last finiteness check
+        self._last_window: list[tuple[torch.Tensor, int, Any, Batch]] = []
         self.phase = "train"
         self._open_run_dir(resume_from[1] if resume_from else None)
 
@@ -189,14 +207,22 @@ class TrainerBase:
         """
         if self.finished_already is not None:
             log.info("%s", self.finished_already)
+            D.shutdown_distributed()
             return self._saved_test_metrics()
+        cb = self.callbacks
         try:
             with self.stop:
+                for fn in cb.on_fit_start:
+                    fn(self)
                 while self.epoch < self.epochs and not self.early_stopping.should_stop:
                     started = time.perf_counter()
                     train = self.train_epoch()
                     self.phase = "val"
+                    for fn in cb.on_validation_start:
+                        fn(self)
                     val = self.evaluate(self.val_loader, "val")
+                    for fn in cb.on_validation_end:
+                        fn(self, val)
                     self.end_epoch(train, val, time.perf_counter() - started)
                     self.phase = "train"
                     self.check_stop()
@@ -209,9 +235,13 @@ class TrainerBase:
                 self.phase = "test"
                 metrics = self.test() if self.cfg.trainer.test_after_fit else {}
                 self.mark_finished()
+                for fn in cb.on_fit_end:
+                    fn(self)
             D.barrier()  # leave together: gloo aborts a process whose peer left first
             return metrics
         except BaseException as exc:
+            for fn in cb.on_exception:
+                fn(self, exc)
             self.save_interrupt(exc)
             raise
         finally:
@@ -228,10 +258,15 @@ class TrainerBase:
             self.train_meter.reset()
             self.train_metrics.reset()
         self.snapshot.epoch_start()
+        cb = self.callbacks
+        for fn in cb.on_train_epoch_start:
+            fn(self)
         sizes = loader.global_batch_sizes()
         window: list[tuple[torch.Tensor, int, Any, Batch]] = []  # micro-batches since the step
         progress = self._progress(len(loader), f"epoch {self.epoch + 1}/{self.epochs}")
         for i, batch in enumerate(loader, start=loader.skip_batches):
+            for fn in cb.on_train_batch_start:
+                fn(self, i)
             batch = self.task.prepare_batch(batch, self.device, self.info)
             if self.cfg.data.augment:
                 batch = self.task.augment(batch, self.info)
@@ -255,6 +290,8 @@ class TrainerBase:
             if update_now:
                 self.optimizer_step(window, position=i + 1)
                 window = []
+            for fn in cb.on_train_batch_end:
+                fn(self, i, loss.detach())
             report = progress.wants_loss()
             progress.update(n * self.dist.world_size, loss.item() if report else None)
             if report:
@@ -266,7 +303,10 @@ class TrainerBase:
                 self.check_stop()
         progress.close()
         self.snapshot.epoch_end()
-        return self._reduced(self.train_meter, self.train_metrics)
+        results = self._reduced(self.train_meter, self.train_metrics)
+        for fn in cb.on_train_epoch_end:
+            fn(self, results)
+        return results
 
     def optimizer_step(self, window: list[tuple[torch.Tensor, int, Any, Batch]], position: int):
         """Unscale, clip, step, zero the gradients, step a per-batch scheduler, then count the
@@ -274,8 +314,12 @@ class TrainerBase:
         part-way) none of it as far as the checkpoint is concerned."""
         tc = self.cfg.trainer
         with self._critical("an optimizer step"):
-            if tc.clip_grad_norm is not None or tc.clip_grad_value is not None:
-                self.precision.unscale(self.optimizer)
+            clipping = tc.clip_grad_norm is not None or tc.clip_grad_value is not None
+            if clipping or self.callbacks.on_before_optimizer_step:
+                self.precision.unscale(self.optimizer)  # callbacks see true gradients
+            for fn in self.callbacks.on_before_optimizer_step:
+                fn(self)
+            if clipping:
                 params = list(self.model.parameters())
                 clip_gradients(params, tc.clip_grad_norm, tc.clip_grad_value)
             self.precision.step(self.optimizer)
@@ -288,6 +332,9 @@ class TrainerBase:
                 self.train_meter.update(loss, n)
                 self.task.update_metrics(self.train_metrics, outputs, batch)
                 self._losses.append(loss)
+            self._last_window = window
+            for fn in self.callbacks.on_after_optimizer_step:
+                fn(self)
             self.snapshot.take()
 
     def check_stop(self) -> None:
@@ -357,6 +404,8 @@ class TrainerBase:
             self.early_stopping.bad_epochs = D.broadcast_object(self.early_stopping.bad_epochs)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._log_epoch(row, lr, seconds, improved)
+            for fn in self.callbacks.on_epoch_end:
+                fn(self, row)
             state = self.checkpoint_state()  # collective: every rank takes part
             if improved:
                 self.save("best", state)
@@ -388,7 +437,11 @@ class TrainerBase:
         D.barrier()  # rank 0 has finished writing it
         if best.exists():
             load_model_weights(self.model, load_checkpoint(best)["model"], str(best))
+        for fn in self.callbacks.on_test_start:
+            fn(self)
         metrics = self.evaluate(self.test_loader, "test")
+        for fn in self.callbacks.on_test_end:
+            fn(self, metrics)
         log.info(
             "test (%s): %s",
             "best checkpoint" if best.exists() else "final weights",
@@ -441,6 +494,7 @@ class TrainerBase:
             "best_score": self.early_stopping.best,
             "early_stopping": self.early_stopping.state_dict(),
             "rng": D.gather_objects(rng),
+            "callbacks": self.callbacks.state_dict(),
             "finished": False,
             "config": config_to_dict(self.cfg),
         }
@@ -615,6 +669,8 @@ class TrainerBase:
             for mine, kept in zip(self._train_state(), progress[self.dist.rank]):
                 mine.copy_(kept)
         self._train_longer(state)
+        for name in self.callbacks.load_state_dict(state.get("callbacks", [])):
+            log.warning("callback %s has no saved state in %s: it starts afresh", name, path)
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             set_rng_state(rng[self.dist.rank])
@@ -775,12 +831,17 @@ class TrainerBase:
         meta = saved.pop("_meta", {})
         now = config_to_dict(self.cfg)
         now["trainer"]["resume"] = saved.get("trainer", {}).get("resume")
-        changed = [
-            f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-            for section, values in now.items()
-            for key, value in values.items()
-            if saved.get(section, {}).get(key) != value
-        ]
+        changed = []
+        for section, values in now.items():
+            if not isinstance(values, dict):  # a list section (callbacks): compared whole
+                if saved.get(section, []) != values:
+                    changed.append(f"{section}: {saved.get(section)!r} -> {values!r}")
+                continue
+            changed += [
+                f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+                for key, value in values.items()
+                if saved.get(section, {}).get(key) != value
+            ]
         if changed:
             log.info("config changed on resume: %s", "; ".join(changed))
             atomic_write_text(path, json.dumps({**now, "_meta": meta}, indent=2))
@@ -795,6 +856,24 @@ class TrainerBase:
             enabled=self.dist.is_main,
             initial=self.batch_in_epoch,
         )
+
+    @property
+    def step_loss(self) -> torch.Tensor:
+        """The mean training loss of the last optimizer step's samples on this process (a 0-d
+        tensor: ``float()`` of it waits for the GPU, so read it every few steps, not every one)."""
+        window = self._last_window
+        total = sum(n for _, n, _, _ in window)
+        return sum(loss.float() * n for loss, n, _, _ in window) / total
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary with an exact interrupt checkpoint, as SIGTERM does;
+        ``reason`` is logged (e.g. ``max_time``)."""
+        self.stop.request(reason)
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The bare model, without DDP / DataParallel / compile wrappers."""
+        return unwrap_model(self.model)
 
     @property
     def lr(self) -> float:
