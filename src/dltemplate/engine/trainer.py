@@ -58,7 +58,13 @@ from dltemplate.engine.seeding import rng_state, seed_everything, set_rng_state
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals, rank_seed
 from dltemplate.engine.sync_batchnorm import convert_sync_batchnorm
 from dltemplate.engine.task import Task, import_plugins, make_task
-from dltemplate.errors import CheckpointError, ConfigError, NonFiniteLossError, did_you_mean
+from dltemplate.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    UsageError,
+    did_you_mean,
+)
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.optim import build_optimizer, build_scheduler, is_plateau, scheduler_interval
 from dltemplate.optim.stretch import StretchedSchedule, is_stretched_state, stretch_scheduler
@@ -528,6 +534,8 @@ class TrainerBase:
             reason = "interrupt checkpoints are off"
         elif isinstance(exc, NonFiniteLossError):
             reason = "the weights are not to be trusted"
+        elif isinstance(exc, UsageError):
+            reason = "the configuration or input is wrong: fix it, then resume"
         elif self.phase == "test":
             reason = "training was complete (the final test runs again on resume)"
         elif self._torn is not None:
