@@ -4,7 +4,7 @@
 bar ON (``trainer.progress_bar=on``), logging, metrics, ``metrics.csv``, ``curves.png``,
 TensorBoard and "best"/"last" checkpoints. One epoch is what ``fit()`` runs per epoch::
 
-    trainer.train_epoch(); trainer.evaluate(trainer.val_loader, "val"); trainer.end_epoch(...)
+    trainer.train_epoch(); trainer.validate(); trainer.end_epoch(...)
 
 plus waiting for the curves drawing that ``end_epoch`` starts in a thread (in a real run it
 overlaps the next epoch; left running here it would slow the floor epoch that follows). While
@@ -54,6 +54,7 @@ import torch.nn.functional as F
 import dltemplate.data  # noqa: F401  (registers the built-in components, as the CLI does)
 import dltemplate.models  # noqa: F401
 import dltemplate.optim  # noqa: F401
+from dltemplate.callbacks import MetricsTableCallback
 from dltemplate.config import Config, load_config
 from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
 from dltemplate.engine.trainer import TrainerBase
@@ -111,7 +112,16 @@ def make_trainer(batch_size: int, epochs: int, train_samples: int, out_dir: str)
         "trainer.test_after_fit=false",
     ]
     cfg: Config = load_config(None, overrides)
-    return TrainerBase(cfg, ClassificationTask(cfg))
+    trainer = TrainerBase(cfg, ClassificationTask(cfg))
+    for fn in trainer.callbacks.on_fit_start:  # as fit() does: opens TensorBoard, the table
+        fn(trainer)
+    return trainer
+
+
+def metrics_table(trainer: TrainerBase) -> MetricsTableCallback:
+    """The run's metrics-table callback (it draws curves.png in a thread)."""
+    (table,) = [c for c in trainer.callbacks.callbacks if isinstance(c, MetricsTableCallback)]
+    return table
 
 
 def sync(device: torch.device) -> None:
@@ -135,10 +145,10 @@ def engine_epoch(trainer: TrainerBase) -> tuple[float, float, float]:
         train = trainer.train_epoch()
         sync(trainer.device)
         train_s = time.perf_counter() - started
-        val = trainer.evaluate(trainer.val_loader, "val")
+        val = trainer.validate()
         trainer.end_epoch(train, val, time.perf_counter() - started)
         drawn = time.perf_counter()
-        trainer.table.wait()  # the curves.png thread: the engine's work, not the floor's
+        metrics_table(trainer).wait()  # the curves.png thread: the engine's work, not the floor's
     sync(trainer.device)
     ended = time.perf_counter()
     return ended - started, train_s, ended - drawn
@@ -295,6 +305,7 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
     """Engine epochs with timers around their pieces; prints seconds per epoch of each."""
     trainer = make_trainer(batch_size, 1 + args.epochs, args.train_samples, out_dir)
     t = trainer
+    progress_cb, table = trainer.callbacks.callbacks[0], metrics_table(trainer).table
     sections = [  # (owner, method, name), printed in this order
         (t, "train_epoch", "train_epoch (total)"),
         (t.task, "prepare_batch", "  prepare_batch (uint8 -> normalised float)"),
@@ -304,17 +315,17 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
         (t, "optimizer_step", "  optimizer_step (step, zero_grad, meters, metrics)"),
         (t.train_meter, "update", "    train_meter.update"),
         (t.task, "update_metrics", "    update_metrics (also in evaluate)"),
-        (None, "update", "  progress bar update"),
-        (t, "check_finite", "  check_finite (also in end_epoch)"),
+        (progress_cb, "on_train_batch_end", "  progress bar update"),
+        (t, "read_losses", "  read_losses (also in end_epoch)"),
         (t.writer, "add_scalar", "  TensorBoard add_scalar (also in end_epoch)"),
         (t, "evaluate", "evaluate val (total)"),
         (t, "end_epoch", "end_epoch (total)"),
-        (t.table, "append", "  metrics.csv append"),
-        (t.table, "plot", "  curves.png (start the drawing thread)"),
+        (table, "append", "  metrics.csv append"),
+        (table, "plot", "  curves.png (start the drawing thread)"),
         (t.writer, "flush", "  TensorBoard flush"),
         (t, "checkpoint_state", "  checkpoint_state"),
         (t, "save", "  checkpoint save (best, last)"),
-        (t.table, "wait", "curves.png drawing (waited for after the epoch)"),
+        (table, "wait", "curves.png drawing (waited for after the epoch)"),
     ]
     seconds = {name: 0.0 for *_, name in sections}
     calls = {name: 0 for *_, name in sections}
@@ -335,17 +346,11 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
 
         setattr(owner, attr, timed)
 
-    def progress(make: Any, *a: Any, **k: Any) -> Any:
-        bar = make(*a, **k)  # a new EpochProgress each epoch: time its update()
-        wrap(bar, "update", "  progress bar update")
-        return bar
-
     try:
         engine_epoch(t)  # warm-up, untimed
         for owner, attr, name in sections:
             if owner is not None:
                 wrap(owner, attr, name)
-        t._progress = functools.partial(progress, t._progress)  # type: ignore[method-assign]
         epoch_s = [engine_epoch(t)[0] for _ in range(args.epochs)]
     finally:
         t.close()

@@ -68,7 +68,7 @@ def engine_epoch(trainer: TrainerBase) -> tuple[float, float, float]:
     start = time.perf_counter()
     train = trainer.train_epoch()
     train_s = time.perf_counter() - start
-    val = trainer.evaluate(trainer.val_loader, "val")
+    val = trainer.validate()
     trainer.end_epoch(train, val, time.perf_counter() - start)
     trainer.train_loader = timed.loader
     return time.perf_counter() - start, train_s, timed.waiting
@@ -116,6 +116,8 @@ def main() -> None:
         start = time.perf_counter()
         cold = TrainerBase(cfg, SegmentationTask(cfg))  # decodes every file, fills the cache
         load_s = time.perf_counter() - start
+        for fn in cold.callbacks.on_fit_start:  # as fit() does: TensorBoard, the table
+            fn(cold)
         epoch_s, _, _ = engine_epoch(cold)
         n_train = len(cold.data.train)
         cold.close()
@@ -123,6 +125,8 @@ def main() -> None:
 
         start = time.perf_counter()
         warm = TrainerBase(cfg, SegmentationTask(cfg))  # reads the cache
+        for fn in warm.callbacks.on_fit_start:  # as fit() does: TensorBoard, the table
+            fn(warm)
         warm_load_s = time.perf_counter() - start
         model = SegmentationTask(cfg).build_model(warm.info).to(warm.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)

@@ -335,7 +335,7 @@ def test_sigterm_saves_the_interrupt_checkpoint(tmp_path):
         stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     for line in proc.stderr:  # wait until training is under way
-        if "epoch 2/1000" in line:
+        if "epoch 2/1000 train/" in line:  # the end of epoch 2
             break
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)

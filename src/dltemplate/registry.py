@@ -77,14 +77,20 @@ class Registry:
         """Call the factory of ``name`` with ``kwargs``; bad arguments are ConfigErrors."""
         factory = self.get(name, key)
         try:
-            inspect.signature(factory).bind(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"{key or self.kind} '{name}': {exc}") from exc
+            signature = inspect.signature(factory)
         except ValueError:  # builtins without a signature: let the call itself decide
-            pass
+            return factory(**kwargs)
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            named = [n for n, p in signature.parameters.items() if p.kind in _NAMED]
+            unknown = [k for k in kwargs if k not in named]
+            hint = did_you_mean(unknown[0], named) if unknown else ""
+            raise ConfigError(f"{key or self.kind} '{name}': {exc}{hint}") from exc
         return factory(**kwargs)
 
 
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 _BUILTIN_PACKAGES = ("data", "models", "losses", "metrics", "optim", "tasks", "callbacks")
 
 

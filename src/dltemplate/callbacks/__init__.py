@@ -1,8 +1,66 @@
-"""Callbacks: the base class and the shipped callbacks, registered in ``CALLBACKS``."""
+"""Callbacks: the base class, the built-in ones the loop runs by default, and the shipped
+extras, all registered in ``CALLBACKS``; :func:`build_callbacks` assembles a run's list."""
+
+from __future__ import annotations
 
 from dltemplate.callbacks.base import EVENTS, Callback, CallbackList
+from dltemplate.callbacks.checkpoint import Checkpoint
+from dltemplate.callbacks.early_stopping import EarlyStoppingCallback
+from dltemplate.callbacks.ema import EMA
 from dltemplate.callbacks.freeze import Freeze
 from dltemplate.callbacks.grad_norm import GradNorm
 from dltemplate.callbacks.max_time import MaxTime
+from dltemplate.callbacks.metrics_table import MetricsTableCallback
+from dltemplate.callbacks.progress import Progress
+from dltemplate.callbacks.tensorboard import TensorBoard
+from dltemplate.config import Config
+from dltemplate.errors import ConfigError
+from dltemplate.registry import CALLBACKS
 
-__all__ = ["EVENTS", "Callback", "CallbackList", "Freeze", "GradNorm", "MaxTime"]
+# On by default, in this order; "checkpoint" runs after the config's own callbacks, so that the
+# checkpoint of an epoch holds the state they reached at its end.
+DEFAULT_CALLBACKS = ("progress", "tensorboard", "metrics_table", "early_stopping")
+LAST_CALLBACKS = ("checkpoint",)
+
+
+def build_callbacks(cfg: Config) -> CallbackList:
+    """The run's callbacks: the built-in ones (configured or turned off by naming them in
+    ``cfg.callbacks``), then the config's others in their order; a bad name or argument is a
+    ConfigError naming ``callbacks[i]``."""
+    built_in = {*DEFAULT_CALLBACKS, *LAST_CALLBACKS}
+    chosen: dict[str, tuple[str, dict, bool]] = {n: (n, {}, True) for n in built_in}
+    extra = []
+    for i, item in enumerate(cfg.callbacks):
+        key = f"callbacks[{i}]"
+        if item.name in built_in:
+            chosen[item.name] = (key, item.args, item.enabled)
+        elif item.enabled:
+            extra.append((key, item.name, item.args))
+    order = [(chosen[n][0], n, chosen[n][1]) for n in DEFAULT_CALLBACKS if chosen[n][2]]
+    order += extra
+    order += [(chosen[n][0], n, chosen[n][1]) for n in LAST_CALLBACKS if chosen[n][2]]
+    built = []
+    for key, name, args in order:
+        try:
+            built.append(CALLBACKS.build(name, f"{key}.name", **args))
+        except (TypeError, ValueError) as exc:  # the callback refused its arguments
+            raise ConfigError(f"{key} '{name}': {exc}") from exc
+    return CallbackList(built)
+
+
+__all__ = [
+    "DEFAULT_CALLBACKS",
+    "EMA",
+    "EVENTS",
+    "Callback",
+    "CallbackList",
+    "Checkpoint",
+    "EarlyStoppingCallback",
+    "Freeze",
+    "GradNorm",
+    "MaxTime",
+    "MetricsTableCallback",
+    "Progress",
+    "TensorBoard",
+    "build_callbacks",
+]

@@ -108,10 +108,13 @@ class TrainerConfig:
 @dataclass
 class CallbackConfig:
     """One callback: a registered name (grad_norm, ema, freeze, max_time) or a
-    package.module:Class path, with its keyword arguments. In YAML a bare name will do."""
+    package.module:Class path, with its keyword arguments. In YAML a bare name will do.
+    Naming a built-in one (progress, tensorboard, metrics_table, early_stopping, checkpoint)
+    sets its arguments, or turns it off with ``enabled: false``."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
+    enabled: bool = True  # false: leave this (built-in) callback out
 
 
 @dataclass

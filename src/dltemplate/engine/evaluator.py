@@ -25,38 +25,48 @@ from dltemplate.metrics.base import MetricCollection
 log = logging.getLogger("dltemplate")
 
 
-@torch.no_grad()
-def evaluate_loader(
-    task: Task,
-    model: nn.Module,
-    criterion: nn.Module,
-    metrics: MetricCollection,
-    loader: IndexLoader,
-    *,
-    device: torch.device,
-    info: DataInfo,
-    precision: Precision,
-    on_batch: Callable[[int, Batch, torch.Tensor], None] | None = None,
-) -> dict[str, float]:
-    """Mean loss and metrics over ``loader``, reduced across processes (each sample once).
+class Evaluation:
+    """The evaluation loop, assembled once from a task, its loss and metrics, and used alike by
+    the trainer (validation, test) and by ``dltemplate eval``."""
 
-    ``on_batch(index, batch, outputs)`` sees every batch (pictures, sample predictions).
-    """
-    model.eval()
-    metrics.reset()
-    meter = AverageMeter()
-    for i, batch in enumerate(loader):
-        batch = task.prepare_batch(batch, device, info)
-        with precision.autocast():
-            outputs = task.forward(model, batch)
-            loss = task.compute_loss(criterion, outputs, batch)
-        meter.update(loss, len(batch.targets))
-        task.update_metrics(metrics, outputs, batch)
-        if on_batch is not None:
-            on_batch(i, batch, outputs)
-    metrics.sync(D.all_reduce_sum)
-    D.all_reduce_sum(meter.state())
-    return {"loss": meter.avg, **metrics.compute()} if float(meter.count) else {}
+    def __init__(
+        self,
+        task: Task,
+        criterion: nn.Module,
+        metrics: MetricCollection,
+        info: DataInfo,
+        device: torch.device,
+        precision: Precision,
+    ) -> None:
+        self.task, self.criterion, self.metrics = task, criterion, metrics
+        self.info, self.device, self.precision = info, device, precision
+
+    @torch.no_grad()
+    def run(
+        self,
+        model: nn.Module,
+        loader: IndexLoader,
+        on_batch: Callable[[int, Batch, Any], None] | None = None,
+    ) -> dict[str, float]:
+        """Mean loss and metrics of ``model`` over ``loader``, reduced across processes (each
+        sample once); ``{}`` for an empty loader. ``on_batch(index, batch, outputs)`` sees
+        every batch (pictures, sample predictions)."""
+        task = self.task
+        model.eval()
+        self.metrics.reset()
+        meter = AverageMeter()
+        for i, batch in enumerate(loader):
+            batch = task.prepare_batch(batch, self.device, self.info)
+            with self.precision.autocast():
+                outputs = task.forward(model, batch)
+                loss = task.compute_loss(self.criterion, outputs, batch)
+            meter.update(loss, len(batch.targets))
+            task.update_metrics(self.metrics, outputs, batch)
+            if on_batch is not None:
+                on_batch(i, batch, outputs)
+        self.metrics.sync(D.all_reduce_sum)
+        D.all_reduce_sum(meter.state())
+        return {"loss": meter.avg, **self.metrics.compute()} if float(meter.count) else {}
 
 
 def resolve_eval_target(target: str | Path) -> Path:
@@ -82,14 +92,13 @@ class EvaluatorBase:
         raw = apply_overrides(state["config"], list(overrides or []))
         self.cfg: Config = config_from_dict(raw, f"{self.checkpoint_path} (saved config)")
         import_plugins(self.cfg)
+        from dltemplate.engine.build import build_components  # it builds an Evaluation too
+
         self.task = task or make_task(self.cfg)
         self.device, _ = select_device(self.cfg.experiment.device, self.cfg.experiment.gpu_devices)
-        self.info = self.task.data_info()
-        self.model = self.task.build_model(self.info).to(self.device)
+        parts = build_components(self.cfg, self.task, self.device)
+        self.info, self.model, self.evaluation = parts.info, parts.model, parts.evaluation
         load_model_weights(self.model, state["model"], str(self.checkpoint_path))
-        self.criterion = self.task.build_loss().to(self.device)
-        self.metrics = self.task.build_metrics(self.info)
-        self.precision = Precision(self.cfg.trainer.precision, self.device)
         self.epoch = state["epoch"]
 
     def run(
@@ -121,24 +130,14 @@ class EvaluatorBase:
 
         if viz_dir is not None:
             viz_dir.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_loader(
-            self.task,
-            self.model,
-            self.criterion,
-            self.metrics,
-            loader,
-            device=self.device,
-            info=self.info,
-            precision=self.precision,
-            on_batch=per_batch,
-        )
+        metrics = self.evaluation.run(self.model, loader, on_batch=per_batch)
         report = {
             "checkpoint": str(self.checkpoint_path),
             "split": split,
             "num_samples": len(evaluated),
             "epoch": self.epoch,
             "metrics": metrics,
-            "report": self.metrics.report(),
+            "report": self.evaluation.metrics.report(),
             "samples": samples,
         }
         if viz_dir is not None:

@@ -66,12 +66,11 @@ def use_progress_bar(setting: str) -> bool:
 
 
 class EpochProgress:
-    """Reports loss and throughput during an epoch: a tqdm bar, or a log line every N steps."""
+    """Reports loss and throughput during an epoch: a tqdm bar (redrawn by time, at most ten
+    times a second), or a log line whenever a loss is given."""
 
-    def __init__(
-        self, total: int, desc: str, *, bar: bool, every: int, enabled: bool, initial: int = 0
-    ) -> None:
-        self.total, self.desc, self.every, self.enabled = total, desc, max(1, every), enabled
+    def __init__(self, total: int, desc: str, *, bar: bool, enabled: bool, initial: int = 0):
+        self.total, self.desc, self.enabled = total, desc, enabled
         self.done = initial
         self.samples = 0
         self.start = time.perf_counter()
@@ -83,13 +82,15 @@ class EpochProgress:
                 leave=False,
                 dynamic_ncols=True,
                 file=sys.stderr,
+                mininterval=0.1,
             )
             if (bar and enabled)
             else None
         )
 
     def update(self, samples: int, loss: float | None = None) -> None:
-        """One batch done; ``loss`` is shown when given (pass it only now and then: it syncs)."""
+        """One batch done; ``loss`` is shown when given (the trainer gives it every
+        ``trainer.log_every_n_steps`` optimizer steps)."""
         self.done += 1
         self.samples += samples
         if not self.enabled:
@@ -97,20 +98,16 @@ class EpochProgress:
         if self.bar is not None:
             self.bar.update(1)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.rate:.0f}")
+                self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=_rate(self.rate), refresh=False)
         elif loss is not None:
             logging.getLogger(LOGGER_NAME).info(
-                "%s [%d/%d] loss %.4f, %.0f samples/s",
+                "%s [%d/%d] loss %.4f, %s samples/s",
                 self.desc,
                 self.done,
                 self.total,
                 loss,
-                self.rate,
+                _rate(self.rate),
             )
-
-    def wants_loss(self) -> bool:
-        """Whether this step should report the loss (every ``every`` steps)."""
-        return self.enabled and self.done % self.every == self.every - 1
 
     @property
     def rate(self) -> float:
@@ -121,3 +118,8 @@ class EpochProgress:
         """Remove the bar."""
         if self.bar is not None:
             self.bar.close()
+
+
+def _rate(rate: float) -> str:
+    """A rate as people read it: ``1234``, ``12.3``, ``0.42``."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"

@@ -1,8 +1,10 @@
 """TrainerBase: the train / validate / test loop, readable top to bottom.
 
-Everything task-specific goes through the :class:`~dltemplate.engine.task.Task` hooks; every
-optional behaviour (precision, clipping, early stopping, accumulation, checkpoints) is a small
-named piece that the loop calls. Read :meth:`TrainerBase.fit` first.
+Building the run (model, loss, metrics, loaders, optimizer) is :mod:`dltemplate.engine.build`;
+everything task-specific goes through the :class:`~dltemplate.engine.task.Task` hooks; what
+happens around the loop — checkpoints, early stopping, the metrics table, TensorBoard, the
+progress bar, and your own — are callbacks (:mod:`dltemplate.callbacks`) called at the loop's
+events. Read :meth:`TrainerBase.fit` first.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,70 +22,34 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dltemplate.callbacks.base import CallbackList
+from dltemplate.callbacks import build_callbacks
 from dltemplate.config import Config, config_to_dict
-from dltemplate.data.base import Batch, IndexLoader, TensorSplit
+from dltemplate.data.base import Batch, IndexLoader
 from dltemplate.engine import distributed as D
 from dltemplate.engine.atomic import atomic_write_text
+from dltemplate.engine.build import build_components, build_loaders, build_schedule
 from dltemplate.engine.checkpoint import (
     checkpoint_name,
     load_checkpoint,
     load_model_weights,
-    newest_intact_checkpoint,
     save_checkpoint,
     unwrap_model,
 )
+from dltemplate.engine.clipping import clip_gradients
 from dltemplate.engine.device import select_device
 from dltemplate.engine.early_stopping import EarlyStopping
-from dltemplate.engine.evaluator import evaluate_loader
+from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.meters import AverageMeter
-from dltemplate.engine.precision import Precision
-from dltemplate.engine.restarts import forget_restart_marker, remember_run_dir, restarted_run_dir
-from dltemplate.engine.rundir import (
-    MetricsTable,
-    find_config,
-    new_run_dir,
-    remove_stale_temp_files,
-    save_config,
-)
-from dltemplate.engine.runlog import (
-    EpochProgress,
-    attach_log_file,
-    setup_logging,
-    use_progress_bar,
-)
-from dltemplate.engine.seeding import rng_state, seed_everything, set_rng_state
+from dltemplate.engine.restarts import forget_restart_marker
+from dltemplate.engine.resume import ResumeMixin
+from dltemplate.engine.runlog import setup_logging
+from dltemplate.engine.seeding import rng_state, seed_everything
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals, rank_seed
-from dltemplate.engine.sync_batchnorm import convert_sync_batchnorm
 from dltemplate.engine.task import Task, import_plugins, make_task
-from dltemplate.errors import (
-    CheckpointError,
-    ConfigError,
-    NonFiniteLossError,
-    UsageError,
-    did_you_mean,
-)
-from dltemplate.metrics.base import MetricCollection
-from dltemplate.optim import build_optimizer, build_scheduler, is_plateau, scheduler_interval
-from dltemplate.optim.stretch import StretchedSchedule, is_stretched_state, stretch_scheduler
-from dltemplate.registry import CALLBACKS
+from dltemplate.errors import NonFiniteLossError, UsageError
+from dltemplate.optim import is_plateau
 
 log = logging.getLogger("dltemplate")
-
-
-def limit_batches(limit: int | float | None, full: int, key: str) -> int | None:
-    """Lightning's convention: an int is a count of batches, a float a fraction of the epoch."""
-    if limit is None:
-        return None
-    if isinstance(limit, float):
-        if not 0.0 < limit <= 1.0:
-            raise ConfigError(
-                f"{key}={limit}: a fraction must be in (0, 1]; use an int for a count"
-            )
-        return max(1, int(full * limit))
-    if limit < 1:
-        raise ConfigError(f"{key}={limit}: must be at least 1")
-    return limit
 
 
 def _detach(outputs: Any) -> Any:
@@ -95,36 +59,19 @@ def _detach(outputs: Any) -> Any:
     return outputs.detach()
 
 
-def clip_gradients(params: list[nn.Parameter], norm: float | None, value: float | None) -> None:
-    """Clip gradients by global norm and/or element value (after unscaling)."""
-    if value is not None:
-        torch.nn.utils.clip_grad_value_(params, value)
-    if norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, norm)
-
-
-def build_callbacks(cfg: Config) -> CallbackList:
-    """The callbacks of ``cfg.callbacks``, in order; a bad name or argument is a ConfigError."""
-    built = []
-    for i, item in enumerate(cfg.callbacks):
-        key = f"callbacks[{i}]"
-        try:
-            built.append(CALLBACKS.build(item.name, f"{key}.name", **item.args))
-        except (TypeError, ValueError) as exc:  # the callback refused its arguments
-            raise ConfigError(f"{key} '{item.name}': {exc}") from exc
-    return CallbackList(built)
-
-
-class _NotExact(Exception):
+class NotResumable(Exception):
     """The state of the last step boundary is not known: no interrupt checkpoint then."""
 
 
-class TrainerBase:
+class TrainerBase(ResumeMixin):
     """Trains ``task``'s model as ``cfg`` says; rank 0 writes the run directory.
 
-    Build it, then call :meth:`fit`. Subclass and override a hook of :class:`Task` (or a method
-    here) to change one piece without copying the loop.
+    Build it, then call :meth:`fit`. Callbacks (``cfg.callbacks``) act at the loop's events;
+    a subclass (named in ``experiment.trainer``) may override any method here.
     """
+
+    evaluator_class: type[EvaluatorBase] = EvaluatorBase  # what ``dltemplate eval`` uses
+    NotResumable = NotResumable
 
     def __init__(self, cfg: Config, task: Task | None = None) -> None:
         import_plugins(cfg)
@@ -141,26 +88,30 @@ class TrainerBase:
             cfg.experiment.device, cfg.experiment.gpu_devices, local_rank
         )
         seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
-        self.writer: Any = None
+        # What callbacks read and set (see dltemplate.callbacks.base).
+        self.run_dir: Path | None = None
+        self.writer: Any = None  # TensorBoard, opened by the tensorboard callback on rank 0
+        self.averaged_model: nn.Module | None = None  # evaluated instead, if set (ema)
+        self.should_stop = False  # set by a callback: end training after this epoch
+        self.improved = False  # whether the epoch just ended is the best so far
+        self.logged_loss: float | None = None  # the loss, on the steps the trainer reads it
+        self.stop_note = "no interrupt checkpoint written (checkpointing is off)"
+        self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
         self.finished_already: str | None = None
 
         # Everything that can be wrong with the config or the data fails here, before any write.
-        self.info = self.task.data_info()
-        self.model = self.task.build_model(self.info).to(self.device)
-        if tc.sync_batchnorm and self.dist.enabled:  # before the optimizer: same parameters
-            self.model = convert_sync_batchnorm(self.model, self.device)
-        self.criterion = self.task.build_loss().to(self.device)
-        # Training and evaluation keep separate metric state: a validation never touches the
-        # training epoch's running sums (an interrupt during validation resumes them intact).
-        self.train_metrics = self.task.build_metrics(self.info)
-        self.eval_metrics = self.task.build_metrics(self.info)
-        self._check_monitor()
-        self.precision = Precision(tc.precision, self.device)
+        sync_bn = tc.sync_batchnorm and self.dist.enabled
+        parts = build_components(cfg, self.task, self.device, sync_batchnorm=sync_bn)
+        self.info, self.model, self.criterion = parts.info, parts.model, parts.criterion
+        self.precision, self.evaluation = parts.precision, parts.evaluation
+        # Training keeps its own metric state: a validation never touches the epoch's sums.
+        self.train_metrics = parts.train_metrics()
+        self.train_meter = AverageMeter()
+        self.best = EarlyStopping(tc.monitor_mode, None, tc.early_stopping_min_delta)
         self.callbacks = build_callbacks(cfg)
         for setup in self.callbacks.setup:
             setup(self)
-        self._restart_dir = self._restarted_run_dir()
-        resume_from = self._resume_checkpoint() if tc.resume else None
+        resume_from = self._find_resume()
         if resume_from is not None and self._is_finished(resume_from[0]):
             return  # nothing to do, nothing to write: fit() says so
         # Rank 0 loads first, so that files are downloaded and decode caches written once.
@@ -169,26 +120,13 @@ class TrainerBase:
         self.data = self.task.load_data()
         if self.dist.is_main and self.dist.enabled:
             D.barrier()
-        self.train_loader, self.val_loader, self.test_loader = self._make_loaders()
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / tc.grad_accum_steps)
-        self.step_scheduler_per_batch = scheduler_interval(cfg.scheduler) == "step"
-        # How many times the scheduler is stepped over the whole run (its length).
-        self.schedule_total = self.epochs * (
-            self.steps_per_epoch if self.step_scheduler_per_batch else 1
+        self.train_loader, self.val_loader, self.test_loader = build_loaders(
+            cfg, self.data, self.dist.rank, self.dist.world_size
         )
-        self.scheduler = build_scheduler(
-            cfg.scheduler,
-            self.optimizer,
-            epochs=self.epochs,
-            steps_per_epoch=self.steps_per_epoch,
-            monitor_mode=tc.monitor_mode,
-        )
-        self.early_stopping = EarlyStopping(
-            tc.monitor_mode, tc.early_stopping_patience, tc.early_stopping_min_delta
-        )
-        self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
-        self.train_meter = AverageMeter()
+        schedule = build_schedule(cfg, self.model, self.epochs, len(self.train_loader))
+        self.optimizer, self.scheduler = schedule.optimizer, schedule.scheduler
+        self.steps_per_epoch, self.schedule_total = schedule.steps_per_epoch, schedule.total
+        self.step_scheduler_per_batch = schedule.per_step
         # Each process draws its own random numbers (dropout, augmentation), seeded from the
         # seed and its rank; the model was built before, from the same seed on every rank.
         if self.dist.rank > 0:
@@ -199,17 +137,18 @@ class TrainerBase:
         self.stop = StopSignals()
         self.snapshot = BoundarySnapshot(unwrap_model(self.model))
         self._torn: str | None = None  # set while a step or an epoch end is half done
-        self._losses: list[torch.Tensor] = []  # losses since the last finiteness check
+        self._losses: list[torch.Tensor] = []  # losses since the trainer last read them
         self._last_window: list[tuple[torch.Tensor, int, Any, Batch]] = []
         self.phase = "train"
         self._open_run_dir(resume_from[1] if resume_from else None)
 
     # == the loop ===============================================================================
     def fit(self) -> dict[str, float]:
-        """Train for ``trainer.epochs`` (or until early stopping), then test; return test metrics.
+        """Train for ``trainer.epochs`` (or until a callback stops it), then test; return the
+        test metrics.
 
-        A signal stops the run at the next step boundary with an exact interrupt checkpoint; an
-        exception writes the checkpoint of the last boundary first (see :meth:`save_interrupt`).
+        A signal stops the run at the next step boundary; callbacks see the exception first
+        (the checkpoint callback writes the interrupt checkpoint), then it is re-raised.
         """
         if self.finished_already is not None:
             log.info("%s", self.finished_already)
@@ -220,35 +159,24 @@ class TrainerBase:
             with self.stop:
                 for fn in cb.on_fit_start:
                     fn(self)
-                while self.epoch < self.epochs and not self.early_stopping.should_stop:
+                while self.epoch < self.epochs and not self.should_stop:
                     started = time.perf_counter()
                     train = self.train_epoch()
-                    self.phase = "val"
-                    for fn in cb.on_validation_start:
-                        fn(self)
-                    val = self.evaluate(self.val_loader, "val")
-                    for fn in cb.on_validation_end:
-                        fn(self, val)
+                    val = self.validate()
                     self.end_epoch(train, val, time.perf_counter() - started)
-                    self.phase = "train"
                     self.check_stop()
-                if self.early_stopping.should_stop:
-                    log.info(
-                        "early stopping: %s did not improve for %d epochs",
-                        self.cfg.trainer.monitor,
-                        self.early_stopping.bad_epochs,
-                    )
                 self.phase = "test"
                 metrics = self.test() if self.cfg.trainer.test_after_fit else {}
-                self.mark_finished()
                 for fn in cb.on_fit_end:
                     fn(self)
+                if self.dist.is_main:
+                    forget_restart_marker(self.cfg.experiment.output_dir)
             D.barrier()  # leave together: gloo aborts a process whose peer left first
             return metrics
         except BaseException as exc:
             for fn in cb.on_exception:
                 fn(self, exc)
-            self.save_interrupt(exc)
+            self._log_stop(exc)
             raise
         finally:
             self.close()
@@ -269,7 +197,6 @@ class TrainerBase:
             fn(self)
         sizes = loader.global_batch_sizes()
         window: list[tuple[torch.Tensor, int, Any, Batch]] = []  # micro-batches since the step
-        progress = self._progress(len(loader), f"epoch {self.epoch + 1}/{self.epochs}")
         for i, batch in enumerate(loader, start=loader.skip_batches):
             for fn in cb.on_train_batch_start:
                 fn(self, i)
@@ -282,8 +209,7 @@ class TrainerBase:
             last = min(first + accum, len(loader))
             update_now = i + 1 == last
             # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
-            sync = contextlib.nullcontext() if update_now else self._no_sync()
-            with sync:
+            with contextlib.nullcontext() if update_now else self._no_sync():
                 with self.precision.autocast():
                     outputs = self.task.forward(self.train_model, batch)
                     loss = self.task.compute_loss(self.criterion, outputs, batch)
@@ -292,24 +218,20 @@ class TrainerBase:
                 # of the window's global batch, whatever the window's length.
                 share = n * self.dist.world_size / sum(sizes[first:last])
                 self.precision.backward(loss * share)
-            window.append((loss.detach(), n, _detach(outputs), batch))
+            loss = loss.detach()
+            window.append((loss, n, _detach(outputs), batch))
+            self.logged_loss = None
             if update_now:
                 self.optimizer_step(window, position=i + 1)
                 window = []
+                if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
+                    self.logged_loss = self.read_losses()
             for fn in cb.on_train_batch_end:
-                fn(self, i, loss.detach())
-            report = progress.wants_loss()
-            progress.update(n * self.dist.world_size, loss.item() if report else None)
-            if report:
-                self.check_finite()
-                if self.writer is not None:
-                    self.writer.add_scalar("train/loss_step", loss.item(), self.global_step)
-                    self.writer.add_scalar("train/lr", self.lr, self.global_step)
+                fn(self, i, loss)
             if update_now:
                 self.check_stop()
-        progress.close()
         self.snapshot.epoch_end()
-        results = self._reduced(self.train_meter, self.train_metrics)
+        results = self._reduced_train_results()
         for fn in cb.on_train_epoch_end:
             fn(self, results)
         return results
@@ -319,15 +241,15 @@ class TrainerBase:
         window's micro-batches in the epoch's loss and metrics: all of it, or (if interrupted
         part-way) none of it as far as the checkpoint is concerned."""
         tc = self.cfg.trainer
+        cb = self.callbacks
         with self._critical("an optimizer step"):
             clipping = tc.clip_grad_norm is not None or tc.clip_grad_value is not None
-            if clipping or self.callbacks.on_before_optimizer_step:
+            if clipping or cb.on_before_optimizer_step:
                 self.precision.unscale(self.optimizer)  # callbacks see true gradients
-            for fn in self.callbacks.on_before_optimizer_step:
+            for fn in cb.on_before_optimizer_step:
                 fn(self)
             if clipping:
-                params = list(self.model.parameters())
-                clip_gradients(params, tc.clip_grad_norm, tc.clip_grad_value)
+                clip_gradients(self.model.parameters(), tc.clip_grad_norm, tc.clip_grad_value)
             self.precision.step(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
@@ -339,65 +261,24 @@ class TrainerBase:
                 self.task.update_metrics(self.train_metrics, outputs, batch)
                 self._losses.append(loss)
             self._last_window = window
-            for fn in self.callbacks.on_after_optimizer_step:
+            for fn in cb.on_after_optimizer_step:
                 fn(self)
             self.snapshot.take()
 
-    def check_stop(self) -> None:
-        """At a step boundary: stop (every process at the same step) if a signal asked to."""
-        name = self.stop.agreed(self.dist.enabled)
-        if name is not None:
-            raise RunStopped(name, at_boundary=True)
-
-    def check_finite(self) -> None:
-        """Stop with an error naming the step if a loss since the last check was not finite
-        (``trainer.stop_on_nan``): before any checkpoint can be overwritten with bad weights."""
-        losses, self._losses = self._losses, []
-        if not self.cfg.trainer.stop_on_nan or not losses:
-            return
-        finite = torch.isfinite(torch.stack([x.float() for x in losses]))
-        if bool(finite.all()):
-            return
-        first = int((~finite).nonzero()[0])
-        step = self.global_step - len(losses) + first + 1
-        raise NonFiniteLossError(
-            f"the training loss is {float(losses[first]):.4g} at step {step} (epoch "
-            f"{self.epoch + 1}); stopping before any checkpoint is overwritten "
-            f"(trainer.stop_on_nan=false trains on)"
-        )
-
-    @contextlib.contextmanager
-    def _critical(self, what: str) -> Iterator[None]:
-        # An exception in here leaves the state half-updated: no interrupt checkpoint then.
-        self._torn = what
-        yield
-        self._torn = None
-
-    def evaluate(self, loader: IndexLoader, split: str) -> dict[str, float]:
-        """Mean loss and metrics over ``loader``, each sample counted once across processes."""
-
-        def each_batch(i: int, batch: Batch, outputs: torch.Tensor) -> None:
-            if i == 0 and self.writer is not None:
-                self.task.log_images(self.writer, split, batch, outputs, self.global_step)
-            # One process can stop between batches; several agree at the next step boundary.
-            if self.stop.requested and not self.dist.enabled:
-                raise RunStopped(self.stop.requested, at_boundary=True)
-
-        return evaluate_loader(
-            self.task,
-            self.eval_model,
-            self.criterion,
-            self.eval_metrics,
-            loader,
-            device=self.device,
-            info=self.info,
-            precision=self.precision,
-            on_batch=each_batch,
-        )
+    def validate(self) -> dict[str, float]:
+        """The validation of this epoch, between the validation events."""
+        self.phase = "val"
+        for fn in self.callbacks.on_validation_start:
+            fn(self)
+        val = self.evaluate(self.val_loader, "val")
+        for fn in self.callbacks.on_validation_end:
+            fn(self, val)
+        return val
 
     def end_epoch(self, train: dict[str, float], val: dict[str, float], seconds: float) -> None:
-        """Step the epoch scheduler, track the best, write table/curves/TensorBoard, checkpoint."""
-        self.check_finite()
+        """Step the epoch scheduler, track the best score, then the ``on_epoch_end`` callbacks
+        (table, TensorBoard, early stopping, checkpoints) with the epoch's metrics.csv row."""
+        self.read_losses()
         row = {f"train/{k}": v for k, v in train.items()}
         row.update({f"val/{k}": v for k, v in val.items()})
         score = row.get(self.cfg.trainer.monitor, float("nan"))
@@ -405,44 +286,21 @@ class TrainerBase:
         with self._critical("the end of an epoch"):
             if self.scheduler is not None and not self.step_scheduler_per_batch:
                 self.scheduler.step(score) if is_plateau(self.scheduler) else self.scheduler.step()
-            improved = self.early_stopping.update(score)
-            # Every rank decides alike as metrics were reduced; rank 0's word settles it anyway.
-            self.early_stopping.bad_epochs = D.broadcast_object(self.early_stopping.bad_epochs)
+            # Metrics were reduced, so every rank decides alike; rank 0's word settles it anyway.
+            self.improved = bool(D.broadcast_object(self.best.update(score)))
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self._log_epoch(row, lr, seconds, improved)
+            row = {"epoch": self.epoch, "lr": lr, "seconds": round(seconds, 3), **row}
             for fn in self.callbacks.on_epoch_end:
                 fn(self, row)
-            state = self.checkpoint_state()  # collective: every rank takes part
-            if improved:
-                self.save("best", state)
-            self.save("last", state)
             self.snapshot.take()
-
-    def _log_epoch(self, row: dict[str, float], lr: float, seconds: float, improved: bool):
-        shown = {"loss", self.cfg.trainer.monitor.split("/", 1)[-1]}
-        log.info(
-            "epoch %d/%d %s | lr %.3g | %.1fs%s",
-            self.epoch,
-            self.epochs,
-            " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.split("/")[-1] in shown),
-            lr,
-            seconds,
-            " *best" if improved else "",
-        )
-        if self.dist.is_main:
-            self.table.append({"epoch": self.epoch, "lr": lr, "seconds": round(seconds, 3), **row})
-            self.table.plot(self.run_dir / "curves.png")
-            for key, value in row.items():
-                self.writer.add_scalar(key, value, self.epoch)
-            self.writer.add_scalar("lr", lr, self.epoch)
-            self.writer.flush()
+        self.phase = "train"
 
     def test(self) -> dict[str, float]:
-        """Evaluate the best checkpoint (or the current weights) on the test split."""
+        """Evaluate the best checkpoint (or the final weights) on the test split."""
         best = self.run_dir / checkpoint_name(self.cfg.model.name, "best")
         D.barrier()  # rank 0 has finished writing it
         if best.exists():
-            load_model_weights(self.model, load_checkpoint(best)["model"], str(best))
+            load_model_weights(self._evaluated_model(), load_checkpoint(best)["model"], str(best))
         for fn in self.callbacks.on_test_start:
             fn(self)
         metrics = self.evaluate(self.test_loader, "test")
@@ -455,20 +313,58 @@ class TrainerBase:
         )
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "test_metrics.json", json.dumps(metrics, indent=2))
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"test/{key}", value, self.epoch)
         return metrics
 
-    def mark_finished(self) -> None:
-        """Record in the last checkpoint that the run is complete, so that ``resume`` of it
-        changes nothing; forget a torchrun restart marker."""
-        if self.dist.is_main and not self.fast_dev_run:
-            path = self.run_dir / checkpoint_name(self.cfg.model.name, "last")
-            if path.exists():
-                state = load_checkpoint(path)
-                state.pop("digest", None)
-                save_checkpoint(path, {**state, "finished": True})
-            forget_restart_marker(self.cfg.experiment.output_dir)
+    def evaluate(self, loader: IndexLoader, split: str) -> dict[str, float]:
+        """Mean loss and metrics over ``loader``, each sample counted once across processes."""
+
+        def each_batch(i: int, batch: Batch, outputs: Any) -> None:
+            if i == 0 and self.writer is not None:
+                self.task.log_images(self.writer, split, batch, outputs, self.global_step)
+            # One process can stop between batches; several agree at the next step boundary.
+            if self.stop.requested and not self.dist.enabled:
+                raise RunStopped(self.stop.requested, at_boundary=True)
+
+        return self.evaluation.run(self._evaluated_model(), loader, on_batch=each_batch)
+
+    # == step boundaries: stopping, and reading the loss =========================================
+    def check_stop(self) -> None:
+        """At a step boundary: stop (every process at the same step) if a signal asked to."""
+        name = self.stop.agreed(self.dist.enabled)
+        if name is not None:
+            raise RunStopped(name, at_boundary=True)
+
+    def read_losses(self) -> float | None:
+        """The mean loss of the micro-batches since the last read (one wait for the device),
+        checked first: a non-finite one stops the run naming its step (``trainer.stop_on_nan``)
+        before any checkpoint is overwritten with bad weights."""
+        losses, self._losses = self._losses, []
+        if not losses:
+            return None
+        stacked = torch.stack([x.float() for x in losses])
+        if self.cfg.trainer.stop_on_nan:
+            finite = torch.isfinite(stacked)
+            if not bool(finite.all()):
+                first = int((~finite).nonzero()[0])
+                step = self.global_step - len(losses) + first + 1
+                raise NonFiniteLossError(
+                    f"the training loss is {float(losses[first]):.4g} at step {step} (epoch "
+                    f"{self.epoch + 1}); stopping before any checkpoint is overwritten "
+                    f"(trainer.stop_on_nan=false trains on)"
+                )
+        return float(stacked.mean())
+
+    @contextlib.contextmanager
+    def _critical(self, what: str) -> Iterator[None]:
+        # An exception in here leaves the state half-updated: no interrupt checkpoint then.
+        self._torn = what
+        yield
+        self._torn = None
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary with an exact interrupt checkpoint, as SIGTERM does;
+        ``reason`` is logged (e.g. ``max_time``)."""
+        self.stop.request(reason)
 
     # == checkpoints ============================================================================
     def checkpoint_state(self, at_last_boundary: bool = False) -> dict[str, Any]:
@@ -483,7 +379,7 @@ class TrainerBase:
         unknown = torch.tensor([rng is None], dtype=torch.int64, device=D.collective_device())
         D.all_reduce_max(unknown)  # every process decides alike
         if unknown.item():
-            raise _NotExact("the task drew from Python's or NumPy's generator in this epoch")
+            raise NotResumable("the task drew from Python's or NumPy's generator in this epoch")
         return {
             "model_name": self.cfg.model.name,
             "model": self.snapshot.model_state(model) if at_last_boundary else model.state_dict(),
@@ -497,13 +393,22 @@ class TrainerBase:
             "world_size": self.dist.world_size,
             # Each process's own running sums of the epoch (reduced only to report them).
             "train_progress": D.gather_objects([t.cpu() for t in self._train_state()]),
-            "best_score": self.early_stopping.best,
-            "early_stopping": self.early_stopping.state_dict(),
+            "best_score": self.best.best,
+            "early_stopping": self.best.state_dict(),
+            "stopped_early": self.should_stop,
             "rng": D.gather_objects(rng),
             "callbacks": self.callbacks.state_dict(),
             "finished": False,
             "config": config_to_dict(self.cfg),
         }
+
+    def evaluated_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with the weights that were evaluated (an average, if one is used): what
+        the best checkpoints hold. Such a file cannot resume training (no optimizer in it)."""
+        if self.averaged_model is None:
+            return state
+        weights = unwrap_model(self.averaged_model).state_dict()
+        return {**{k: v for k, v in state.items() if k != "optimizer"}, "model": weights}
 
     def save(self, kind: str, state: dict[str, Any]) -> Path | None:
         """Write ``<Model>_<kind>_ckpt.pth`` on rank 0 (not in fast_dev_run)."""
@@ -513,247 +418,76 @@ class TrainerBase:
         save_checkpoint(path, state)
         return path
 
-    def save_interrupt(self, exc: BaseException) -> None:
-        """Write the interrupt checkpoint where the state allows an exact resume, and say so.
+    def interrupt_state(self, exc: BaseException) -> dict[str, Any]:
+        """The state an interrupt checkpoint may hold after ``exc``, or :class:`NotResumable`.
 
         A signal stops at a step boundary (exact). After another exception on one process, the
-        state of the last boundary is saved (its random state and buffers were kept). No
-        checkpoint is written when the stop tore an optimizer step or an epoch's end, during
-        the final test (training is complete), after a non-finite loss, or when one process of
-        several failed alone: ``resume`` then continues from the newest checkpoint on disk.
+        state of the last boundary is saved (its random state and buffers were kept). None is
+        exact when the stop tore an optimizer step or an epoch's end, during the final test
+        (training is complete), after a non-finite loss or a configuration error, or when one
+        process of several failed alone: ``resume`` then continues from the newest checkpoint.
         """
+        agreed = isinstance(exc, RunStopped) and exc.at_boundary
+        if getattr(self, "run_dir", None) is None:
+            raise NotResumable("the run had not started")
+        if isinstance(exc, NonFiniteLossError):
+            raise NotResumable("the weights are not to be trusted")
+        if isinstance(exc, UsageError):
+            raise NotResumable("the configuration or input is wrong: fix it, then resume")
+        if self.phase == "test":
+            raise NotResumable("training was complete (the final test runs again on resume)")
+        if self._torn is not None:
+            raise NotResumable(f"it stopped part-way through {self._torn}")
+        if self.dist.enabled and not agreed:
+            raise NotResumable("one process of several failed on its own")
+        return self.checkpoint_state(at_last_boundary=True)
+
+    def _log_stop(self, exc: BaseException) -> None:
+        """One line: what stopped the run, where, what was saved, how to go on."""
+        if self.run_dir is None or not self.dist.is_main:
+            return
         what = exc.signal_name if isinstance(exc, RunStopped) else type(exc).__name__
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunStopped):
             what = "SIGINT"
-        agreed = isinstance(exc, RunStopped) and exc.at_boundary
-        where = f"at epoch {self.epoch + 1}, step {self.global_step}"
-        if getattr(self, "run_dir", None) is None:
-            return
-        reason = None
-        if not self.cfg.trainer.save_on_exception or self.fast_dev_run:
-            reason = "interrupt checkpoints are off"
-        elif isinstance(exc, NonFiniteLossError):
-            reason = "the weights are not to be trusted"
-        elif isinstance(exc, UsageError):
-            reason = "the configuration or input is wrong: fix it, then resume"
-        elif self.phase == "test":
-            reason = "training was complete (the final test runs again on resume)"
-        elif self._torn is not None:
-            reason = f"it stopped part-way through {self._torn}"
-        elif self.dist.enabled and not agreed:
-            reason = "one process of several failed on its own"
-        if reason is not None:
-            if self.dist.is_main:
-                log.error(
-                    "run stopped by %s %s; no interrupt checkpoint written (%s); resume "
-                    "continues from the newest checkpoint: dltemplate resume %s",
-                    what,
-                    where,
-                    reason,
-                    self.run_dir,
-                )
-            return
-        try:
-            state = self.checkpoint_state(at_last_boundary=True)
-            path = self.save("interrupt", state)
-        except _NotExact as why:
-            log.error(
-                "run stopped by %s %s; no interrupt checkpoint written (%s); resume continues "
-                "from the newest checkpoint: dltemplate resume %s",
-                what,
-                where,
-                why,
-                self.run_dir,
-            )
-            return
-        except Exception as save_exc:  # the original error matters more than this one
-            log.error("run stopped by %s; saving a checkpoint failed too: %s", what, save_exc)
-            return
-        if path is not None:
-            log.error(
-                "run stopped by %s %s; checkpoint saved to %s; continue with: dltemplate resume %s",
-                what,
-                where,
-                path,
-                self.run_dir,
-            )
+        saved = self.stop_note.startswith("checkpoint saved")
+        log.error(
+            "run stopped by %s at epoch %d, step %d; %s; %s: dltemplate resume %s",
+            what,
+            self.epoch + 1,
+            self.global_step,
+            self.stop_note,
+            "continue with" if saved else "resume continues from the newest checkpoint",
+            self.run_dir,
+        )
 
+    def mark_finished(self) -> None:
+        """Record in the last checkpoint that the run is complete, so that ``resume`` of it
+        changes nothing."""
+        if self.dist.is_main and not self.fast_dev_run:
+            path = self.run_dir / checkpoint_name(self.cfg.model.name, "last")
+            if path.exists():
+                state = load_checkpoint(path)
+                state.pop("digest", None)
+                save_checkpoint(path, {**state, "finished": True})
+
+    # == helpers ================================================================================
     def _train_state(self) -> list[torch.Tensor]:
         return self.train_meter.state() + [t for m in self.train_metrics.metrics for t in m.state()]
 
-    def _reduced(self, meter: AverageMeter, metrics: MetricCollection) -> dict[str, float]:
+    def _reduced_train_results(self) -> dict[str, float]:
         """The epoch's training results over all processes; the local sums stay as they were,
         so that a checkpoint taken later (during validation) holds this process's own share."""
-        local = [t.clone() for t in self._train_state()]
-        metrics.sync(D.all_reduce_sum)
-        D.all_reduce_sum(meter.state())
-        results = {"loss": meter.avg, **metrics.compute()}
-        for mine, kept in zip(self._train_state(), local):
-            mine.copy_(kept)
+        local = [t.clone() for t in self._train_state()] if self.dist.enabled else None
+        self.train_metrics.sync(D.all_reduce_sum)
+        D.all_reduce_sum(self.train_meter.state())
+        results = {"loss": self.train_meter.avg, **self.train_metrics.compute()}
+        if local is not None:
+            for mine, kept in zip(self._train_state(), local):
+                mine.copy_(kept)
         return results
 
-    def _restarted_run_dir(self) -> Path | None:
-        """The run directory to start over in, if any: one given to resume that holds no
-        checkpoint yet (killed early), or under ``torchrun --max-restarts`` the one a restarted
-        worker was writing (resumed from its newest checkpoint if it has one)."""
-        resume = self.cfg.trainer.resume
-        if resume:
-            if Path(resume).is_dir() and not any(Path(resume).glob("*_ckpt.pth")):
-                self.cfg.trainer.resume = None  # stopped before its first checkpoint
-                return Path(resume)
-            return None
-        found = restarted_run_dir(self.cfg.experiment.output_dir) if self.dist.is_main else None
-        found = D.broadcast_object(str(found) if found else None)
-        if found is None:
-            return None
-        if any(Path(found).glob("*_ckpt.pth")):
-            self.cfg.trainer.resume = found
-            return None
-        return Path(found)
-
-    def _resume_checkpoint(self) -> tuple[dict[str, Any], Path]:
-        path = Path(self.cfg.trainer.resume)
-        if path.is_dir():
-            if self.dist.is_main:
-                remove_stale_temp_files(path)  # a killed writer's leftovers
-            ckpt_path, skipped = newest_intact_checkpoint(path)
-            for bad, why in skipped:
-                log.warning("skipping damaged checkpoint %s (%s)", bad, why)
-            if skipped:
-                log.warning("resuming from the newest intact checkpoint: %s", ckpt_path)
-        else:
-            ckpt_path = path
-        state = load_checkpoint(ckpt_path)
-        load_model_weights(self.model, state["model"], str(ckpt_path))  # fails before any write
-        return state, ckpt_path
-
-    def _is_finished(self, state: dict[str, Any]) -> bool:
-        """Whether the checkpoint's run is complete for this config (``resume`` of it is a
-        no-op); a larger ``trainer.epochs`` makes it unfinished again (train longer)."""
-        stopped_early = EarlyStopping(
-            self.cfg.trainer.monitor_mode, self.cfg.trainer.early_stopping_patience
-        )
-        stopped_early.load_state_dict(state["early_stopping"])
-        done = state["epoch"] >= self.epochs or stopped_early.should_stop
-        if not (state.get("finished") and done):
-            return False
-        self.run_dir = Path(self.cfg.trainer.resume)
-        if self.run_dir.is_file():
-            self.run_dir = self.run_dir.parent
-        self.finished_already = (
-            f"run {self.run_dir} is finished (epoch {state['epoch']}, step "
-            f"{state['global_step']}"
-            + "): nothing to do; "
-            + (
-                "early stopping ended it (a larger trainer.early_stopping_patience continues it)"
-                if stopped_early.should_stop
-                else "resume with a larger trainer.epochs to train longer"
-            )
-        )
-        return True
-
-    def _saved_test_metrics(self) -> dict[str, float]:
-        path = self.run_dir / "test_metrics.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def _restore(self, state: dict[str, Any], path: Path) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        saved = state["scheduler"]
-        if (saved is None) != (self.scheduler is None):
-            raise CheckpointError(f"{path}: the checkpoint's scheduler does not match the config")
-        if self.scheduler is not None:
-            if is_stretched_state(saved):
-                self.scheduler = StretchedSchedule.from_state_dict(self.optimizer, saved)
-            else:
-                self.scheduler.load_state_dict(saved)
-        self.precision.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.global_step = state["epoch"], state["global_step"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.early_stopping.load_state_dict(state["early_stopping"])
-        progress = state["train_progress"]
-        if progress and isinstance(progress[0], torch.Tensor):  # written by an older version
-            progress = [progress]
-        if len(progress) == self.dist.world_size:
-            for mine, kept in zip(self._train_state(), progress[self.dist.rank]):
-                mine.copy_(kept)
-        self._train_longer(state)
-        for name in self.callbacks.load_state_dict(state.get("callbacks", [])):
-            log.warning("callback %s has no saved state in %s: it starts afresh", name, path)
-        rng = state["rng"]
-        if len(rng) == self.dist.world_size:
-            set_rng_state(rng[self.dist.rank])
-        else:  # another number of processes: the stream cannot continue exactly anyway
-            log.warning(
-                "%s was written by %d process(es), this run has %d: random streams start afresh",
-                path,
-                len(rng),
-                self.dist.world_size,
-            )
-
-    def _train_longer(self, state: dict[str, Any]) -> None:
-        """A resume asking for more epochs stretches what was left of the schedule over the new
-        length (see :mod:`dltemplate.optim.stretch`): no jump, no stepping past its end."""
-        old_total = state.get("schedule_total")
-        if old_total is None:  # an older checkpoint: recompute from its config
-            saved = state["config"]["trainer"]
-            old_total = saved["epochs"] * (
-                self.steps_per_epoch if self.step_scheduler_per_batch else 1
-            )
-        if self.scheduler is None or self.schedule_total <= old_total:
-            return
-        done = self.global_step if self.step_scheduler_per_batch else self.epoch
-        self.scheduler = stretch_scheduler(
-            self.scheduler, self.optimizer, done=done, old_total=old_total,
-            new_total=self.schedule_total,
-        )  # fmt: skip
-        log.info(
-            "training longer: the rest of the learning-rate schedule (scheduler steps %d-%d) is "
-            "stretched over steps %d-%d",
-            done,
-            old_total,
-            done,
-            self.schedule_total,
-        )
-
-    # == set-up helpers =========================================================================
-    def _check_monitor(self) -> None:
-        names = ["loss", *self.eval_metrics.compute()]
-        valid = [f"{split}/{n}" for split in ("val", "train") for n in names]
-        if self.cfg.trainer.monitor not in valid:
-            raise ConfigError(
-                f"trainer.monitor='{self.cfg.trainer.monitor}' is not a logged metric"
-                f"{did_you_mean(self.cfg.trainer.monitor, valid)}; choose from {', '.join(valid)}"
-            )
-
-    def _make_loaders(self) -> tuple[IndexLoader, IndexLoader, IndexLoader]:
-        tc, d, seed = self.cfg.trainer, self.cfg.data, self.cfg.experiment.seed
-        if tc.grad_accum_steps < 1:
-            raise ConfigError(f"trainer.grad_accum_steps={tc.grad_accum_steps}: must be >= 1")
-        eval_bs = d.eval_batch_size or 2 * d.batch_size
-        where = {"rank": self.dist.rank, "world_size": self.dist.world_size}
-        train_split: TensorSplit = self.data.train
-        val_split = self.data.val
-        if len(train_split) == 0:
-            raise ConfigError("data: the training split is empty (check the sample rates)")
-        train = IndexLoader(train_split, d.batch_size, training=True, seed=seed, **where)
-        limits = [tc.limit_train_batches, tc.limit_val_batches, tc.limit_test_batches]
-        if self.fast_dev_run:
-            limits = [tc.fast_dev_run] * 3
-        if tc.overfit_batches > 0:  # the same few batches, in order, to train and to validate
-            n = min(len(train_split), tc.overfit_batches * d.batch_size * self.dist.world_size)
-            train = IndexLoader(train_split, d.batch_size, training=True, shuffle=False, **where)
-            limits[0] = tc.overfit_batches
-            val_split = train_split.subset(torch.arange(n))
-        val = IndexLoader(val_split, eval_bs, training=False, **where)
-        test = IndexLoader(self.data.test, eval_bs, training=False, **where)
-        keys = [
-            "trainer.limit_train_batches",
-            "trainer.limit_val_batches",
-            "trainer.limit_test_batches",
-        ]
-        for loader, limit, key in zip((train, val, test), limits, keys):
-            loader.limit_batches = limit_batches(limit, loader.full_length(), key)
-        return train, val, test
+    def _evaluated_model(self) -> nn.Module:
+        return self.averaged_model if self.averaged_model is not None else self.eval_model
 
     def _wrap_model(self, dp_ids: list[int]) -> tuple[nn.Module, nn.Module]:
         """(model for training, model for evaluation): compiled, DataParallel, DDP as asked."""
@@ -773,98 +507,6 @@ class TrainerBase:
             return self.train_model.no_sync()
         return contextlib.nullcontext()
 
-    def _open_run_dir(self, resumed_from: Path | None) -> None:
-        """Create (rank 0) or reopen the run directory; set up logging, table and TensorBoard."""
-        self.writer = None
-        output_dir = self.cfg.experiment.output_dir
-        if resumed_from is not None:
-            run_dir = resumed_from.parent
-        elif self._restart_dir is not None:  # torchrun restarted us before any checkpoint
-            run_dir = self._restart_dir
-        else:
-            made = new_run_dir(output_dir) if self.dist.is_main else None
-            run_dir = Path(D.broadcast_object(str(made) if made else None))
-        self.run_dir = run_dir
-        if not self.dist.is_main:
-            return
-        remove_stale_temp_files(run_dir)  # a killed writer's leftovers
-        attach_log_file(run_dir / "train.log")
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only where needed
-
-        self.table = MetricsTable(run_dir / "metrics.csv")
-        if resumed_from is None:
-            save_config(run_dir, self.cfg.experiment.name, config_to_dict(self.cfg))
-            remember_run_dir(output_dir, run_dir)
-            if self._restart_dir is None:
-                log.info("run %s started: %s", run_dir.name, run_dir)
-            else:
-                self.table.truncate(1)
-                log.info("run %s had no checkpoint yet: started over in %s", run_dir.name, run_dir)
-        else:
-            self.table.truncate(self.epoch + 1)  # drop rows of epochs that will run again
-            log.info(
-                "run %s resumed from %s at epoch %d, step %d",
-                run_dir.name,
-                resumed_from,
-                self.epoch + 1,
-                self.global_step,
-            )
-            self._update_saved_config(run_dir)
-        log.info("command: %s", " ".join(sys.argv))
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log.info(
-            "device %s x %d process(es); model %s (%d parameters); train %d, val %d, "
-            "test %d samples",
-            self.device,
-            self.dist.world_size,
-            self.cfg.model.name,
-            n_params,
-            len(self.data.train),
-            len(self.data.val),
-            len(self.data.test),
-        )
-        for note in self.data.notes:
-            log.info("data: %s", note)
-        groups = self.data.group_record()
-        if groups is not None and resumed_from is None:
-            (run_dir / "split.json").write_text(json.dumps(groups, indent=1))
-        # purge_step drops TensorBoard events past the resumed step, so curves do not fold back.
-        self.writer = SummaryWriter(str(run_dir / "summary"), purge_step=self.global_step or None)
-
-    def _update_saved_config(self, run_dir: Path) -> None:
-        """A resume that changes the config (train longer) rewrites the saved config, so that
-        the run directory alone says how the run goes on."""
-        path = find_config(run_dir)
-        saved = json.loads(path.read_text())
-        meta = saved.pop("_meta", {})
-        now = config_to_dict(self.cfg)
-        now["trainer"]["resume"] = saved.get("trainer", {}).get("resume")
-        changed = []
-        for section, values in now.items():
-            if not isinstance(values, dict):  # a list section (callbacks): compared whole
-                if saved.get(section, []) != values:
-                    changed.append(f"{section}: {saved.get(section)!r} -> {values!r}")
-                continue
-            changed += [
-                f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-                for key, value in values.items()
-                if saved.get(section, {}).get(key) != value
-            ]
-        if changed:
-            log.info("config changed on resume: %s", "; ".join(changed))
-            atomic_write_text(path, json.dumps({**now, "_meta": meta}, indent=2))
-
-    def _progress(self, total: int, desc: str) -> EpochProgress:
-        tc = self.cfg.trainer
-        return EpochProgress(
-            total,
-            desc,
-            bar=use_progress_bar(tc.progress_bar),
-            every=tc.log_every_n_steps,
-            enabled=self.dist.is_main,
-            initial=self.batch_in_epoch,
-        )
-
     @property
     def step_loss(self) -> torch.Tensor:
         """The mean training loss of the last optimizer step's samples on this process (a 0-d
@@ -872,11 +514,6 @@ class TrainerBase:
         window = self._last_window
         total = sum(n for _, n, _, _ in window)
         return sum(loss.float() * n for loss, n, _, _ in window) / total
-
-    def request_stop(self, reason: str) -> None:
-        """Stop at the next step boundary with an exact interrupt checkpoint, as SIGTERM does;
-        ``reason`` is logged (e.g. ``max_time``)."""
-        self.stop.request(reason)
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -889,9 +526,7 @@ class TrainerBase:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def close(self) -> None:
-        """Finish the curves picture, close TensorBoard and leave the process group."""
-        if getattr(self, "table", None) is not None:
-            self.table.wait()
+        """Close what callbacks left open and leave the process group."""
         if getattr(self, "writer", None) is not None:
             self.writer.close()
             self.writer = None

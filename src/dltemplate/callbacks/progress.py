@@ -1,0 +1,73 @@
+"""``progress``: the progress bar (or plain log lines) during an epoch, and the epoch's line."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from dltemplate.callbacks.base import Callback
+from dltemplate.engine.runlog import EpochProgress, use_progress_bar
+from dltemplate.registry import CALLBACKS
+
+if TYPE_CHECKING:
+    from dltemplate.engine.trainer import TrainerBase
+
+log = logging.getLogger("dltemplate")
+
+
+@CALLBACKS.register("progress")
+class Progress(Callback):
+    """A tqdm bar on a terminal (``bar``: ``auto``/``on``/``off``; default
+    ``trainer.progress_bar``), else a log line whenever the trainer reads the loss (every
+    ``trainer.log_every_n_steps`` optimizer steps); and one log line per epoch. Rank 0 only.
+
+    The loss it shows is the one the trainer read anyway: the bar costs no synchronisation.
+    """
+
+    def __init__(self, bar: Literal["auto", "on", "off"] | None = None) -> None:
+        if bar not in (None, "auto", "on", "off"):
+            raise ValueError(f"bar={bar!r}: expected auto, on or off")
+        self.bar = bar
+        self.progress: EpochProgress | None = None
+        self.sizes: list[int] = []
+
+    def on_train_epoch_start(self, trainer: TrainerBase) -> None:
+        """Open the epoch's bar, at the batch the epoch resumes from."""
+        loader = trainer.train_loader
+        self.sizes = loader.global_batch_sizes()
+        self.progress = EpochProgress(
+            len(loader),
+            f"epoch {trainer.epoch + 1}/{trainer.epochs}",
+            bar=use_progress_bar(self.bar or trainer.cfg.trainer.progress_bar),
+            enabled=trainer.dist.is_main,
+            initial=trainer.batch_in_epoch,
+        )
+
+    def on_train_batch_end(self, trainer: TrainerBase, batch_index: int, loss: torch.Tensor):
+        """Count the batch; show the loss when the trainer has just read it."""
+        self.progress.update(self.sizes[batch_index], trainer.logged_loss)
+
+    def on_train_epoch_end(self, trainer: TrainerBase, metrics: dict[str, float]) -> None:
+        """Remove the bar."""
+        self.progress.close()
+
+    def on_epoch_end(self, trainer: TrainerBase, row: dict[str, float]) -> None:
+        """One line: the epoch's loss and monitored metric, the learning rate, the time."""
+        shown = {"loss", trainer.cfg.trainer.monitor.split("/", 1)[-1]}
+        values = [f"{k} {v:.4f}" for k, v in row.items() if "/" in k and k.split("/")[-1] in shown]
+        log.info(
+            "epoch %d/%d %s | lr %.3g | %.1fs%s",
+            row["epoch"],
+            trainer.epochs,
+            " ".join(values),
+            row["lr"],
+            row["seconds"],
+            " *best" if trainer.improved else "",
+        )
+
+    def on_exception(self, trainer: TrainerBase, exc: BaseException) -> None:
+        """Remove a bar left open."""
+        if self.progress is not None:
+            self.progress.close()

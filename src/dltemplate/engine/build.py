@@ -1,0 +1,147 @@
+"""Building a run from its config, separate from running it.
+
+:func:`build_components` makes what needs no data (model, loss, metrics, precision): it is
+where a wrong config fails, before anything is read or written, and what ``eval`` reuses.
+:func:`build_loaders` and :func:`build_schedule` make the training parts once the data is there.
+Each is a plain function of the config, testable on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dltemplate.config import Config
+from dltemplate.data.base import DataInfo, DataSplits, IndexLoader
+from dltemplate.engine.evaluator import Evaluation
+from dltemplate.engine.precision import Precision
+from dltemplate.engine.sync_batchnorm import convert_sync_batchnorm
+from dltemplate.engine.task import Task
+from dltemplate.errors import ConfigError, did_you_mean
+from dltemplate.metrics.base import MetricCollection
+from dltemplate.optim import build_optimizer, build_scheduler, scheduler_interval
+
+
+@dataclass
+class Components:
+    """What a config builds without data: the model, what scores it, and how it evaluates."""
+
+    task: Task
+    info: DataInfo
+    model: nn.Module
+    criterion: nn.Module
+    precision: Precision
+    evaluation: Evaluation  # owns the evaluation metrics
+
+    def train_metrics(self) -> MetricCollection:
+        """A fresh metric state for training (kept apart from evaluation's)."""
+        return self.task.build_metrics(self.info)
+
+
+def build_components(
+    cfg: Config, task: Task, device: torch.device, sync_batchnorm: bool = False
+) -> Components:
+    """Model (on ``device``), loss, precision and the evaluation, as ``cfg`` says.
+
+    ``sync_batchnorm``: BatchNorm layers become :class:`SyncBatchNorm`-like layers (several
+    processes), before any optimizer sees the parameters.
+    """
+    info = task.data_info()
+    model = task.build_model(info).to(device)
+    if sync_batchnorm:
+        model = convert_sync_batchnorm(model, device)
+    criterion = task.build_loss().to(device)
+    precision = Precision(cfg.trainer.precision, device)
+    evaluation = Evaluation(task, criterion, task.build_metrics(info), info, device, precision)
+    check_monitor(cfg.trainer.monitor, evaluation.metrics)
+    return Components(task, info, model, criterion, precision, evaluation)
+
+
+def check_monitor(monitor: str, metrics: MetricCollection) -> None:
+    """``trainer.monitor`` must name a logged metric (``val/`` or ``train/``)."""
+    names = ["loss", *metrics.compute()]
+    valid = [f"{split}/{n}" for split in ("val", "train") for n in names]
+    if monitor not in valid:
+        raise ConfigError(
+            f"trainer.monitor='{monitor}' is not a logged metric"
+            f"{did_you_mean(monitor, valid)}; choose from {', '.join(valid)}"
+        )
+
+
+def limit_batches(limit: int | float | None, full: int, key: str) -> int | None:
+    """Lightning's convention: an int is a count of batches, a float a fraction of the epoch."""
+    if limit is None:
+        return None
+    if isinstance(limit, float):
+        if not 0.0 < limit <= 1.0:
+            raise ConfigError(
+                f"{key}={limit}: a fraction must be in (0, 1]; use an int for a count"
+            )
+        return max(1, int(full * limit))
+    if limit < 1:
+        raise ConfigError(f"{key}={limit}: must be at least 1")
+    return limit
+
+
+def build_loaders(
+    cfg: Config, data: DataSplits, rank: int = 0, world_size: int = 1
+) -> tuple[IndexLoader, IndexLoader, IndexLoader]:
+    """Train, validation and test loaders for this process, with the ``trainer.limit_*``,
+    ``fast_dev_run`` and ``overfit_batches`` settings applied."""
+    tc, d, seed = cfg.trainer, cfg.data, cfg.experiment.seed
+    if tc.grad_accum_steps < 1:
+        raise ConfigError(f"trainer.grad_accum_steps={tc.grad_accum_steps}: must be >= 1")
+    eval_bs = d.eval_batch_size or 2 * d.batch_size
+    where = {"rank": rank, "world_size": world_size}
+    train_split, val_split = data.train, data.val
+    if len(train_split) == 0:
+        raise ConfigError("data: the training split is empty (check the sample rates)")
+    train = IndexLoader(train_split, d.batch_size, training=True, seed=seed, **where)
+    limits = [tc.limit_train_batches, tc.limit_val_batches, tc.limit_test_batches]
+    if tc.fast_dev_run > 0:
+        limits = [tc.fast_dev_run] * 3
+    if tc.overfit_batches > 0:  # the same few batches, in order, to train and to validate
+        n = min(len(train_split), tc.overfit_batches * d.batch_size * world_size)
+        train = IndexLoader(train_split, d.batch_size, training=True, shuffle=False, **where)
+        limits[0] = tc.overfit_batches
+        val_split = train_split.subset(torch.arange(n))
+    val = IndexLoader(val_split, eval_bs, training=False, **where)
+    test = IndexLoader(data.test, eval_bs, training=False, **where)
+    keys = [
+        "trainer.limit_train_batches",
+        "trainer.limit_val_batches",
+        "trainer.limit_test_batches",
+    ]
+    for loader, limit, key in zip((train, val, test), limits, keys):
+        loader.limit_batches = limit_batches(limit, loader.full_length(), key)
+    return train, val, test
+
+
+@dataclass
+class Schedule:
+    """The optimizer, its scheduler and the run's length in optimizer and scheduler steps."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LRScheduler, ReduceLROnPlateau, or None
+    steps_per_epoch: int  # optimizer steps
+    per_step: bool  # the scheduler steps with the optimizer (else once an epoch)
+    total: int  # scheduler steps over the whole run: the schedule's length
+
+
+def build_schedule(cfg: Config, model: nn.Module, epochs: int, batches_per_epoch: int) -> Schedule:
+    """The optimizer over ``model``'s parameters and a scheduler sized for ``epochs``."""
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    steps_per_epoch = -(-batches_per_epoch // cfg.trainer.grad_accum_steps)
+    per_step = scheduler_interval(cfg.scheduler) == "step"
+    scheduler = build_scheduler(
+        cfg.scheduler,
+        optimizer,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        monitor_mode=cfg.trainer.monitor_mode,
+    )
+    total = epochs * (steps_per_epoch if per_step else 1)
+    return Schedule(optimizer, scheduler, steps_per_epoch, per_step, total)

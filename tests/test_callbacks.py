@@ -1,0 +1,562 @@
+"""Callbacks, checked by what a user sees: the README's example resumes exactly after any stop,
+the shipped callbacks do what their table says, and a bad callbacks list stops before any work."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_dirs
+
+from dltemplate.callbacks import EVENTS, Callback, CallbackList, GradNorm
+from dltemplate.cli import main
+from dltemplate.registry import CALLBACKS
+from dltemplate.tasks.classification import ClassificationTask
+
+DEMO = REPO / "configs" / "digits_mlp.yaml"
+# 388 training samples at batch 32: 13 optimizer steps an epoch.
+SMALL = [
+    "data.train_val_sample_rate=0.3",
+    "data.test_sample_rate=0.3",
+    "model.args.hidden=[32]",
+    "trainer.epochs=2",
+]
+STEPS_PER_EPOCH = 13
+README_COMMAND = "dltemplate train configs/digits_mlp.yaml experiment.imports=[my_callbacks]"
+
+
+def readme_block(first_line: str) -> str:
+    """The README's fenced code block that starts with ``first_line``."""
+    readme = (REPO / "README.md").read_text()
+    for block in re.findall(r"```\w*\n(.*?)```", readme, flags=re.S):
+        if block.startswith(first_line):
+            return block
+    raise AssertionError(f"README has no code block starting with {first_line!r}")
+
+
+def readme_command(first_line: str) -> list[str]:
+    """The one ``dltemplate ...`` command of a README block, split as a shell would, with the
+    demo config given by its absolute path (the tests run from tmp_path)."""
+    (line,) = readme_block(first_line).splitlines()
+    args = shlex.split(line)[1:]
+    assert args[1] == "configs/digits_mlp.yaml"
+    return [args[0], str(DEMO), *args[2:]]
+
+
+def results(run: Path) -> dict[str, object]:
+    """What must be bit-identical between a stopped-and-resumed run and an unstopped one."""
+    (last,) = run.glob("*_last_ckpt.pth")
+    state = torch.load(last, weights_only=True)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    for row in rows:
+        row.pop("seconds")
+    return {
+        "model": state["model"],
+        "optimizer": state["optimizer"],
+        "scheduler": state["scheduler"],
+        "steps": (state["epoch"], state["global_step"]),
+        "rows": rows,
+        "test": json.loads((run / "test_metrics.json").read_text()),
+    }
+
+
+def assert_identical(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def saved_states(checkpoint: dict[str, object], name: str) -> list[dict[str, object]]:
+    """The saved states of the callbacks of class ``name`` in a checkpoint."""
+    return [c for c in checkpoint["callbacks"] if c["callback"] == name]
+
+
+def last_state(run: Path) -> dict[str, object]:
+    (last,) = run.glob("*_last_ckpt.pth")
+    return torch.load(last, weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def no_curves(monkeypatch):
+    """curves.png is not what these tests look at; drawing it is half of a tiny run."""
+    from dltemplate.engine import rundir
+
+    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+
+
+# == probes: small callbacks that look at the trainer, registered for one test only ===========
+class Probe(Callback):
+    """Base of the probes: remembers itself and the trainer, so that the test can look."""
+
+    made: list[Probe] = []
+
+    def __init__(self) -> None:
+        Probe.made.append(self)
+        self.trainer = None
+
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+
+
+class GradProbe(Probe):
+    """Hand-computes the gradient norm right after grad_norm measured it, and the size of the
+    update the optimizer then made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, float | None, float, float]] = []
+        self.updates: list[float] = []
+        self._before: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        params = list(trainer.unwrapped_model.parameters())
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads)
+        by_stack = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        by_cat = torch.cat([g.flatten() for g in grads]).double().norm()
+        (grad_norm,) = [c for c in trainer.callbacks.callbacks if isinstance(c, GradNorm)]
+        self.seen.append((trainer.global_step + 1, grad_norm.last, float(by_stack), float(by_cat)))
+        self._before = [p.detach().clone() for p in params]
+
+    def on_after_optimizer_step(self, trainer) -> None:
+        params = list(trainer.unwrapped_model.parameters())
+        delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, self._before)])
+        self.updates.append(float(delta.double().norm()))
+
+
+class WeightProbe(Probe):
+    """The model's weights as training starts and after every epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start: dict[str, torch.Tensor] = {}
+        self.after_epoch: list[dict[str, torch.Tensor]] = []
+
+    def _copy(self, trainer) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+
+    def on_fit_start(self, trainer) -> None:
+        self.start = self._copy(trainer)
+
+    def on_epoch_end(self, trainer, row) -> None:
+        self.after_epoch.append(self._copy(trainer))
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    """Register the probes under test-only names for this test; return the made instances."""
+    monkeypatch.setitem(CALLBACKS._items, "test_grad_probe", GradProbe)
+    monkeypatch.setitem(CALLBACKS._items, "test_weight_probe", WeightProbe)
+    Probe.made.clear()
+    yield Probe.made
+    Probe.made.clear()
+
+
+# == the README's example =====================================================================
+def _write_readme_callbacks(folder: Path) -> None:
+    (folder / "my_callbacks.py").write_text(readme_block("# my_callbacks.py"))
+
+
+@pytest.fixture(scope="module")
+def readme_reference(tmp_path_factory) -> Path:
+    """The README's loss_history run, never stopped (once for the module)."""
+    home = tmp_path_factory.mktemp("readme_reference")
+    _write_readme_callbacks(home)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(home)
+        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda rows, png: None)
+        out = home / "out"
+        assert main([*readme_command(README_COMMAND), *SMALL, f"experiment.output_dir={out}"]) == 0
+    (run,) = run_dirs(out)
+    return run
+
+
+def test_readme_loss_history_logs_every_five_steps(readme_reference):
+    history = json.loads((readme_reference / "loss_history.json").read_text())
+    steps = [step for step, _ in history]
+    assert steps == list(range(5, 2 * STEPS_PER_EPOCH + 1, 5))  # 5, 10, ..., 25
+    assert all(isinstance(loss, float) and math.isfinite(loss) and loss > 0 for _, loss in history)
+    # the state the README's callback returns travels in every checkpoint
+    (saved,) = saved_states(last_state(readme_reference), "LossHistory")
+    assert saved == {"callback": "LossHistory", "state": {"history": history}}
+
+
+@pytest.mark.parametrize(
+    "way, at_call, status, stopped_at",
+    [
+        ("exception", STEPS_PER_EPOCH + 5, 1, STEPS_PER_EPOCH + 4),  # last boundary: step 17
+        ("sigterm", 20, 130, 20),  # a logged step: stops right after it, at that boundary
+    ],
+)
+def test_readme_loss_history_resumes_exactly(
+    way, at_call, status, stopped_at, readme_reference, cli, tmp_path, monkeypatch
+):
+    _write_readme_callbacks(tmp_path)
+    out = tmp_path / "out"
+    original = ClassificationTask.forward
+    calls = {"n": 0}
+
+    def forward(self, model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                if way == "exception":
+                    raise RuntimeError("injected")
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    assert cli(*readme_command(README_COMMAND), *SMALL, f"experiment.output_dir={out}") == status
+    monkeypatch.setattr(ClassificationTask, "forward", original)
+    (run,) = run_dirs(out)
+    assert not (run / "loss_history.json").exists()
+    interrupt = torch.load(run / "Vanilla_interrupt_ckpt.pth", weights_only=True)
+    assert interrupt["global_step"] == stopped_at
+    expected = json.loads((readme_reference / "loss_history.json").read_text())
+    (saved,) = saved_states(interrupt, "LossHistory")
+    assert saved["state"]["history"] == [p for p in expected if p[0] <= stopped_at]
+
+    assert cli("resume", run) == 0
+    assert run_dirs(out) == [run]
+    assert json.loads((run / "loss_history.json").read_text()) == expected
+    assert_identical(last_state(run)["callbacks"], last_state(readme_reference)["callbacks"])
+    assert_identical(results(run), results(readme_reference), way)
+
+
+# == grad_norm ================================================================================
+def test_grad_norm_is_the_global_l2_norm_every_step_in_tensorboard(cli, tmp_path, probes):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    callbacks = "callbacks=[{name: grad_norm, args: {every: 1}}, test_grad_probe]"
+    common = [*SMALL, "trainer.epochs=1", "trainer.limit_train_batches=5", "optimizer.name=sgd"]
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *common, callbacks) == 0
+    (probe,) = probes
+    assert [step for step, *_ in probe.seen] == [1, 2, 3, 4, 5]
+    for step, reported, by_stack, by_cat in probe.seen:
+        assert reported == by_stack, step  # the same sum, the same float
+        assert reported == pytest.approx(by_cat, rel=1e-5), step
+        assert reported > 0
+    (run,) = run_dirs(out)
+    acc = EventAccumulator(str(run / "summary"))
+    acc.Reload()
+    points = acc.Scalars("train/grad_norm")
+    assert [p.step for p in points] == [1, 2, 3, 4, 5]
+    for point, (_, reported, _, _) in zip(points, probe.seen):
+        assert point.value == pytest.approx(reported, rel=1e-6)
+    log = (run / "train.log").read_text()
+    assert f"step 5: gradient norm {probe.seen[-1][1]:.4g}" in log
+
+
+def test_grad_norm_reports_the_norm_before_clipping(cli, tmp_path, probes):
+    out = tmp_path / "out"
+    callbacks = "callbacks=[{name: grad_norm, args: {every: 1}}, test_grad_probe]"
+    lr = 0.1
+    common = [*SMALL, "trainer.epochs=1", "trainer.limit_train_batches=3",
+              "optimizer.name=sgd", f"optimizer.lr={lr}", "scheduler.name=none",
+              "trainer.clip_grad_norm=0.01"]  # fmt: skip
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *common, callbacks) == 0
+    (probe,) = probes
+    assert len(probe.seen) == 3
+    for (step, reported, by_stack, _), update in zip(probe.seen, probe.updates):
+        assert reported == by_stack, step  # what the gradients were before clipping
+        assert reported > 0.01 * 10, step  # far above the clip: unclipped
+        # plain SGD: the update is lr x the clipped gradient, whose norm is the clip
+        assert update == pytest.approx(lr * 0.01, rel=1e-3), step
+
+
+# == freeze ===================================================================================
+def test_freeze_keeps_a_layer_for_the_first_epoch_then_trains_it(cli, tmp_path, probes):
+    # Vanilla with hidden=[32]: net.0 Flatten, net.1 Linear(64, 32), net.2 ReLU, net.3 Linear.
+    out = tmp_path / "out"
+    callbacks = "callbacks=[{name: freeze, args: {modules: [net.1], epochs: 1}}, test_weight_probe]"
+    common = [*SMALL, "trainer.limit_train_batches=3"]
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *common, callbacks) == 0
+    (probe,) = probes
+    assert isinstance(probe.trainer.unwrapped_model.net[1], torch.nn.Linear)
+    start, (epoch1, epoch2) = probe.start, probe.after_epoch
+    for key in ("net.1.weight", "net.1.bias"):
+        assert torch.equal(epoch1[key], start[key]), key  # frozen in epoch 1
+        assert not torch.equal(epoch2[key], epoch1[key]), key  # released in epoch 2
+    for key in ("net.3.weight", "net.3.bias"):
+        assert not torch.equal(epoch1[key], start[key]), key  # the rest trains from the start
+    log = (run_dirs(out)[0] / "train.log").read_text()
+    assert "freeze: net.1 frozen for 1 epoch(s)" in log and "freeze: net.1 released" in log
+
+
+def test_freeze_of_a_module_the_model_lacks_stops_before_any_work(cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    callbacks = "callbacks=[{name: freeze, args: {modules: [net1]}}]"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, callbacks) == 2
+    err = capsys.readouterr().err
+    assert "net1" in err and "did you mean 'net.1'" in err
+    assert not out.exists()
+
+
+# == max_time =================================================================================
+@pytest.fixture(scope="module")
+def plain_reference(tmp_path_factory) -> dict[str, object]:
+    """The small run without callbacks, never stopped."""
+    out = tmp_path_factory.mktemp("plain_reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda rows, png: None)
+        assert main(["train", str(DEMO), *SMALL, f"experiment.output_dir={out}"]) == 0
+    (run,) = run_dirs(out)
+    return results(run)
+
+
+def test_max_time_stops_at_the_first_boundary_and_resumes_exactly(cli, tmp_path, plain_reference):
+    out = tmp_path / "out"
+    callbacks = "callbacks=[{name: max_time, args: {seconds: 0.000001}}]"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, callbacks) == 130
+    (run,) = run_dirs(out)
+    interrupt = torch.load(run / "Vanilla_interrupt_ckpt.pth", weights_only=True)
+    assert (interrupt["epoch"], interrupt["global_step"]) == (0, 1)
+    assert "stopped by max_time" in (run / "train.log").read_text()
+    assert not list(run.glob("*_last_ckpt.pth"))
+
+    assert cli("resume", run, "callbacks=[]") == 0  # a changed config: no budget any more
+    assert run_dirs(out) == [run]
+    assert_identical(results(run), plain_reference, "max_time")
+
+
+# == a bad callbacks list =====================================================================
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("callbacks=[grad_nrom]", ["grad_nrom", "did you mean 'grad_norm'"]),
+        ("callbacks=[{name: grad_norm, args: {evry: 5}}]", ["grad_norm", "evry"]),
+        ("callbacks=[{name: grad_norm, args: {every: 0}}]", ["grad_norm", "every=0"]),
+        ("callbacks=[{name: max_time}]", ["max_time"]),  # no budget at all
+        ("callbacks=5", ["callbacks", "must be a list"]),
+        ("callbacks=[{nme: grad_norm}]", ["nme", "did you mean 'callbacks[0].name'"]),
+    ],
+)
+def test_a_bad_callbacks_list_stops_before_any_work(cli, tmp_path, capsys, override, words):
+    out = tmp_path / "out"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, override) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, err
+    assert not out.exists()
+
+
+def test_an_unknown_callback_argument_suggests_the_right_one(cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    override = "callbacks=[{name: grad_norm, args: {evry: 5}}]"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, override) == 2
+    assert "did you mean 'every'" in capsys.readouterr().err
+
+
+def test_callbacks_section_in_a_yaml_file_must_be_a_list(cli, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(DEMO.read_text() + "callbacks: 5\n")
+    assert cli("train", config, f"experiment.output_dir={tmp_path / 'out'}") == 2
+    assert "must be a list" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# == no listener costs nothing ================================================================
+def test_an_event_nobody_overrides_has_no_listener():
+    empty = CallbackList([])
+    for event in EVENTS:
+        assert getattr(empty, event) == [], event
+
+    class OnlyEpochEnd(Callback):
+        def on_epoch_end(self, trainer, row):
+            pass
+
+    only = OnlyEpochEnd()
+    listening = CallbackList([GradNorm(), only])
+    for event in EVENTS:
+        expected = {
+            "on_epoch_end": [only.on_epoch_end],
+            "on_before_optimizer_step": [listening.callbacks[0].on_before_optimizer_step],
+        }.get(event, [])
+        assert getattr(listening, event) == expected, event
+    assert set(EVENTS) == {n for n in vars(Callback) if n == "setup" or n.startswith("on_")}
+
+
+# == a callback by path, and a bare name ======================================================
+def test_a_callback_by_module_path_and_a_bare_name(cli, tmp_path, monkeypatch):
+    package = tmp_path / "cbtest_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "marks.py").write_text(
+        "from dltemplate.callbacks import Callback\n\n\n"
+        "class FitEndMark(Callback):\n"
+        "    def __init__(self, text='done'):\n"
+        "        self.text = text\n\n"
+        "    def on_fit_end(self, trainer):\n"
+        "        kinds = [type(c).__name__ for c in trainer.callbacks.callbacks]\n"
+        "        every = trainer.callbacks.callbacks[4].every\n"
+        "        (trainer.run_dir / 'fit_end.txt').write_text(f'{self.text} {kinds} {every}')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.startswith("cbtest_pkg")]:
+        monkeypatch.delitem(sys.modules, name)
+    out = tmp_path / "out"
+    callbacks = "callbacks=[grad_norm, {name: 'cbtest_pkg.marks:FitEndMark', args: {text: hi}}]"
+    common = [*SMALL, "trainer.epochs=1", "trainer.limit_train_batches=2",
+              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]  # fmt: skip
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *common, callbacks) == 0
+    (run,) = run_dirs(out)
+    # the built-in callbacks first, the config's in their order, the checkpoints last
+    kinds = ["Progress", "TensorBoard", "MetricsTableCallback", "EarlyStoppingCallback",
+             "GradNorm", "FitEndMark", "Checkpoint"]  # fmt: skip
+    assert (run / "fit_end.txt").read_text() == f"hi {kinds} 50"
+
+
+# == ema ======================================================================================
+class EmaProbe(Probe):
+    """Computes the moving average by hand, from the weights after every optimizer step."""
+
+    decay = 0.9
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.average: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer) -> None:
+        if not self.average:  # a resumed run gets its average from the test, not from here
+            self.average = {k: v.detach().clone() for k, v in self._params(trainer).items()}
+
+    def on_after_optimizer_step(self, trainer) -> None:
+        for name, value in self._params(trainer).items():
+            self.average[name] = self.decay * self.average[name] + (1 - self.decay) * value
+
+    @staticmethod
+    def _params(trainer) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in trainer.unwrapped_model.named_parameters()}
+
+
+@pytest.fixture
+def ema_probe(monkeypatch):
+    monkeypatch.setitem(CALLBACKS._items, "test_ema_probe", EmaProbe)
+    Probe.made.clear()
+    yield Probe.made
+    Probe.made.clear()
+
+
+EMA = "callbacks=[{name: ema, args: {decay: 0.9}}, test_ema_probe]"
+
+
+def test_ema_is_the_hand_computed_average_and_is_what_gets_evaluated(cli, tmp_path, ema_probe):
+    out = tmp_path / "out"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, EMA) == 0
+    (probe,) = ema_probe
+    (run,) = run_dirs(out)
+    last = last_state(run)
+    (saved,) = saved_states(last, "EMA")
+    for name, expected in probe.average.items():
+        assert torch.allclose(saved["state"]["average"][name], expected, rtol=0, atol=1e-6), name
+    # last keeps the trained weights (to resume); best holds the average, which was evaluated
+    trained = dict(probe.trainer.unwrapped_model.named_parameters())
+    for name in probe.average:
+        assert torch.equal(last["model"][name], trained[name].detach()), name
+        assert not torch.equal(last["model"][name], saved["state"]["average"][name]), name
+    best = torch.load(run / "Vanilla_best_ckpt.pth", weights_only=True)
+    assert "optimizer" not in best  # an average cannot resume training
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    if best["epoch"] == len(rows):  # the last epoch was the best: its average is the saved one
+        for name in probe.average:
+            assert torch.equal(best["model"][name], saved["state"]["average"][name]), name
+    assert cli("eval", run, "--out", tmp_path / "eval.json") == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert evaluated == pytest.approx(json.loads((run / "test_metrics.json").read_text()))
+
+
+def test_ema_resumes_exactly_after_a_stop(cli, tmp_path, monkeypatch, ema_probe):
+    reference = tmp_path / "reference"
+    assert cli("train", DEMO, f"experiment.output_dir={reference}", *SMALL, EMA) == 0
+    out = tmp_path / "out"
+    original = ClassificationTask.forward
+    calls = {"n": 0}
+
+    def forward(self, model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == STEPS_PER_EPOCH + 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, EMA) == 130
+    monkeypatch.setattr(ClassificationTask, "forward", original)
+    (run,) = run_dirs(out)
+    assert cli("resume", run, "callbacks=[{name: ema, args: {decay: 0.9}}]") == 0
+    (ref_run,) = run_dirs(reference)
+    ema_of = [saved_states(last_state(r), "EMA") for r in (run, ref_run)]
+    assert_identical(ema_of[0], ema_of[1], "ema")
+    assert_identical(results(run), results(ref_run), "ema resume")
+
+
+# == the built-in callbacks: configured, or turned off ========================================
+def test_checkpoint_keeps_the_top_k_epochs_and_every_nth(cli, tmp_path):
+    out = tmp_path / "out"
+    args = "{save_top_k: 2, every_n_epochs: 2}"
+    common = [*SMALL, "trainer.epochs=5", "trainer.monitor=val/loss", "trainer.monitor_mode=min"]
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *common,
+               f"callbacks=[{{name: checkpoint, args: {args}}}]") == 0  # fmt: skip
+    (run,) = run_dirs(out)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    by_loss = sorted(rows, key=lambda r: (float(r["val/loss"]), int(r["epoch"])))
+    top2 = sorted(int(r["epoch"]) for r in by_loss[:2])
+    kept = sorted(int(p.name.split("epoch")[1][:3]) for p in run.glob("Vanilla_best_epoch*"))
+    assert kept == top2
+    for epoch in top2:
+        state = torch.load(run / f"Vanilla_best_epoch{epoch:03d}_ckpt.pth", weights_only=True)
+        assert state["epoch"] == epoch
+    every = sorted(p.name for p in run.glob("Vanilla_epoch*_ckpt.pth"))
+    assert every == ["Vanilla_epoch002_ckpt.pth", "Vanilla_epoch004_ckpt.pth"]
+    snapshot = torch.load(run / "Vanilla_epoch002_ckpt.pth", weights_only=True)
+    assert (snapshot["epoch"], snapshot["global_step"]) == (2, 2 * STEPS_PER_EPOCH)
+    best = torch.load(run / "Vanilla_best_ckpt.pth", weights_only=True)
+    assert best["epoch"] == int(by_loss[0]["epoch"])
+
+
+def test_a_built_in_callback_can_be_turned_off(cli, tmp_path):
+    out = tmp_path / "out"
+    off = "callbacks=[{name: tensorboard, enabled: false}, {name: metrics_table, enabled: false}]"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, off) == 0
+    (run,) = run_dirs(out)
+    assert not (run / "summary").exists() and not (run / "metrics.csv").exists()
+    assert (run / "Vanilla_last_ckpt.pth").exists() and (run / "test_metrics.json").exists()
+
+
+def test_early_stopping_is_a_callback_with_its_own_patience(cli, tmp_path):
+    out = tmp_path / "out"
+    common = [
+        *SMALL,
+        "trainer.epochs=6",
+        "optimizer.lr=0",
+        "trainer.monitor=val/loss",
+        "trainer.monitor_mode=min",
+    ]  # fmt: skip  (lr 0: nothing ever improves)
+    stop = "callbacks=[{name: early_stopping, args: {patience: 2}}]"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *common, stop) == 0
+    (run,) = run_dirs(out)
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3  # best, then 2 without
+    assert (
+        "early stopping: val/loss did not improve for 2 epochs" in (run / "train.log").read_text()
+    )
+    assert cli("resume", run) == 0  # finished: nothing to do
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3
