@@ -40,9 +40,10 @@ CONFIGS = {
     "dropout_onecycle": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=16",
                          "scheduler.name=onecycle"],
     # accumulation: 25 micro-batches of 8 in windows of 3, the last window one short batch;
-    # cosine stepped per epoch
+    # cosine stepped per epoch; a callback with state (ema, which validation and test use)
     "accumulation": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=8",
-                     "trainer.grad_accum_steps=3", "scheduler.name=cosine"],
+                     "trainer.grad_accum_steps=3", "scheduler.name=cosine",
+                     "callbacks=[{name: ema, args: {decay: 0.9}}]"],
 }  # fmt: skip
 # The stop comes at the NTH occurrence of the point after the first epoch ended.
 NTH = {"validation": 1, "final_test": 1, "epoch_end": 1, "checkpoint_write": 1}
@@ -85,6 +86,7 @@ def results(run: Path) -> dict[str, object]:
         "optimizer": state["optimizer"],
         "scheduler": state["scheduler"],
         "steps": (state["epoch"], state["global_step"]),
+        "callbacks": state["callbacks"],  # every callback's state (ema's average)
         "rows": rows,
         "test": json.loads((run / "test_metrics.json").read_text()),
     }

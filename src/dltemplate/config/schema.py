@@ -96,7 +96,7 @@ class TrainerConfig:
     limit_val_batches: int | float | None = None
     limit_test_batches: int | float | None = None
     overfit_batches: int = 0  # N>0: train and validate on the same first N batches
-    log_every_n_steps: int = 50  # TensorBoard loss and plain progress lines
+    log_every_n_steps: int = 50  # read the loss every N optimizer steps: bar, log, TensorBoard
     progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: a bar only on a terminal
     save_on_exception: bool = True  # write <Model>_interrupt_ckpt.pth when a run stops
     stop_on_nan: bool = True  # a NaN/inf training loss stops the run before any checkpoint
