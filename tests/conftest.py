@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,6 +53,15 @@ def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         return main([str(a) for a in args])
 
     return run
+
+
+def readme_block(first_line: str) -> str:
+    """The README's fenced code block that starts with ``first_line``."""
+    readme = (REPO / "README.md").read_text()
+    for block in re.findall(r"```\w*\n(.*?)```", readme, flags=re.S):
+        if block.startswith(first_line):
+            return block
+    raise AssertionError(f"README has no code block starting with {first_line!r}")
 
 
 def run_dirs(output_dir: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, readme_block, run_dirs
 
 from dltemplate.config import load_config
 from dltemplate.engine.trainer import TrainerBase
@@ -245,15 +245,6 @@ def test_eval_prints_metrics_confusion_matrix_and_named_predictions(cli, tmp_pat
     test = json.loads((run / "test_metrics.json").read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(test["accuracy"])
     assert sum(map(sum, report["report"]["confusion_matrix"])) == report["num_samples"]
-
-
-def readme_block(first_line: str) -> str:
-    """The README's fenced code block that starts with ``first_line``."""
-    readme = (REPO / "README.md").read_text()
-    for block in re.findall(r"```\w*\n(.*?)```", readme, flags=re.S):
-        if block.startswith(first_line):
-            return block
-    raise AssertionError(f"README has no code block starting with {first_line!r}")
 
 
 def readme_commands(first_line: str) -> list[list[str]]:

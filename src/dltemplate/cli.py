@@ -7,7 +7,6 @@ Exit status: 0 done; 2 bad usage, configuration or input (the message says what 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -15,45 +14,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dltemplate.config import Config, config_from_dict, load_config
+from dltemplate import api
+from dltemplate.config import config_from_dict, load_config
 from dltemplate.config.loader import apply_overrides
-from dltemplate.engine.checkpoint import load_checkpoint
+from dltemplate.engine.build_trainer import build_evaluator, validate_names
 from dltemplate.engine.evaluator import EvaluatorBase
-from dltemplate.engine.rundir import find_config, latest_run_dir
+from dltemplate.engine.rundir import latest_run_dir
 from dltemplate.engine.runlog import setup_logging
 from dltemplate.engine.stopping import RunStopped
-from dltemplate.engine.task import import_plugins, make_task
-from dltemplate.engine.trainer import TrainerBase
+from dltemplate.engine.task import make_task
 from dltemplate.errors import DataError, NonFiniteLossError, UsageError
-from dltemplate.registry import (
-    CALLBACKS,
-    DATASETS,
-    LOSSES,
-    METRICS,
-    MODELS,
-    OPTIMIZERS,
-    SCHEDULERS,
-    TASKS,
-)
+from dltemplate.registry import MODELS
 from dltemplate.tools.compare_configs import compare_configs, format_diff
 from dltemplate.tools.count_params import count_parameters, format_counts
 
 log = logging.getLogger("dltemplate")
-
-
-def validate_names(cfg: Config) -> None:
-    """Check every registry name in ``cfg`` before any work starts (ConfigError if unknown)."""
-    import_plugins(cfg)
-    TASKS.get(cfg.experiment.task, "experiment.task")
-    DATASETS.get(cfg.data.name, "data.name")
-    MODELS.get(cfg.model.name, "model.name")
-    LOSSES.get(cfg.loss.name, "loss.name")
-    OPTIMIZERS.get(cfg.optimizer.name, "optimizer.name")
-    SCHEDULERS.get(cfg.scheduler.name, "scheduler.name")
-    for name in cfg.trainer.metrics:
-        METRICS.get(name, "trainer.metrics")
-    for i, item in enumerate(cfg.callbacks):
-        CALLBACKS.get(item.name, f"callbacks[{i}].name")
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -62,33 +37,15 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise RunStopped("SIGTERM", at_boundary=False)
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Validate ``cfg``, train, test; return the test metrics."""
-    validate_names(cfg)
+def _catch_sigterm() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    return TrainerBase(cfg, make_task(cfg)).fit()
-
-
-def config_of_run(target: str | Path) -> tuple[dict[str, Any], Path]:
-    """The saved config (as a dict) of a run directory or checkpoint, and the path to resume."""
-    path = Path(target)
-    if path.is_dir():
-        return _read_json(find_config(path)), path
-    return load_checkpoint(path)["config"], path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    raw = json.loads(path.read_text())
-    raw.pop("_meta", None)
-    return raw
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if cfg.trainer.resume == "last":
-        cfg.trainer.resume = str(latest_run_dir(cfg.experiment.output_dir))
-    train(cfg)
+    _catch_sigterm()
+    api.train(cfg)
     return 0
 
 
@@ -96,16 +53,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     target = args.target
     if target == "last":
         target = str(latest_run_dir(args.output_dir))
-    raw, path = config_of_run(target)
-    raw = apply_overrides(raw, args.overrides)
-    raw.setdefault("trainer", {})["resume"] = str(path)
-    train(config_from_dict(raw, f"{target} (saved config)"))
+    _catch_sigterm()
+    api.resume(target, args.overrides)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
-    evaluator = EvaluatorBase(args.target, args.overrides)
+    evaluator = build_evaluator(args.target, args.overrides)
     viz_dir = None
     if args.viz:
         viz_dir = Path(args.viz_dir) if args.viz_dir else evaluator.checkpoint_path.parent / "viz"
@@ -125,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     setup_logging()
-    evaluator = EvaluatorBase(args.target, args.overrides)
+    evaluator = build_evaluator(args.target, args.overrides)
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -201,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_count(args: argparse.Namespace) -> int:
     path = Path(args.config)
     if path.is_dir() or path.suffix in (".pth", ".pt"):
-        raw, _ = config_of_run(path)
+        raw, _ = api.config_of_run(path)
         cfg = config_from_dict(apply_overrides(raw, args.overrides), str(path))
     else:
         cfg = load_config(path, args.overrides)

@@ -52,17 +52,7 @@ class Registry:
         """
         where = f"{key}: " if key else ""
         if ":" in name:
-            if os.getcwd() not in sys.path:  # a my_models.py beside the config just works
-                sys.path.append(os.getcwd())
-            module_name, _, attr = name.partition(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise ConfigError(f"{where}cannot import module '{module_name}': {exc}") from exc
-            if not hasattr(module, attr):
-                hint = did_you_mean(attr, [n for n in dir(module) if not n.startswith("_")])
-                raise ConfigError(f"{where}module '{module_name}' has no '{attr}'{hint}")
-            return getattr(module, attr)
+            return import_path(name, key)
         if name not in self._items:
             load_builtins()
         if name not in self._items:
@@ -88,6 +78,23 @@ class Registry:
             hint = did_you_mean(unknown[0], named) if unknown else ""
             raise ConfigError(f"{key or self.kind} '{name}': {exc}{hint}") from exc
         return factory(**kwargs)
+
+
+def import_path(path: str, key: str = "") -> Any:
+    """The object that ``package.module:Attr`` names; a ConfigError (naming ``key``, with a
+    "did you mean") when the module cannot be imported or has no such attribute."""
+    where = f"{key}: " if key else ""
+    if os.getcwd() not in sys.path:  # a my_models.py beside the config just works
+        sys.path.append(os.getcwd())
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}cannot import module '{module_name}': {exc}") from exc
+    if not hasattr(module, attr):
+        hint = did_you_mean(attr, [n for n in dir(module) if not n.startswith("_")])
+        raise ConfigError(f"{where}module '{module_name}' has no '{attr}'{hint}")
+    return getattr(module, attr)
 
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

@@ -4,6 +4,7 @@ from dltemplate.config.loader import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    config_to_raw,
     load_config,
     read_yaml,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "config_to_raw",
     "load_config",
     "read_yaml",
 ]

@@ -7,6 +7,7 @@ key and suggesting the closest valid one; nothing has run yet when it is raised.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -179,6 +180,21 @@ def _list_section(values: Any, cls: type, name: str, source: str) -> list[Any]:
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain nested dicts (JSON/YAML-ready)."""
     return dataclasses.asdict(cfg)
+
+
+def config_to_raw(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as nested dicts holding every attribute set on it, fields or not, so that
+    :func:`config_from_dict` validates a config built in code exactly as it validates YAML (a
+    misspelt key set by attribute is an unknown key, ``epochs="3"`` a wrong type)."""
+
+    def raw(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {k: raw(v) for k, v in vars(value).items()}
+        if isinstance(value, list):
+            return [raw(v) for v in value]
+        return copy.deepcopy(value)
+
+    return raw(cfg)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

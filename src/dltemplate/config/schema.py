@@ -15,7 +15,8 @@ class ExperimentConfig:
     """Who the run is and where it goes."""
 
     name: str = "Experiment"  # the seed's proj_name: used in the config file name and the log
-    task: str = "classification"  # registered task: which trainer/evaluator to use
+    task: str = "classification"  # registered task: its hooks build the data, model, loss, metrics
+    trainer: str | None = None  # package.module:Class, a TrainerBase subclass; None: TrainerBase
     output_dir: str = "./Results"  # runs land in <output_dir>/<timestamp>/
     seed: int = 42  # seeds Python, NumPy, torch, data order and splits
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)

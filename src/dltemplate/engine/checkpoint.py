@@ -155,6 +155,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return _load_and_verify(path)
 
 
+def keep_for_next_load(path: str | Path, state: dict[str, Any]) -> None:
+    """Hand ``state`` (just loaded from ``path``) to the next :func:`load_checkpoint` of the same
+    unchanged file, so that a caller that reads a checkpoint's config first does not make the
+    next reader load and verify the whole file again."""
+    global _handoff
+    _handoff = (_file_signature(Path(path)), state)
+
+
 def _load_and_verify(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
