@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dltemplate.errors import ConfigError
+from dltemplate.metrics.overlap import dice_coefficient
 from dltemplate.registry import LOSSES
 
 Outputs = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
@@ -37,11 +38,9 @@ def soft_dice_loss(
     ``smooth > 0`` an empty mask and an empty prediction give a finite loss and gradient.
     """
     dtype = _compute_dtype(logits)
-    p = torch.sigmoid(logits.to(dtype)).flatten(1)
-    t = _float_targets(targets, logits, dtype).flatten(1)
-    intersection = (p * t).sum(1)
-    dice = (2 * intersection + smooth) / (p.sum(1) + t.sum(1) + smooth)
-    return 1 - dice.mean()
+    p = torch.sigmoid(logits.to(dtype))
+    t = _float_targets(targets, logits, dtype)
+    return 1 - dice_coefficient(p, t, smooth).mean()
 
 
 def _mean_over_heads(outputs: Outputs, single) -> torch.Tensor:

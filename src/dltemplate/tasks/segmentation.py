@@ -20,6 +20,7 @@ from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.engine.task import Task
 from dltemplate.errors import DataError
 from dltemplate.metrics.base import MetricCollection
+from dltemplate.metrics.overlap import dice_coefficient
 from dltemplate.registry import TASKS
 
 
@@ -131,9 +132,7 @@ class SegmentationTask(Task):
         """Per-image dice of the first ``limit`` images of a batch."""
         pred = _mean_logits(outputs)[:limit] > 0
         truth = batch.targets[:limit] > 0
-        inter = (pred & truth).flatten(1).sum(1).double()
-        total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).double()
-        dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+        dice = dice_coefficient(pred, truth, dtype=torch.float64)
         return [{"dice": round(float(d), 4)} for d in dice]
 
     @torch.no_grad()
