@@ -14,6 +14,7 @@ from dltemplate.errors import ConfigError
 from dltemplate.losses.segmentation import BCEDiceLoss, BCELoss, DiceLoss, soft_dice_loss
 from dltemplate.metrics.overlap import dice_coefficient
 from dltemplate.metrics.segmentation import Dice, IoU
+from dltemplate.models.heads import detach_outputs, mean_over_heads, merged_prediction
 from dltemplate.models.unet import UNet, UNetPlusPlus
 from dltemplate.registry import LOSSES, METRICS, MODELS
 from dltemplate.tools.count_params import count_parameters
@@ -265,6 +266,20 @@ def test_the_dice_loss_metric_and_report_share_the_formula():
     p = torch.sigmoid(logits).numpy()
     want = 1 - _np_dice(p, true, 1.0).mean()
     assert float(soft_dice_loss(logits, targets)) == pytest.approx(want, rel=1e-6)
+
+
+def test_heads_helpers():
+    a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])
+    assert merged_prediction(a) is a
+    assert merged_prediction([a, b]).tolist() == [2.0, 4.0]
+    assert float(mean_over_heads((a, b), lambda o: o.sum())) == 6.0
+    assert float(mean_over_heads(a, lambda o: o.sum())) == 4.0
+    with pytest.raises(ValueError, match="empty"):
+        mean_over_heads([], lambda o: o.sum())
+    grad = a.clone().requires_grad_()
+    detached = detach_outputs((grad * 2, b))
+    assert isinstance(detached, tuple) and not detached[0].requires_grad
+    assert not detach_outputs(grad * 2).requires_grad
 
 
 @pytest.mark.parametrize("cls", [Dice, IoU])

@@ -11,6 +11,7 @@ import torch
 
 from dltemplate.metrics.base import Metric
 from dltemplate.metrics.overlap import dice_from_sums, iou_from_sums
+from dltemplate.models.heads import Outputs, merged_prediction
 from dltemplate.registry import METRICS
 
 
@@ -32,10 +33,9 @@ class _OverlapMetric(Metric):
     def _score(inter: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def update(self, outputs: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> None:
-        """Add the scores of the batch's images."""
-        if isinstance(outputs, (list, tuple)):
-            outputs = torch.stack([o.float() for o in outputs]).mean(dim=0)
+    def update(self, outputs: Outputs, targets: torch.Tensor) -> None:
+        """Add the scores of the batch's images (several heads: of their mean)."""
+        outputs = merged_prediction(outputs)
         if targets.dim() == outputs.dim() - 1 and outputs.shape[1] == 1:
             targets = targets.unsqueeze(1)
         p = (outputs > self.threshold).flatten(1)
