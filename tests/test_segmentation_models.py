@@ -12,7 +12,9 @@ import dltemplate.metrics.segmentation  # noqa: F401  (registers the metrics)
 import dltemplate.models.unet  # noqa: F401  (registers the models)
 from dltemplate.errors import ConfigError
 from dltemplate.losses.segmentation import BCEDiceLoss, BCELoss, DiceLoss, soft_dice_loss
+from dltemplate.metrics.overlap import dice_coefficient
 from dltemplate.metrics.segmentation import Dice, IoU
+from dltemplate.models.heads import detach_outputs, mean_over_heads, merged_prediction
 from dltemplate.models.unet import UNet, UNetPlusPlus
 from dltemplate.registry import LOSSES, METRICS, MODELS
 from dltemplate.tools.count_params import count_parameters
@@ -229,6 +231,55 @@ def test_metric_threshold_and_list_of_heads():
     dice = Dice()
     dice.update(heads, targets)
     assert dice.compute()["dice"] == pytest.approx(_np_scores(pred, true)[0].mean())
+
+
+def _np_dice(p: np.ndarray, t: np.ndarray, smooth: float) -> np.ndarray:
+    p, t = p.reshape(len(p), -1).astype(np.float64), t.reshape(len(t), -1).astype(np.float64)
+    num, den = 2 * (p * t).sum(1) + smooth, p.sum(1) + t.sum(1) + smooth
+    return np.where(den > 0, num / np.where(den > 0, den, 1), 1.0)
+
+
+@pytest.mark.parametrize("smooth", [0.0, 0.5, 1.0])
+def test_one_dice_formula_matches_numpy_hard_and_soft(smooth):
+    pred, true, logits, _ = _metric_data()  # image 3: both empty; image 5: prediction empty
+    hard = dice_coefficient(
+        torch.from_numpy(pred), torch.from_numpy(true), smooth, dtype=torch.float64
+    )
+    want = _np_dice(pred, true, smooth)
+    np.testing.assert_allclose(hard.numpy(), want, rtol=1e-12)
+    assert hard[3] == 1.0 and (smooth > 0 or hard[5] == 0.0)
+    probs = torch.sigmoid(logits.double())
+    soft = dice_coefficient(probs, torch.from_numpy(true).double(), smooth)
+    np.testing.assert_allclose(soft.numpy(), _np_dice(probs.numpy(), true, smooth), rtol=1e-12)
+    # Both empty and no smooth: the score is ``empty``, and the gradient stays finite.
+    zeros = torch.zeros(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    empty = dice_coefficient(zeros, torch.zeros(2, 1, 4, 4), empty=0.25)
+    empty.sum().backward()
+    assert empty.tolist() == [0.25, 0.25] and torch.isfinite(zeros.grad).all()
+
+
+def test_the_dice_loss_metric_and_report_share_the_formula():
+    pred, true, logits, targets = _metric_data()
+    metric = Dice()
+    metric.update(logits, targets)
+    assert metric.compute()["dice"] == pytest.approx(float(_np_dice(pred, true, 0.0).mean()))
+    p = torch.sigmoid(logits).numpy()
+    want = 1 - _np_dice(p, true, 1.0).mean()
+    assert float(soft_dice_loss(logits, targets)) == pytest.approx(want, rel=1e-6)
+
+
+def test_heads_helpers():
+    a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])
+    assert merged_prediction(a) is a
+    assert merged_prediction([a, b]).tolist() == [2.0, 4.0]
+    assert float(mean_over_heads((a, b), lambda o: o.sum())) == 6.0
+    assert float(mean_over_heads(a, lambda o: o.sum())) == 4.0
+    with pytest.raises(ValueError, match="empty"):
+        mean_over_heads([], lambda o: o.sum())
+    grad = a.clone().requires_grad_()
+    detached = detach_outputs((grad * 2, b))
+    assert isinstance(detached, tuple) and not detached[0].requires_grad
+    assert not detach_outputs(grad * 2).requires_grad
 
 
 @pytest.mark.parametrize("cls", [Dice, IoU])

@@ -1,7 +1,7 @@
 """Binary segmentation losses on logits (N, 1, H, W) and 0/1 masks (uint8, bool or float).
 
 Every loss also accepts a list of logits (the heads of a deep-supervised model such as UNet++)
-and returns the mean of the per-head losses.
+and returns the mean of the per-head losses (:func:`dltemplate.models.heads.mean_over_heads`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dltemplate.errors import ConfigError
+from dltemplate.metrics.overlap import dice_coefficient
+from dltemplate.models.heads import Outputs, mean_over_heads
 from dltemplate.registry import LOSSES
-
-Outputs = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
 
 
 def _float_targets(targets: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -37,19 +37,9 @@ def soft_dice_loss(
     ``smooth > 0`` an empty mask and an empty prediction give a finite loss and gradient.
     """
     dtype = _compute_dtype(logits)
-    p = torch.sigmoid(logits.to(dtype)).flatten(1)
-    t = _float_targets(targets, logits, dtype).flatten(1)
-    intersection = (p * t).sum(1)
-    dice = (2 * intersection + smooth) / (p.sum(1) + t.sum(1) + smooth)
-    return 1 - dice.mean()
-
-
-def _mean_over_heads(outputs: Outputs, single) -> torch.Tensor:
-    if isinstance(outputs, (list, tuple)):
-        if not outputs:
-            raise ValueError("the model returned an empty list of outputs")
-        return torch.stack([single(o) for o in outputs]).mean()
-    return single(outputs)
+    p = torch.sigmoid(logits.to(dtype))
+    t = _float_targets(targets, logits, dtype)
+    return 1 - dice_coefficient(p, t, smooth).mean()
 
 
 def _check_smooth(smooth: float) -> None:
@@ -68,7 +58,7 @@ class DiceLoss(nn.Module):
 
     def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
         """The loss, averaged over images (and over heads for a list)."""
-        return _mean_over_heads(outputs, lambda o: soft_dice_loss(o, targets, self.smooth))
+        return mean_over_heads(outputs, lambda o: soft_dice_loss(o, targets, self.smooth))
 
 
 @LOSSES.register("bce")
@@ -96,7 +86,7 @@ class BCELoss(nn.Module):
 
     def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
         """The loss, averaged over pixels (and over heads for a list)."""
-        return _mean_over_heads(outputs, lambda o: self._single(o, targets))
+        return mean_over_heads(outputs, lambda o: self._single(o, targets))
 
 
 @LOSSES.register("bce_dice")
@@ -119,4 +109,4 @@ class BCEDiceLoss(nn.Module):
 
     def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
         """The weighted sum (averaged over heads for a list)."""
-        return _mean_over_heads(outputs, lambda o: self._single(o, targets))
+        return mean_over_heads(outputs, lambda o: self._single(o, targets))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from dltemplate.metrics.base import Metric
+from dltemplate.metrics.overlap import dice_from_sums, iou_from_sums
+from dltemplate.models.heads import Outputs, merged_prediction
 from dltemplate.registry import METRICS
 
 
@@ -31,10 +33,9 @@ class _OverlapMetric(Metric):
     def _score(inter: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def update(self, outputs: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> None:
-        """Add the scores of the batch's images."""
-        if isinstance(outputs, (list, tuple)):
-            outputs = torch.stack([o.float() for o in outputs]).mean(dim=0)
+    def update(self, outputs: Outputs, targets: torch.Tensor) -> None:
+        """Add the scores of the batch's images (several heads: of their mean)."""
+        outputs = merged_prediction(outputs)
         if targets.dim() == outputs.dim() - 1 and outputs.shape[1] == 1:
             targets = targets.unsqueeze(1)
         p = (outputs > self.threshold).flatten(1)
@@ -55,11 +56,6 @@ class _OverlapMetric(Metric):
         return {self.name: float(self.total / self.count)}
 
 
-def _ratio_or_one(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    # den == 0 only when prediction and mask are both empty: a perfect score.
-    return torch.where(den > 0, num / den.clamp(min=1), torch.ones_like(num))
-
-
 @METRICS.register("dice")
 class Dice(_OverlapMetric):
     """Dice coefficient ``2 |P and T| / (|P| + |T|)``, mean over images."""
@@ -68,7 +64,7 @@ class Dice(_OverlapMetric):
 
     @staticmethod
     def _score(inter: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-        return _ratio_or_one(2 * inter, pred + true)
+        return dice_from_sums(inter, pred, true)
 
 
 @METRICS.register("iou")
@@ -79,4 +75,4 @@ class IoU(_OverlapMetric):
 
     @staticmethod
     def _score(inter: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-        return _ratio_or_one(inter, pred + true - inter)
+        return iou_from_sums(inter, pred, true)

@@ -1,7 +1,8 @@
 """Binary segmentation: uint8 images normalised on the device, logits per pixel, dice and IoU.
 
 Models may return several heads (UNet++ deep supervision) as a list while training; the losses
-and metrics average over them. Pictures: an image / ground truth / prediction grid in
+average their per-head values and everything else sees the mean of the heads
+(:mod:`dltemplate.models.heads`). Pictures: an image / ground truth / prediction grid in
 TensorBoard at each validation, the seed's triplets with ``eval --viz``, and ``predict``.
 """
 
@@ -20,14 +21,9 @@ from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.engine.task import Task
 from dltemplate.errors import DataError
 from dltemplate.metrics.base import MetricCollection
+from dltemplate.metrics.overlap import dice_coefficient
+from dltemplate.models.heads import merged_prediction
 from dltemplate.registry import TASKS
-
-
-def _mean_logits(outputs: Any) -> torch.Tensor:
-    # Deep supervision: several heads while training; their mean is the prediction.
-    if isinstance(outputs, (list, tuple)):
-        return torch.stack(list(outputs)).mean(0)
-    return outputs
 
 
 def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
@@ -86,12 +82,12 @@ class SegmentationTask(Task):
 
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: Batch) -> None:
         """Metrics see the mean of the heads."""
-        metrics.update(_mean_logits(outputs).float(), batch.targets)
+        metrics.update(merged_prediction(outputs).float(), batch.targets)
 
     def log_images(self, writer: Any, tag: str, batch: Batch, outputs: Any, step: int) -> None:
         """A grid of up to 4 rows: image | ground truth | prediction."""
         info = self.data_info()
-        pred = (_mean_logits(outputs) > 0).float()
+        pred = (merged_prediction(outputs) > 0).float()
         rows = []
         for i in range(min(4, len(batch.targets))):
             image = torch.from_numpy(_to_uint8_image(batch.inputs[i], info)).permute(2, 0, 1)
@@ -111,7 +107,7 @@ class SegmentationTask(Task):
         info: DataInfo,
     ) -> int:
         """The seed's triplets: ``<n>_image.png``, ``<n>_mask.png``, ``<n>_pred.png``."""
-        pred = (_mean_logits(outputs) > 0).byte()
+        pred = (merged_prediction(outputs) > 0).byte()
         written = 0
         for i in range(len(batch.targets)):
             n = first_index + i
@@ -129,11 +125,9 @@ class SegmentationTask(Task):
         self, batch: Batch, outputs: Any, info: DataInfo, limit: int = 10
     ) -> list[dict[str, Any]]:
         """Per-image dice of the first ``limit`` images of a batch."""
-        pred = _mean_logits(outputs)[:limit] > 0
+        pred = merged_prediction(outputs)[:limit] > 0
         truth = batch.targets[:limit] > 0
-        inter = (pred & truth).flatten(1).sum(1).double()
-        total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).double()
-        dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+        dice = dice_coefficient(pred, truth, dtype=torch.float64)
         return [{"dice": round(float(d), 4)} for d in dice]
 
     @torch.no_grad()
@@ -160,7 +154,7 @@ class SegmentationTask(Task):
             resized = original.resize((width, height), Image.BILINEAR)
             x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)[None]
             batch = self.prepare_batch(Batch(x, torch.zeros(1), 1), device, info)
-            logits = _mean_logits(self.forward(model, batch))
+            logits = merged_prediction(self.forward(model, batch))
             full = F.interpolate(logits.float(), size=original.size[::-1], mode="bilinear")
             mask = (full[0, 0] > 0).byte().cpu().numpy() * 255
             target = out_dir / f"{Path(path).stem}_mask.png"

@@ -1,0 +1,178 @@
+"""A disk cache of decoded arrays, so that a dataset of image files is decoded once.
+
+One cache entry is a set of named arrays (``.npy`` files) plus JSON-able fields, stored under
+``folder`` as ``<family><key[:16]>.<kind>.npy`` and ``<family><key[:16]>.json``. The caller
+chooses ``key`` (a hash of everything the arrays depend on: file names, sizes, mtimes, output
+size...) and ``family`` (what else the arrays are for, e.g. ``"carvana-std-32x48-"``): entries of
+other families coexist, while writing an entry removes the stale entries of its own family.
+
+Every file is written atomically, the JSON meta last; the meta holds each array's shape, dtype and
+CRC32, which :meth:`ArrayCache.read` checks, so a half-written or damaged entry is rebuilt, never
+trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+
+from dltemplate.engine.atomic import atomic_write
+
+log = logging.getLogger("dltemplate")
+
+FORMAT_VERSION = 1  # of the meta and file layout; the caller's key covers how arrays are made
+_RESERVED = ("version", "key")  # meta fields of the cache itself, not the caller's
+
+
+class Cached(NamedTuple):
+    """One cache entry as read back: the arrays by kind and the caller's JSON fields."""
+
+    arrays: dict[str, np.ndarray]
+    fields: dict[str, Any]
+
+
+class ArrayCache:
+    """The cached arrays of one dataset state in ``folder`` (see the module docstring).
+
+    ``label`` starts the warnings (e.g. ``"Carvana"``) so that a user knows whose cache it is.
+    """
+
+    def __init__(self, folder: Path, family: str, key: str, label: str = "dataset") -> None:
+        self.folder = Path(folder)
+        self.family = family
+        self.key = key
+        self.label = label
+        self.stem = family + key[:16]
+        self.meta_path = self.folder / f"{self.stem}.json"
+
+    def array_path(self, kind: str) -> Path:
+        """The ``.npy`` file of ``kind`` (e.g. "images")."""
+        return self.folder / f"{self.stem}.{kind}.npy"
+
+    def read(
+        self,
+        kinds: Sequence[str],
+        check: Callable[[Cached], None] | None = None,
+    ) -> Cached | None:
+        """The entry's arrays of ``kinds`` and its fields, or None when there is no entry or it
+        is corrupt (with a warning). ``check`` may raise ValueError to reject what was read
+        (e.g. arrays whose shapes do not fit the fields)."""
+        if not self.meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+            if meta.get("version") != FORMAT_VERSION or meta.get("key") != self.key:
+                raise ValueError("its meta is not for this key")
+            # The names are fixed by the key: a path read from the meta is never followed.
+            arrays = {kind: _read_npy(self.array_path(kind), meta[kind]) for kind in kinds}
+            fields = {k: v for k, v in meta.items() if k not in _RESERVED and k not in kinds}
+            cached = Cached(arrays, fields)
+            if check is not None:
+                check(cached)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "%s: cache %s is corrupt (%s); rebuilding it", self.label, self.meta_path, exc
+            )
+            return None
+        return cached
+
+    def write(self, arrays: Mapping[str, np.ndarray], fields: Mapping[str, Any]) -> None:
+        """Save ``arrays`` and the JSON-able ``fields``, then remove the family's stale entries;
+        an unwritable folder only logs a warning."""
+        clash = set(fields) & (set(arrays) | set(_RESERVED))
+        if clash:
+            raise ValueError(f"cache fields {sorted(clash)} clash with array kinds or meta keys")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            meta: dict[str, Any] = {"version": FORMAT_VERSION, "key": self.key}
+            for kind, array in arrays.items():
+                path = self.array_path(kind)
+                crc = _write_with_crc(path, lambda f, a=array: np.save(f, a))
+                meta[kind] = {
+                    "file": path.name,
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                    "crc32": crc,
+                }
+            meta |= fields
+            text = json.dumps(meta).encode("utf-8")
+            atomic_write(self.meta_path, lambda f: f.write(text))  # last: it makes the entry valid
+        except OSError as exc:
+            log.warning(
+                "%s: cannot write the decode cache in %s (%s); continuing without it",
+                self.label,
+                self.folder,
+                exc,
+            )
+            return
+        # Same family but another key: made stale by a change of the files.
+        for old in self.folder.glob(f"{self.family}*"):
+            if not old.name.startswith(self.stem):
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+
+class _CrcWriter:
+    """A write-only file that passes data on and keeps the CRC32 of all of it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.crc = 0
+
+    def write(self, data: bytes) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        return self.f.write(data)
+
+
+def _write_with_crc(path: Path, write: Callable[[_CrcWriter], Any]) -> int:
+    """Write ``path`` atomically through ``write``; return the CRC32 of what was written."""
+    crc = 0
+
+    def through_crc(f: BinaryIO) -> None:
+        nonlocal crc
+        out = _CrcWriter(f)
+        write(out)
+        crc = out.crc
+
+    atomic_write(path, through_crc)
+    return crc
+
+
+def _read_npy(path: Path, spec: dict[str, Any]) -> np.ndarray:
+    """Read an ``.npy`` file in one pass, after checking its CRC32, shape and dtype against
+    ``spec``; raise ValueError (or OSError) when anything differs."""
+    with open(path, "rb", buffering=0) as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        view, got = memoryview(data), 0
+        while got < len(data):  # one read() returns at most ~2 GiB on Linux
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"{path.name}: shorter than its size")
+            got += n
+    if zlib.crc32(data) != spec["crc32"]:
+        raise ValueError(f"{path.name}: checksum mismatch")
+    header = io.BytesIO(bytes(view[: 1 << 17]))  # .npy headers are far smaller
+    version = np.lib.format.read_magic(header)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
+    if list(shape) != list(spec["shape"]) or dtype != np.dtype(spec["dtype"]) or fortran:
+        raise ValueError(
+            f"{path.name}: holds {dtype} {shape}, expected {spec['dtype']} {spec['shape']}"
+        )
+    count = math.prod(shape)
+    if len(data) - header.tell() != count * dtype.itemsize:
+        raise ValueError(f"{path.name}: truncated or too long")
+    # Over the bytearray: no copy, and writable, as torch.from_numpy wants.
+    return np.frombuffer(data, dtype, count, header.tell()).reshape(shape)

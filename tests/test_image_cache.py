@@ -1,0 +1,51 @@
+"""The checksummed array cache on its own, as any image-folder dataset would use it."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from dltemplate.data.image_cache import ArrayCache, Cached
+
+
+def test_round_trip_families_and_stale_entries(tmp_path):
+    x = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    y = np.ones((2, 5), np.float32)
+    ArrayCache(tmp_path, "faces-64-", "a" * 64).write({"x": x, "y": y}, {"names": ["p", "q"]})
+    ArrayCache(tmp_path, "faces-32-", "b" * 64).write({"x": x}, {})  # another family stays
+    got = ArrayCache(tmp_path, "faces-64-", "a" * 64).read(("x", "y"))
+    assert got is not None and got.fields == {"names": ["p", "q"]}
+    assert np.array_equal(got.arrays["x"], x) and np.array_equal(got.arrays["y"], y)
+    assert got.arrays["x"].flags.writeable  # torch.from_numpy wants a writable array
+    # Files changed: a new key replaces the family's old entry, and the old key reads nothing.
+    ArrayCache(tmp_path, "faces-64-", "c" * 64).write({"x": x, "y": y}, {"names": []})
+    assert ArrayCache(tmp_path, "faces-64-", "a" * 64).read(("x", "y")) is None
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "faces-32-bbbbbbbbbbbbbbbb.json",
+        "faces-32-bbbbbbbbbbbbbbbb.x.npy",
+        "faces-64-cccccccccccccccc.json",
+        "faces-64-cccccccccccccccc.x.npy",
+        "faces-64-cccccccccccccccc.y.npy",
+    ]
+
+
+def test_damage_and_rejection_are_warned_misses(tmp_path, caplog, monkeypatch):
+    # The CLI, run by other tests, stops the logger from propagating to caplog's handler.
+    monkeypatch.setattr(logging.getLogger("dltemplate"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="dltemplate")
+    cache = ArrayCache(tmp_path, "set-", "d" * 64, label="MySet")
+    cache.write({"x": np.zeros((3, 2), np.int16)}, {"n": 3})
+
+    def wants_four(cached: Cached) -> None:
+        if len(cached.arrays["x"]) != cached.fields["n"] + 1:
+            raise ValueError("wrong length")
+
+    assert cache.read(("x",), check=wants_four) is None
+    assert "MySet: cache" in caplog.text and "wrong length" in caplog.text
+    data = bytearray(cache.array_path("x").read_bytes())
+    data[-1] ^= 1
+    cache.array_path("x").write_bytes(bytes(data))
+    assert cache.read(("x",)) is None and "checksum mismatch" in caplog.text
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
