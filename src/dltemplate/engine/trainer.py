@@ -47,16 +47,10 @@ from dltemplate.engine.seeding import rng_state, seed_everything
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals, rank_seed
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.errors import NonFiniteLossError, UsageError
+from dltemplate.models.heads import detach_outputs
 from dltemplate.optim import is_plateau
 
 log = logging.getLogger("dltemplate")
-
-
-def _detach(outputs: Any) -> Any:
-    # Models may return several heads (deep supervision) as a list or tuple.
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(o.detach() for o in outputs)
-    return outputs.detach()
 
 
 class NotResumable(Exception):
@@ -219,7 +213,7 @@ class TrainerBase(ResumeMixin):
                 share = n * self.dist.world_size / sum(sizes[first:last])
                 self.precision.backward(loss * share)
             loss = loss.detach()
-            window.append((loss, n, _detach(outputs), batch))
+            window.append((loss, n, detach_outputs(outputs), batch))
             self.logged_loss = None
             if update_now:
                 self.optimizer_step(window, position=i + 1)
