@@ -98,7 +98,7 @@ class EpochProgress:
         if self.bar is not None:
             self.bar.update(1)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=_rate(self.rate), refresh=False)
+                self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=_rate(self.rate))
         elif loss is not None:
             logging.getLogger(LOGGER_NAME).info(
                 "%s [%d/%d] loss %.4f, %s samples/s",
