@@ -305,7 +305,7 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
     """Engine epochs with timers around their pieces; prints seconds per epoch of each."""
     trainer = make_trainer(batch_size, 1 + args.epochs, args.train_samples, out_dir)
     t = trainer
-    progress_cb, table = trainer.callbacks.callbacks[0], metrics_table(trainer).table
+    table = metrics_table(trainer).table
     sections = [  # (owner, method, name), printed in this order
         (t, "train_epoch", "train_epoch (total)"),
         (t.task, "prepare_batch", "  prepare_batch (uint8 -> normalised float)"),
@@ -315,7 +315,7 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
         (t, "optimizer_step", "  optimizer_step (step, zero_grad, meters, metrics)"),
         (t.train_meter, "update", "    train_meter.update"),
         (t.task, "update_metrics", "    update_metrics (also in evaluate)"),
-        (progress_cb, "on_train_batch_end", "  progress bar update"),
+        (t.callbacks.on_train_batch_end, 0, "  progress bar update"),
         (t, "read_losses", "  read_losses (also in end_epoch)"),
         (t.writer, "add_scalar", "  TensorBoard add_scalar (also in end_epoch)"),
         (t, "evaluate", "evaluate val (total)"),
@@ -330,8 +330,8 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
     seconds = {name: 0.0 for *_, name in sections}
     calls = {name: 0 for *_, name in sections}
 
-    def wrap(owner: Any, attr: str, name: str) -> None:
-        fn = getattr(owner, attr)
+    def wrap(owner: Any, attr: Any, name: str) -> None:
+        fn = owner[attr] if isinstance(owner, list) else getattr(owner, attr)
 
         @functools.wraps(fn)
         def timed(*a: Any, **k: Any) -> Any:
@@ -344,7 +344,10 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
                 seconds[name] += time.perf_counter() - t0
                 calls[name] += 1
 
-        setattr(owner, attr, timed)
+        if isinstance(owner, list):  # a list of listeners, as the loop holds them
+            owner[attr] = timed
+        else:
+            setattr(owner, attr, timed)
 
     try:
         engine_epoch(t)  # warm-up, untimed

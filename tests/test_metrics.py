@@ -184,7 +184,7 @@ def test_collection_sync_of_two_halves_equals_one_collection_of_everything(data)
     whole = feed(_collection(), logits, targets)
 
     # the "other process" states, captured before either reduces (as an all-reduce sees them)
-    snapshots = [[t.clone() for m in c.metrics for t in m.state()] for c in (first, second)]
+    snapshots = [[t.clone() for t in c.state()] for c in (first, second)]
 
     def fake_all_reduce_sum(tensors: list[torch.Tensor]) -> None:
         assert len(tensors) == len(snapshots[0])
@@ -224,3 +224,19 @@ def test_sync_with_no_state_does_not_call_all_reduce():
     calls = []
     MetricCollection([]).sync(calls.append)
     assert calls == []
+
+
+def test_counting_metrics_applied_in_groups_equal_batch_by_batch(data):
+    """Counting metrics are kept and applied several batches at once: the same counts."""
+    logits, targets = data
+    grouped, one_by_one = _collection(), _collection()
+    one_by_one.defer = 0
+    grouped.defer = 4
+    for start in range(0, len(targets), 9):
+        for c in (grouped, one_by_one):
+            c.update(logits[start : start + 9], targets[start : start + 9])
+    assert grouped._pending  # some batches are still waiting...
+    states = grouped.state(), one_by_one.state()  # ...and are applied before the state is read
+    assert len(states[0]) == len(states[1])
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+    assert grouped.report() == one_by_one.report()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dltemplate.callbacks.base import Callback
@@ -57,14 +58,19 @@ class Checkpoint(Callback):
         evicted = self._rank(trainer, row.get(trainer.cfg.trainer.monitor, math.nan), epoch)
         state = trainer.checkpoint_state()  # after _rank: it holds the new top-k list
         evaluated = trainer.evaluated_state(state)
-        if trainer.improved and self.save_top_k > 0:
-            trainer.save("best", evaluated)
-        if any(e == epoch for _, e in self.top):
-            trainer.save(f"best_epoch{epoch:03d}", evaluated)
+        written: dict[int, Path] = {}  # id of a state -> a file holding it: written once
+        kinds = [("last", state)] if self.save_last else []
         if self.every_n_epochs is not None and epoch % self.every_n_epochs == 0:
-            trainer.save(f"epoch{epoch:03d}", state)
-        if self.save_last:
-            trainer.save("last", state)
+            kinds.append((f"epoch{epoch:03d}", state))
+        if trainer.improved and self.save_top_k > 0:
+            kinds.append(("best", evaluated))
+        if any(e == epoch for _, e in self.top):
+            kinds.append((f"best_epoch{epoch:03d}", evaluated))
+        for kind, content in kinds:
+            if id(content) in written:
+                trainer.link(written[id(content)], kind)
+            elif (path := trainer.save(kind, content)) is not None:
+                written[id(content)] = path
         if trainer.dist.is_main and trainer.run_dir is not None:
             for old in evicted:
                 path = trainer.run_dir / checkpoint_name(trainer.cfg.model.name, old)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from dltemplate.callbacks.base import Callback
@@ -15,12 +16,22 @@ if TYPE_CHECKING:
 @CALLBACKS.register("metrics_table")
 class MetricsTableCallback(Callback):
     """On rank 0, appends each epoch's row (epoch, lr, seconds, ``train/*``, ``val/*``) to
-    ``<run>/metrics.csv`` and, with ``curves``, redraws ``<run>/curves.png`` in a background
-    thread. A resumed run first drops the rows of epochs it will run again."""
+    ``<run>/metrics.csv``; a resumed run first drops the rows of epochs it will run again.
 
-    def __init__(self, curves: bool = True) -> None:
+    With ``curves``, ``<run>/curves.png`` is redrawn in a background thread after the first
+    epoch, then after an epoch when ``curves_every_s`` seconds have passed since the last
+    drawing, and when the run ends or stops: a drawing costs a few tenths of a second of CPU,
+    which short epochs would otherwise pay every time.
+    """
+
+    def __init__(self, curves: bool = True, curves_every_s: float = 30.0) -> None:
+        if curves_every_s < 0:
+            raise ValueError(f"curves_every_s={curves_every_s}: must be 0 or more")
         self.curves = curves
+        self.curves_every_s = curves_every_s
         self.table: rundir.MetricsTable | None = None
+        self.drawn_at: float | None = None  # when the last drawing started
+        self.drawn_rows = 0  # rows in the last drawing
 
     def on_fit_start(self, trainer: TrainerBase) -> None:
         """Open the table; keep only the rows of epochs already complete."""
@@ -33,18 +44,28 @@ class MetricsTableCallback(Callback):
             self.table.truncate(trainer.epoch + 1)
 
     def on_epoch_end(self, trainer: TrainerBase, row: dict[str, float]) -> None:
-        """Append the row; start redrawing the curves."""
-        if self.table is not None:
-            self.table.append(row)
-            if self.curves:
-                self.table.plot(trainer.run_dir / "curves.png")
+        """Append the row; redraw the curves if they are due."""
+        if self.table is None:
+            return
+        self.table.append(row)
+        due = self.drawn_at is None or time.monotonic() - self.drawn_at >= self.curves_every_s
+        if due:
+            self.draw(trainer)
+
+    def draw(self, trainer: TrainerBase) -> None:
+        """Start redrawing ``curves.png`` from the table (when there is something new)."""
+        if self.curves and self.table is not None and len(self.table.rows) != self.drawn_rows:
+            self.table.plot(trainer.run_dir / "curves.png")
+            self.drawn_at, self.drawn_rows = time.monotonic(), len(self.table.rows)
 
     def on_fit_end(self, trainer: TrainerBase) -> None:
-        """Let the last drawing finish."""
+        """Draw the final curves and wait for them."""
+        self.draw(trainer)
         self.wait()
 
     def on_exception(self, trainer: TrainerBase, exc: BaseException) -> None:
-        """Let a drawing in progress finish."""
+        """Draw what the table holds, and wait."""
+        self.draw(trainer)
         self.wait()
 
     def wait(self) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import numbers
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     content = {"format": FORMAT, **{k: v for k, v in state.items() if k != DIGEST_KEY}}
     content[DIGEST_KEY] = content_digest(content)
     atomic_write(path, lambda fh: torch.save(content, fh))
+
+
+def link_checkpoint(source: Path, path: Path) -> None:
+    """Make ``path`` the same file as ``source`` (a hard link, else a copy), atomically.
+
+    Used when two checkpoints hold the same state (best and last): written once, linked once.
+    Rewriting ``source`` later renames a new file over it, so ``path`` keeps this content.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # One state that newest_intact_checkpoint loaded and checked, handed to the next

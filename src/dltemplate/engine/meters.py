@@ -22,8 +22,10 @@ class AverageMeter:
     def update(self, value: torch.Tensor | float, n: int = 1) -> None:
         """Add a batch whose mean is ``value`` over ``n`` samples."""
         value = torch.as_tensor(value).detach()
-        self.sum = self.sum.to(value.device) + value.double() * n
-        self.count = self.count.to(value.device) + n
+        if self.sum.device != value.device:  # once: the sums live where the values are
+            self.sum, self.count = self.sum.to(value.device), self.count.to(value.device)
+        self.sum.add_(value, alpha=n)  # in place, in float64: one small op per batch
+        self.count.add_(n)
 
     def state(self) -> list[torch.Tensor]:
         """Sum and count, which add up across processes."""

@@ -30,6 +30,7 @@ from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.engine.build import build_components, build_loaders, build_schedule
 from dltemplate.engine.checkpoint import (
     checkpoint_name,
+    link_checkpoint,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
@@ -211,7 +212,7 @@ class TrainerBase(ResumeMixin):
                 # (DDP averages gradients over processes): the step then follows the mean loss
                 # of the window's global batch, whatever the window's length.
                 share = n * self.dist.world_size / sum(sizes[first:last])
-                self.precision.backward(loss * share)
+                self.precision.backward(loss * share if share != 1 else loss)
             loss = loss.detach()
             window.append((loss, n, detach_outputs(outputs), batch))
             self.logged_loss = None
@@ -412,6 +413,14 @@ class TrainerBase(ResumeMixin):
         save_checkpoint(path, state)
         return path
 
+    def link(self, source: Path, kind: str) -> Path | None:
+        """Make ``<Model>_<kind>_ckpt.pth`` the same file as ``source`` (same state, rank 0)."""
+        if not self.dist.is_main or self.fast_dev_run:
+            return None
+        path = self.run_dir / checkpoint_name(self.cfg.model.name, kind)
+        link_checkpoint(source, path)
+        return path
+
     def interrupt_state(self, exc: BaseException) -> dict[str, Any]:
         """The state an interrupt checkpoint may hold after ``exc``, or :class:`NotResumable`.
 
@@ -466,7 +475,7 @@ class TrainerBase(ResumeMixin):
 
     # == helpers ================================================================================
     def _train_state(self) -> list[torch.Tensor]:
-        return self.train_meter.state() + [t for m in self.train_metrics.metrics for t in m.state()]
+        return self.train_meter.state() + self.train_metrics.state()
 
     def _reduced_train_results(self) -> dict[str, float]:
         """The epoch's training results over all processes; the local sums stay as they were,

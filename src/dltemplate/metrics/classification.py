@@ -20,6 +20,8 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 class Accuracy(Metric):
     """Share of samples whose highest logit is the target."""
 
+    counts_only = True
+
     def __init__(self) -> None:
         self.reset()
 
@@ -65,6 +67,8 @@ class TopKAccuracy(Accuracy):
 @METRICS.register("confusion_matrix")
 class ConfusionMatrix(Metric):
     """Counts ``matrix[true, predicted]``; reported whole, no scalars logged."""
+
+    counts_only = True
 
     def __init__(self, num_classes: int, class_names: list[str] | None = None) -> None:
         self.num_classes = num_classes
