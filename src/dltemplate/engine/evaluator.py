@@ -66,7 +66,7 @@ class Evaluation:
                 on_batch(i, batch, outputs)
         self.metrics.sync(D.all_reduce_sum)
         D.all_reduce_sum(meter.state())
-        return {"loss": meter.avg, **self.metrics.compute()} if float(meter.count) else {}
+        return {"loss": meter.avg, **self.metrics.compute()} if float(meter.state()[1]) else {}
 
 
 def resolve_eval_target(target: str | Path) -> Path:

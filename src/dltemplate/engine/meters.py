@@ -18,20 +18,26 @@ class AverageMeter:
         """Forget everything."""
         self.sum = torch.zeros((), dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.float64)
+        self._pending = 0  # samples counted but not yet added into ``count``
 
     def update(self, value: torch.Tensor | float, n: int = 1) -> None:
         """Add a batch whose mean is ``value`` over ``n`` samples."""
-        value = torch.as_tensor(value).detach()
+        if not isinstance(value, torch.Tensor):
+            value = torch.tensor(float(value))
         if self.sum.device != value.device:  # once: the sums live where the values are
             self.sum, self.count = self.sum.to(value.device), self.count.to(value.device)
-        self.sum.add_(value, alpha=n)  # in place, in float64: one small op per batch
-        self.count.add_(n)
+        self.sum.add_(value.detach(), alpha=n)  # in place, in float64: one op per batch
+        self._pending += n  # a Python int: counts are exact, added when read
 
     def state(self) -> list[torch.Tensor]:
-        """Sum and count, which add up across processes."""
+        """Sum and count, which add up across processes (reduced and restored in place)."""
+        if self._pending:
+            self.count.add_(self._pending)
+            self._pending = 0
         return [self.sum, self.count]
 
     @property
     def avg(self) -> float:
         """The weighted mean so far (0 before any update)."""
-        return float(self.sum / self.count) if float(self.count) > 0 else 0.0
+        total, count = self.state()
+        return float(total / count) if float(count) > 0 else 0.0

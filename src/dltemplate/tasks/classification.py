@@ -22,11 +22,12 @@ class ClassificationTask(Task):
     def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
         """Move to ``device`` first (uint8 is 4x less to copy), then scale and normalise there."""
         x = batch.inputs.to(device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
         mean, std = channel_stats(info, x.device)
         shape = (1, -1) + (1,) * (x.dim() - 2)  # also for inputs that are not images
-        x = (x - mean.view(shape)) / std.view(shape)
+        if x.dtype == torch.uint8:  # a fresh float copy: normalised in place, no more copies
+            x = x.float().div_(255.0).sub_(mean.view(shape)).div_(std.view(shape))
+        else:  # x may be the dataset's own tensor: not in place
+            x = (x - mean.view(shape)) / std.view(shape)
         return Batch(x, batch.targets.to(device, non_blocking=True), batch.global_size)
 
     def describe_predictions(
