@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import sys
@@ -15,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, readme_block, run_dirs
 
 from dltemplate.callbacks import EVENTS, Callback, CallbackList, GradNorm
 from dltemplate.cli import main
+from dltemplate.engine.trainer import TrainerBase
 from dltemplate.registry import CALLBACKS
 from dltemplate.tasks.classification import ClassificationTask
 
@@ -32,15 +32,6 @@ SMALL = [
 ]
 STEPS_PER_EPOCH = 13
 README_COMMAND = "dltemplate train configs/digits_mlp.yaml experiment.imports=[my_callbacks]"
-
-
-def readme_block(first_line: str) -> str:
-    """The README's fenced code block that starts with ``first_line``."""
-    readme = (REPO / "README.md").read_text()
-    for block in re.findall(r"```\w*\n(.*?)```", readme, flags=re.S):
-        if block.startswith(first_line):
-            return block
-    raise AssertionError(f"README has no code block starting with {first_line!r}")
 
 
 def readme_command(first_line: str) -> list[str]:
@@ -542,7 +533,7 @@ def test_a_built_in_callback_can_be_turned_off(cli, tmp_path):
     assert (run / "Vanilla_last_ckpt.pth").exists() and (run / "test_metrics.json").exists()
 
 
-def test_early_stopping_is_a_callback_with_its_own_patience(cli, tmp_path):
+def test_early_stopping_is_a_callback_with_its_own_patience(cli, tmp_path, monkeypatch):
     out = tmp_path / "out"
     common = [
         *SMALL,
@@ -552,11 +543,25 @@ def test_early_stopping_is_a_callback_with_its_own_patience(cli, tmp_path):
         "trainer.monitor_mode=min",
     ]  # fmt: skip  (lr 0: nothing ever improves)
     stop = "callbacks=[{name: early_stopping, args: {patience: 2}}]"
-    assert cli("train", DEMO, f"experiment.output_dir={out}", *common, stop) == 0
+    # the final test is interrupted: training had ended early, so the resume only tests
+    original_test = TrainerBase.test
+
+    def test(self):
+        monkeypatch.setattr(TrainerBase, "test", original_test)  # once
+        raise RuntimeError("injected during the final test")
+
+    monkeypatch.setattr(TrainerBase, "test", test)
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *common, stop) == 1
     (run,) = run_dirs(out)
+    assert not (run / "test_metrics.json").exists()
+    log = (run / "train.log").read_text()
+    assert "early stopping: val/loss did not improve for 2 epochs" in log
+    assert cli("resume", run) == 0  # no more epochs: the final test only
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3  # best, then 2 without
-    assert (
-        "early stopping: val/loss did not improve for 2 epochs" in (run / "train.log").read_text()
-    )
+    assert (run / "test_metrics.json").exists()
+    assert last_state(run)["finished"]
     assert cli("resume", run) == 0  # finished: nothing to do
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3
+    # a larger patience continues the run: 3 more epochs without improvement
+    assert cli("resume", run, "callbacks=[{name: early_stopping, args: {patience: 5}}]") == 0
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 6

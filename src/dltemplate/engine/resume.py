@@ -86,10 +86,7 @@ class ResumeMixin:
         stopping, makes it unfinished again."""
         if not state.get("finished"):
             return False
-        self.best.load_state_dict(state["early_stopping"])
-        stopped_early = bool(state.get("stopped_early")) and any(
-            cb.stops(self) for cb in self.callbacks.callbacks if hasattr(cb, "stops")
-        )
+        stopped_early = self._stopped_early(state)
         if not (state["epoch"] >= self.epochs or stopped_early):
             return False
         self.run_dir = Path(self.cfg.trainer.resume)
@@ -106,6 +103,16 @@ class ResumeMixin:
             )
         )
         return True
+
+    def _stopped_early(self, state: dict[str, Any]) -> bool:
+        """Whether the checkpoint's run had ended its training early (a callback set
+        ``should_stop``). A callback that can judge it again with today's config (early
+        stopping, given a larger patience) may take that back."""
+        self.best.load_state_dict(state["early_stopping"])
+        if not state.get("stopped_early"):
+            return False
+        judges = [cb for cb in self.callbacks.callbacks if hasattr(cb, "stops")]
+        return all(cb.stops(self) for cb in judges)
 
     def _saved_test_metrics(self) -> dict[str, float]:
         path = self.run_dir / "test_metrics.json"
@@ -124,7 +131,7 @@ class ResumeMixin:
         self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.batch_in_epoch = state["batch_in_epoch"]
-        self.best.load_state_dict(state["early_stopping"])
+        self.should_stop = self._stopped_early(state)  # stopped early: on to the final test
         progress = state["train_progress"]
         if progress and isinstance(progress[0], torch.Tensor):  # written by an older version
             progress = [progress]
