@@ -299,6 +299,9 @@ class TrainerBase(ResumeMixin):
         for fn in self.callbacks.on_test_start:
             fn(self)
         metrics = self.evaluate(self.test_loader, "test")
+        # Processes test together, so they stop together: a signal that reached one of them
+        # during the test stops them all here, before anything is written (resume tests again).
+        self.check_stop()
         for fn in self.callbacks.on_test_end:
             fn(self, metrics)
         log.info(
