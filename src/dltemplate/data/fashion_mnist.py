@@ -9,8 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import os
-import tempfile
 import threading
 import time
 import urllib.request
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
+from dltemplate.engine.atomic import atomic_write
 from dltemplate.errors import DataError
 from dltemplate.registry import DATASETS
 
@@ -138,14 +137,7 @@ def download_file(name: str, folder: Path) -> Path:
             continue
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, folder / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(folder / name, lambda fh, data=data: fh.write(data))
         except OSError as exc:
             raise DataError(f"cannot write {folder / name}: {exc}") from exc
         return folder / name

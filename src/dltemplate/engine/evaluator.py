@@ -14,6 +14,7 @@ from torch import nn
 from dltemplate.config import Config, config_from_dict
 from dltemplate.data.base import Batch, DataInfo, DataSplits, IndexLoader, TensorSplit
 from dltemplate.engine import distributed as D
+from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_model_weights
 from dltemplate.engine.device import select_device
 from dltemplate.engine.meters import AverageMeter
@@ -171,7 +172,7 @@ class EvaluatorBase:
         """Save the report as JSON (tensors and NumPy values as lists or numbers, anything
         else that JSON cannot hold as its ``str``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=_jsonable))
+        atomic_write_text(path, json.dumps(report, indent=2, default=_jsonable))
         return path
 
 

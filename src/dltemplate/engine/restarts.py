@@ -13,6 +13,8 @@ import os
 import socket
 from pathlib import Path
 
+from dltemplate.engine.atomic import atomic_write_text
+
 
 def _marker(output_dir: str | Path) -> Path | None:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
@@ -26,7 +28,7 @@ def remember_run_dir(output_dir: str | Path, run_dir: Path) -> None:
     """Under torchrun, note which run directory this job writes (rank 0, at the run's start)."""
     marker = _marker(output_dir)
     if marker is not None:
-        marker.write_text(json.dumps({"run_dir": str(run_dir)}))
+        atomic_write_text(marker, json.dumps({"run_dir": str(run_dir)}))
 
 
 def restarted_run_dir(output_dir: str | Path) -> Path | None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import dltemplate
-from dltemplate.engine.atomic import atomic_write_text
+from dltemplate.engine.atomic import atomic_write, atomic_write_text
 from dltemplate.errors import UsageError
 
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
@@ -235,6 +235,4 @@ def plot_curves(rows: list[dict[str, Any]], png: Path) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=72)
-    tmp.replace(png)
+    atomic_write(png, lambda fh: fig.savefig(fh, dpi=72, format="png"))
