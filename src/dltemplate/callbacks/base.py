@@ -18,9 +18,16 @@ The loop calls, in this order (``*`` repeats)::
     on_fit_end
     on_exception(exc)                                whatever stopped the run, before it unwinds
 
-Each event receives the trainer first, which gives access to ``model``, ``optimizer``,
-``epoch``, ``global_step``, ``writer`` (TensorBoard, rank 0 only, else None), ``dist`` and
-:meth:`~dltemplate.engine.trainer.TrainerBase.request_stop`.
+Each event receives the trainer first, which gives access to ``model``, ``unwrapped_model``,
+``optimizer``, ``epoch``, ``global_step``, ``step_loss``, ``logged_loss`` (a float on the steps
+where the trainer read the loss, else None), ``improved`` (in ``on_epoch_end``: the epoch is the
+best so far), ``writer`` (TensorBoard, rank 0 only, else None), ``run_dir``, ``dist``,
+``averaged_model`` (set it to have validation, the test and the best checkpoints use other
+weights, as ``ema`` does), ``should_stop`` (set it to end training after this epoch) and
+:meth:`~dltemplate.engine.trainer.TrainerBase.request_stop` (stop now, resumably).
+
+The built-in behaviours are callbacks too (``progress``, ``tensorboard``, ``metrics_table``,
+``early_stopping``, ``checkpoint``): see :func:`dltemplate.callbacks.build_callbacks`.
 
 A callback with state returns it from :meth:`Callback.state_dict` (tensors and plain types);
 it is saved in every checkpoint and restored on resume. For an exact resume, change that state
