@@ -494,3 +494,46 @@ def test_latest_run_dir_ignores_other_names_unless_none_is_a_timestamp(tmp_path)
     assert b.exists()
     with pytest.raises(UsageError, match="no run directory"):
         latest_run_dir(tmp_path / "empty")
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_last(
+    cli, tmp_path, capsys, monkeypatch
+):
+    """A full disk mid-write: exit status 1, one line naming the file, no traceback, and the
+    previous checkpoint intact (torch itself would say "inline_container.cc ... unexpected pos")."""
+    import errno
+    import io
+
+    from conftest import REPO, run_dirs
+
+    from dltemplate.engine import atomic
+
+    demo = REPO / "configs" / "digits_mlp.yaml"
+    out = tmp_path / "out"
+    real_open = open
+    writes = {"last": 0}
+
+    class FullDisk(io.FileIO):
+        def write(self, data):  # the disk fills up part-way through the file
+            if self.tell() > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "last_ckpt" in str(path) and "w" in mode:
+            writes["last"] += 1
+            if writes["last"] == 2:  # the second epoch's last checkpoint
+                return FullDisk(path, "wb")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+    small = ["data.train_val_sample_rate=0.3", "model.args.hidden=[16]", "trainer.epochs=3"]
+    assert cli("train", demo, f"experiment.output_dir={out}", *small) == 1
+    err = capsys.readouterr().err
+    (run,) = run_dirs(out)
+    last = run / "Vanilla_last_ckpt.pth"
+    assert f"dltemplate: error: no space left on device while writing {last}" in err
+    assert "Traceback" not in err and "inline_container" not in err
+    state = load_checkpoint(last)  # intact, with its digest: the first epoch's
+    assert state["epoch"] == 1
+    assert not list(run.glob(".*.tmp"))

@@ -23,7 +23,7 @@ from dltemplate.engine.rundir import latest_run_dir
 from dltemplate.engine.runlog import setup_logging
 from dltemplate.engine.stopping import RunStopped
 from dltemplate.engine.task import make_task
-from dltemplate.errors import DataError, NonFiniteLossError, UsageError
+from dltemplate.errors import DataError, DiskFullError, NonFiniteLossError, UsageError
 from dltemplate.registry import MODELS
 from dltemplate.tools.compare_configs import compare_configs, format_diff
 from dltemplate.tools.count_params import count_parameters, format_counts
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         name = exc.signal_name if isinstance(exc, RunStopped) else "SIGINT"
         print(f"dltemplate: interrupted by {name}", file=sys.stderr)
         return 130
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, DiskFullError) as exc:  # failures that one line explains
         print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 1
     except Exception:

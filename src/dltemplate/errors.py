@@ -22,6 +22,11 @@ class CheckpointError(UsageError):
     """A path is not a checkpoint, or a checkpoint does not match the configuration."""
 
 
+class DiskFullError(RuntimeError):
+    """No space left on the device while writing a file (exit status 1); the file it was to
+    replace is intact."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (``trainer.stop_on_nan``): exit status 1."""
 

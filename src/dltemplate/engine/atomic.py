@@ -3,15 +3,21 @@ target once complete, so a crash or a kill mid-write leaves the previous file in
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from dltemplate.errors import DiskFullError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(fh)`` on ``.<name>.<pid>.tmp`` beside ``path``, flush it to disk and rename
-    it over ``path``; on any error the temporary file is removed and ``path`` is untouched.
+    it over ``path``; on any error the temporary file is removed and ``path`` is untouched (a
+    full disk is a :class:`~dltemplate.errors.DiskFullError` naming ``path``).
 
     A process killed mid-write leaves its temporary file behind:
     :func:`dltemplate.engine.rundir.remove_stale_temp_files` removes it later.
@@ -24,9 +30,23 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
+    except Exception as exc:
+        if _disk_full(exc):  # say it plainly (torch.save reports it as "unexpected pos")
+            raise DiskFullError(f"no space left on device while writing {path}") from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it arose from, is a full disk or quota."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:

@@ -11,6 +11,7 @@ import csv
 import datetime
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -196,7 +197,7 @@ class MetricsTable:
         """
         self.wait()
         rows = [dict(r) for r in self.rows]  # a snapshot: the table may grow while drawing
-        self._plotting = threading.Thread(target=plot_curves, args=(rows, png), daemon=True)
+        self._plotting = threading.Thread(target=_plot_quietly, args=(rows, png), daemon=True)
         self._plotting.start()
         return self._plotting
 
@@ -205,6 +206,14 @@ class MetricsTable:
         if getattr(self, "_plotting", None) is not None:
             self._plotting.join()
             self._plotting = None
+
+
+def _plot_quietly(rows: list[dict[str, Any]], png: Path) -> None:
+    # A picture is not worth a traceback from a thread (a full disk is reported by the run).
+    try:
+        plot_curves(rows, png)
+    except Exception as exc:
+        logging.getLogger("dltemplate").warning("curves.png not drawn: %s", exc)
 
 
 def plot_curves(rows: list[dict[str, Any]], png: Path) -> None:
