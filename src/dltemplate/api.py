@@ -23,7 +23,7 @@ from dltemplate.config import load_config as _load_yaml
 from dltemplate.config.loader import apply_overrides
 from dltemplate.engine.build_trainer import build_evaluator, trainer_class, validate_names
 from dltemplate.engine.checkpoint import find_checkpoint, keep_for_next_load, load_checkpoint
-from dltemplate.engine.rundir import find_config, latest_run_dir
+from dltemplate.engine.rundir import latest_run_dir, read_saved_config
 from dltemplate.engine.task import make_task
 from dltemplate.errors import CheckpointError, UsageError
 
@@ -181,9 +181,7 @@ def config_of_run(target: str | Path, keep_checkpoint: bool = False) -> tuple[di
     """
     path = Path(target)
     if path.is_dir():
-        raw = json.loads(find_config(path).read_text())
-        raw.pop("_meta", None)
-        return raw, path
+        return read_saved_config(path)[0], path
     state = load_checkpoint(path)
     if keep_checkpoint:
         keep_for_next_load(path, state)

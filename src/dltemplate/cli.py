@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -98,6 +99,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise UsageError(f"--n {args.n}: must be at least 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"{args.out}: exists and is not a folder (give a folder to write into)")
     out = make_sample_carvana(Path(args.out), n=args.n)
     print(f"wrote {args.n} synthetic Carvana-layout image/mask pairs to {out}")
     return 0
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
-        print(f"dltemplate: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: once
+            print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         name = exc.signal_name if isinstance(exc, RunStopped) else "SIGINT"

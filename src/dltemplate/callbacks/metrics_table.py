@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dltemplate.callbacks.base import Callback
@@ -32,6 +33,14 @@ class MetricsTableCallback(Callback):
         self.table: rundir.MetricsTable | None = None
         self.drawn_at: float | None = None  # when the last drawing started
         self.drawn_rows = 0  # rows in the last drawing
+
+    def setup(self, trainer: TrainerBase) -> None:
+        """A resumed run's table must be readable: checked before anything is written."""
+        resume = trainer.cfg.trainer.resume
+        if resume and trainer.dist.is_main:
+            run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+            if (run_dir / "metrics.csv").exists():
+                rundir.MetricsTable.read(run_dir / "metrics.csv")
 
     def on_fit_start(self, trainer: TrainerBase) -> None:
         """Open the table; keep only the rows of epochs already complete."""

@@ -25,7 +25,13 @@ from dltemplate.engine.checkpoint import (
     newest_intact_checkpoint,
 )
 from dltemplate.engine.restarts import remember_run_dir, restarted_run_dir
-from dltemplate.engine.rundir import find_config, new_run_dir, remove_stale_temp_files, save_config
+from dltemplate.engine.rundir import (
+    find_config,
+    new_run_dir,
+    read_saved_config,
+    remove_stale_temp_files,
+    save_config,
+)
 from dltemplate.engine.runlog import attach_log_file
 from dltemplate.engine.seeding import set_rng_state
 from dltemplate.errors import CheckpointError
@@ -231,8 +237,7 @@ class ResumeMixin:
         """A resume that changes the config (train longer) rewrites the saved config, so that
         the run directory alone says how the run goes on."""
         path = find_config(run_dir)
-        saved = json.loads(path.read_text())
-        meta = saved.pop("_meta", {})
+        saved, meta = read_saved_config(run_dir)
         now = config_to_dict(self.cfg)
         now["trainer"]["resume"] = saved.get("trainer", {}).get("resume")
         changed = []

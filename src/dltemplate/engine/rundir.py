@@ -24,7 +24,7 @@ import torch
 
 import dltemplate
 from dltemplate.engine.atomic import atomic_write, atomic_write_text
-from dltemplate.errors import UsageError
+from dltemplate.errors import DataError, UsageError
 
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 _RUN_NAME = re.compile(r"(\d{8}_\d{6})(?:_(\d+))?")
@@ -159,15 +159,41 @@ def find_config(run_dir: Path) -> Path:
     return found[0]
 
 
+def read_saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config saved in ``run_dir`` (as a dict) and its ``_meta``; a missing, truncated or
+    garbled file is a DataError naming it."""
+    path = find_config(run_dir)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable saved config ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: not a saved config (expected a mapping of sections)")
+    meta = saved.pop("_meta", {})
+    return saved, meta
+
+
 class MetricsTable:
     """``metrics.csv``: one row per epoch; rewritten whole when new columns appear."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows: list[dict[str, Any]] = []
-        if path.exists():
-            with open(path, newline="") as fh:
-                self.rows = [dict(r) for r in csv.DictReader(fh)]
+        self.rows = self.read(path) if path.exists() else []
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """The rows of an existing ``metrics.csv``; a garbled one is a DataError naming it."""
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [dict(r) for r in csv.DictReader(fh)]
+            for row in rows:
+                int(float(row["epoch"]))
+        except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+            raise DataError(
+                f"{path}: not a metrics table written by dltemplate ({type(exc).__name__}: "
+                f"{exc}); move it away to resume without it"
+            ) from exc
+        return rows
 
     def truncate(self, epoch: int) -> None:
         """Keep only rows of epochs before ``epoch`` (1-based), e.g. when resuming."""
