@@ -54,13 +54,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if target == "last":
         target = str(latest_run_dir(args.output_dir))
     _catch_sigterm()
-    api.resume(target, args.overrides)
+    api.resume(target, args.overrides, trust_code=args.trust_code)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
-    evaluator = build_evaluator(args.target, args.overrides)
+    evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     viz_dir = None
     if args.viz:
         viz_dir = Path(args.viz_dir) if args.viz_dir else evaluator.checkpoint_path.parent / "viz"
@@ -80,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     setup_logging()
-    evaluator = build_evaluator(args.target, args.overrides)
+    evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -156,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_count(args: argparse.Namespace) -> int:
     path = Path(args.config)
     if path.is_dir() or path.suffix in (".pth", ".pt"):
-        raw, _ = api.config_of_run(path)
+        raw, _ = api.config_of_run(path, trust_code=args.trust_code)
         cfg = config_from_dict(apply_overrides(raw, args.overrides), str(path))
     else:
         cfg = load_config(path, args.overrides)
@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     over = {"nargs": "*", "default": [], "metavar": "section.key=value"}
+    trust = {
+        "action": "store_true",
+        "help": "let the run's saved config import code (module paths, experiment.imports, "
+        "experiment.trainer); without it only registered components may be named",
+    }
 
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("config", help="YAML config file")
@@ -195,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory, checkpoint, or 'last'")
     p.add_argument("overrides", **over)
     p.add_argument("--output-dir", default="./Results", help="where 'last' looks for runs")
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a run directory or checkpoint")
@@ -206,12 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--viz", action="store_true", help="write pictures of predictions")
     p.add_argument("--viz-dir", default=None, help="where --viz writes (default: <run>/viz)")
     p.add_argument("--viz-freq", type=int, default=50, help="picture every N-th sample")
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict on image files with a trained run")
     p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="folder for the predictions")
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_predict, overrides=[])
 
     p = sub.add_parser("make-sample-data", help="write a synthetic sample dataset")
@@ -228,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("count-params", help="trainable and total parameters per module")
     p.add_argument("config", help="YAML config, run directory or checkpoint")
     p.add_argument("overrides", **over)
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_count)
     return parser
 
