@@ -7,6 +7,7 @@ Exit status: 0 done; 2 bad usage, configuration or input (the message says what 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import signal
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dltemplate import api
-from dltemplate.config import config_from_dict, load_config
+from dltemplate.config import config_from_dict, config_keys, load_config
 from dltemplate.config.loader import apply_overrides
 from dltemplate.engine.build_trainer import build_evaluator, validate_names
 from dltemplate.engine.evaluator import EvaluatorBase
@@ -241,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _override_hint(rest: list[str]) -> str:
+    """For an option that is a config key (``--epochs 5``): ``" (did you mean
+    trainer.epochs=5? config keys are set as section.key=value)"``; else ``""``."""
+    keys = config_keys()
+    leaves = {key.rsplit(".", 1)[-1]: key for key in reversed(keys)}  # the first section wins
+    for i, arg in enumerate(rest):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
+            value = rest[i + 1]
+        name = name.replace("-", "_")
+        close = difflib.get_close_matches(name, leaves, n=1, cutoff=0.8)
+        key = name if name in keys else leaves.get(name) or (leaves[close[0]] if close else None)
+        if key is not None:
+            return (
+                f" (did you mean {key}={value or '...'}? config keys are set as section.key=value)"
+            )
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
@@ -248,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if r.startswith("-") or "=" not in r]
     if unknown or (rest and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+        # One line, without argparse's usage block (as every other error here).
+        hint = _override_hint(rest)
+        print(f"dltemplate: error: unrecognized arguments: {' '.join(unknown or rest)}{hint}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if rest:
         args.overrides = [*args.overrides, *rest]
     try:
