@@ -211,7 +211,7 @@ def test_the_readme_regression_task_runs_with_the_cli(cli, tmp_path, capsys):
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["mae"] < 0.2 and test["loss"] < 0.05  # noise is 0.05: learnt, nearly
     capsys.readouterr()
-    assert commands[1][0] == "eval" and cli("eval", run) == 0
+    assert commands[1][0] == "eval" and cli("eval", run, *commands[1][2:]) == 0
     out = capsys.readouterr().out
     assert "mae:" in out and "predicted" in out and "target" in out
     saved = json.loads((run / "eval_test.json").read_text())

@@ -98,3 +98,136 @@ def test_resume_of_a_folder_without_checkpoints(cli, tmp_path, capsys):
     empty.mkdir()
     assert cli("resume", empty) == 2
     assert "empty" in capsys.readouterr().err
+
+
+# == issue #8: every bad input is one line, exit status 2, nothing written =====================
+SMALL = ["data.train_val_sample_rate=0.3", "model.args.hidden=[32]", "trainer.epochs=1"]
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """stderr of a command that failed with a usage error: one line, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optimizer.lr=-1"], "optimizer.lr=-1.0: must be a number >= 0"),
+        (["optimizer.lr=.nan"], "optimizer.lr=nan"),
+        (["model.args.hidden=128"], "model.name=Vanilla model.args={'hidden': 128}: "),
+        (["model.args.hidden=[-5]"], "model.name=Vanilla model.args={'hidden': [-5]}: "),
+        (
+            ["loss.args={label_smoothing: 2}"],
+            "loss.name=cross_entropy loss.args={'label_smoothing': 2}: label_smoothing=2",
+        ),
+        ([f"experiment.seed={10**30}"], f"experiment.seed={10**30}: must be in [0, 2**32)"),
+        (["experiment.name=a/b"], "experiment.name='a/b': must be a plain name"),
+        (["experiment.name=..\\\\x"], "experiment.name="),
+        (["trainer.epochs=0"], "trainer.epochs=0: must be at least 1"),
+        (["trainer.epochs=-2"], "trainer.epochs=-2: must be at least 1"),
+        (["data.eval_batch_size=0"], "data.eval_batch_size=0: must be at least 1"),
+        (["data.val_fraction=0"], "trainer.monitor=train/accuracy"),
+        (["model.name=cnn", "model.args={widht: 16}"], "did you mean 'width'"),
+    ],
+)
+def test_bad_values_exit_2_in_one_line_and_write_nothing(
+    cli, tmp_path, capsys, overrides, expected
+):
+    out = tmp_path / "out"
+    assert cli("train", DEMO, *SMALL, f"experiment.output_dir={out}", *overrides) == 2
+    assert expected in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_validation_split_may_be_empty_when_a_train_metric_is_monitored(cli, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "data.val_fraction=0",
+        "trainer.monitor=train/accuracy",
+        "trainer.limit_train_batches=2",
+    ]
+    assert cli("train", DEMO, *SMALL, f"experiment.output_dir={out}", *args) == 0
+
+
+def test_config_that_is_a_folder_or_binary(cli, tmp_path, capsys):
+    assert cli("train", tmp_path) == 2
+    assert f"{tmp_path}: is a folder" in one_line_error(capsys)
+    binary = tmp_path / "model.pth"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert cli("train", binary) == 2
+    assert f"{binary}: not a text file" in one_line_error(capsys)
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"experiment:\n  name: \x00x\n")
+    assert cli("train", nul) == 2
+    assert f"{nul}" in one_line_error(capsys)
+
+
+def test_yaml_syntax_error_names_file_line_and_column(cli, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment:\n  name: x\ntrainer:\n  epochs: [1, 2\n  monitor: val/loss\n")
+    assert cli("train", bad, f"experiment.output_dir={tmp_path / 'out'}") == 2
+    err = one_line_error(capsys)
+    assert f"{bad}:5:" in err and "not valid YAML" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file(cli, tmp_path, capsys):
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me")
+    for out in (taken, taken / "sub"):
+        assert cli("train", DEMO, *SMALL, f"experiment.output_dir={out}") == 2
+        assert f"experiment.output_dir={out}: {taken} is a file" in one_line_error(capsys)
+    assert taken.read_text() == "keep me"
+
+
+def test_output_dir_that_is_not_writable(cli, tmp_path, capsys, monkeypatch):
+    import os
+
+    from dltemplate.engine import rundir
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    # root may write anywhere: answer for the file system as it would for a user
+    real_access = os.access
+    monkeypatch.setattr(rundir.os, "access", lambda p, m: p != locked and real_access(p, m))
+    assert cli("train", DEMO, *SMALL, f"experiment.output_dir={locked / 'runs'}") == 2
+    assert f"cannot write in {locked}" in one_line_error(capsys)
+    assert list(locked.iterdir()) == []
+
+
+def test_an_option_that_is_a_config_key_suggests_the_override(cli, tmp_path, capsys):
+    assert cli("train", DEMO, "--epochs", "5") == 2
+    assert "did you mean trainer.epochs=5?" in one_line_error(capsys)
+    assert cli("train", DEMO, "--batch-size=8") == 2
+    assert "did you mean data.batch_size=8?" in one_line_error(capsys)
+
+
+def test_eval_of_files_that_are_not_checkpoints_is_one_line(cli, tmp_path, capsys):
+    import collections
+
+    import torch
+
+    text = tmp_path / "notes.pth"
+    text.write_text("experiment:\n  name: x\n")
+    pickled = tmp_path / "objects.pth"
+    torch.save({"a": collections.Counter("ab"), "when": __import__("datetime").date(2024, 1, 1)},
+               pickled)  # fmt: skip
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(b"PK\x03\x04 cut short")
+    for path in (text, pickled, truncated):
+        assert cli("eval", path) == 2
+        err = one_line_error(capsys)
+        assert f"{path} is not a dltemplate checkpoint" in err and "weights_only" not in err
+
+
+def test_resume_of_a_run_with_a_truncated_config(cli, capsys, trained_run):
+    config = next(trained_run.glob("config_*.json"))
+    config.write_text(config.read_text()[:40])
+    capsys.readouterr()  # the training's log
+    before = {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()}
+    assert cli("resume", trained_run, "trainer.epochs=2") == 2
+    assert config.name in one_line_error(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()} == before

@@ -225,7 +225,7 @@ def test_readme_loss_history_resumes_exactly(
     (saved,) = saved_states(interrupt, "LossHistory")
     assert saved["state"]["history"] == [p for p in expected if p[0] <= stopped_at]
 
-    assert cli("resume", run) == 0
+    assert cli("resume", run, "--trust-code") == 0  # its saved config imports my_callbacks
     assert run_dirs(out) == [run]
     assert json.loads((run / "loss_history.json").read_text()) == expected
     assert_identical(last_state(run)["callbacks"], last_state(readme_reference)["callbacks"])

@@ -267,7 +267,8 @@ def test_plugin_model_by_decorator_and_by_path_as_the_readme_shows(cli, tmp_path
         "name": "my_models:TinyNet",
         "args": {"width": 16},
     }
-    assert cli("eval", run) == 0  # the saved config finds the model again
+    assert cli("eval", run) == 2  # the saved config imports code: only when trusted
+    assert cli("eval", run, "--trust-code") == 0  # the saved config finds the model again
 
 
 def test_plugin_dataset_as_the_readme_shows(cli, tmp_path):

@@ -290,7 +290,7 @@ def test_an_unreadable_checkpoint_is_skipped_too(tmp_path):
     interrupt.write_bytes(b"PK\x03\x04 cut short")
     path, skipped = newest_intact_checkpoint(tmp_path)
     assert path == last and [p for p, _ in skipped] == [interrupt]
-    assert "not a readable checkpoint" in skipped[0][1]
+    assert "not a dltemplate checkpoint (not readable" in skipped[0][1]
 
 
 def test_when_last_and_interrupt_are_damaged_a_full_best_checkpoint_is_used(tmp_path):

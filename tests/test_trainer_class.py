@@ -63,17 +63,19 @@ def test_train_resume_and_eval_use_the_configured_trainer(cli, tmp_path, trainer
     (saved,) = run.glob("config_*.json")
     assert json.loads(saved.read_text())["experiment"]["trainer"] == REPORTING
 
-    assert cli("resume", run, "trainer.epochs=2") == 0  # train longer: the saved config's class
+    # The saved config names a class to import: the user trusts their own run.
+    assert cli("resume", run, "trainer.epochs=2", "--trust-code") == 0  # the saved config's class
     assert [f["epochs"] for f in fits(run)] == [1, 2]
     assert len((run / "metrics.csv").read_text().splitlines()) == 3
 
     capsys.readouterr()
-    assert cli("eval", run) == 0
+    assert cli("eval", run, "--trust-code") == 0
     report = json.loads((run / "eval_test.json").read_text())
     assert report["parameters"] == 64 * 32 + 32 + 32 * 10 + 10  # the trainer's evaluator ran
 
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
-    assert cli("resume", run, "experiment.trainer=trainer_pkg.reporting:ReportingTrainr") == 2
+    misspelt = "experiment.trainer=trainer_pkg.reporting:ReportingTrainr"
+    assert cli("resume", run, misspelt, "--trust-code") == 2
     assert "did you mean 'ReportingTrainer'" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
@@ -84,9 +86,12 @@ def test_the_python_api_uses_the_configured_trainer(tmp_path, trainer_pkg):
         DEMO, [*SMALL, f"experiment.output_dir={out}", f"experiment.trainer={REPORTING}"]
     )
     assert fits(result.run_dir) == [{"epochs": 1, "test": result.test_metrics}]
-    assert dltemplate.resume(result.run_dir) == result  # finished: its fit still reports
+    with pytest.raises(ConfigError, match="experiment.trainer="):  # imports code: not trusted
+        dltemplate.resume(result.run_dir)
+    # finished: its fit still reports
+    assert dltemplate.resume(result.run_dir, trust_code=True) == result
     assert len(fits(result.run_dir)) == 2
-    assert dltemplate.evaluate(result.run_dir, split="val")["parameters"] > 0
+    assert dltemplate.evaluate(result.run_dir, split="val", trust_code=True)["parameters"] > 0
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,10 @@ from typing import Any
 from dltemplate.config import Config, config_from_dict, config_to_raw
 from dltemplate.config import load_config as _load_yaml
 from dltemplate.config.loader import apply_overrides
+from dltemplate.config.trust import refuse_untrusted_code
 from dltemplate.engine.build_trainer import build_evaluator, trainer_class, validate_names
 from dltemplate.engine.checkpoint import find_checkpoint, keep_for_next_load, load_checkpoint
-from dltemplate.engine.rundir import latest_run_dir, read_saved_config
+from dltemplate.engine.rundir import find_config, latest_run_dir, read_saved_config
 from dltemplate.engine.task import make_task
 from dltemplate.errors import CheckpointError, UsageError
 
@@ -130,11 +131,20 @@ def train(
     return run(cfg)
 
 
-def resume(run_dir_or_checkpoint: str | Path, overrides: Sequence[str] | None = None) -> RunResult:
+def resume(
+    run_dir_or_checkpoint: str | Path,
+    overrides: Sequence[str] | None = None,
+    *,
+    trust_code: bool = False,
+) -> RunResult:
     """Continue a stopped run in its own directory, from the config saved with it (plus
     ``overrides``, e.g. ``trainer.epochs=30`` to train longer). A finished run is not trained
-    again: its result is returned as it is."""
-    raw, path = config_of_run(run_dir_or_checkpoint, keep_checkpoint=True)
+    again: its result is returned as it is.
+
+    The saved config may name only registered components unless ``trust_code`` (a
+    ConfigError otherwise, before anything is imported; see :mod:`dltemplate.config.trust`).
+    """
+    raw, path = config_of_run(run_dir_or_checkpoint, keep_checkpoint=True, trust_code=trust_code)
     raw = apply_overrides(raw, list(overrides or []))
     raw.setdefault("trainer", {})["resume"] = str(path)
     return run(config_from_dict(raw, f"{run_dir_or_checkpoint} (saved config)"))
@@ -157,14 +167,16 @@ def evaluate(
     limit_batches: int | None = None,
     viz_dir: str | Path | None = None,
     viz_freq: int = 50,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run's best (else last) checkpoint, or a checkpoint file, on ``split`` with the
     config saved in it; return the report ``dltemplate eval`` writes (``metrics``, ``report``,
     ``samples``, ...). ``overrides`` may change what does not change the model (``data.root``).
+    The saved config may name only registered components unless ``trust_code``.
     """
     if split not in SPLITS:
         raise UsageError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
-    evaluator = build_evaluator(run_dir_or_checkpoint, list(overrides or []))
+    evaluator = build_evaluator(run_dir_or_checkpoint, list(overrides or []), trust_code)
     return evaluator.run(
         split,
         limit=limit_batches,
@@ -173,16 +185,24 @@ def evaluate(
     )
 
 
-def config_of_run(target: str | Path, keep_checkpoint: bool = False) -> tuple[dict[str, Any], Path]:
+def config_of_run(
+    target: str | Path, keep_checkpoint: bool = False, trust_code: bool = False
+) -> tuple[dict[str, Any], Path]:
     """The saved config (as a dict) of a run directory or checkpoint, and the path to resume.
 
-    With ``keep_checkpoint``, a checkpoint read for its config is kept for the next load of
-    that file (the resume that follows), so it is not read twice.
+    The config may name only registered components unless ``trust_code``: a ConfigError
+    naming the key otherwise (see :mod:`dltemplate.config.trust`). With ``keep_checkpoint``, a
+    checkpoint read for its config is kept for the next load of that file (the resume that
+    follows), so it is not read twice.
     """
     path = Path(target)
     if path.is_dir():
-        return read_saved_config(path)[0], path
+        config_file = find_config(path)
+        raw = read_saved_config(path)[0]
+        refuse_untrusted_code(raw, str(config_file), trust_code)
+        return raw, path
     state = load_checkpoint(path)
+    refuse_untrusted_code(state["config"], str(path), trust_code)
     if keep_checkpoint:
         keep_for_next_load(path, state)
     return copy.deepcopy(state["config"]), path

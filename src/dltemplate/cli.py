@@ -7,6 +7,7 @@ Exit status: 0 done; 2 bad usage, configuration or input (the message says what 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dltemplate import api
-from dltemplate.config import config_from_dict, load_config
+from dltemplate.config import config_from_dict, config_keys, load_config
 from dltemplate.config.loader import apply_overrides
 from dltemplate.engine.build_trainer import build_evaluator, validate_names
 from dltemplate.engine.evaluator import EvaluatorBase
@@ -55,13 +56,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if target == "last":
         target = str(latest_run_dir(args.output_dir))
     _catch_sigterm()
-    api.resume(target, args.overrides)
+    api.resume(target, args.overrides, trust_code=args.trust_code)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
-    evaluator = build_evaluator(args.target, args.overrides)
+    evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     viz_dir = None
     if args.viz:
         viz_dir = Path(args.viz_dir) if args.viz_dir else evaluator.checkpoint_path.parent / "viz"
@@ -81,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     setup_logging()
-    evaluator = build_evaluator(args.target, args.overrides)
+    evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -159,7 +160,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_count(args: argparse.Namespace) -> int:
     path = Path(args.config)
     if path.is_dir() or path.suffix in (".pth", ".pt"):
-        raw, _ = api.config_of_run(path)
+        raw, _ = api.config_of_run(path, trust_code=args.trust_code)
         cfg = config_from_dict(apply_overrides(raw, args.overrides), str(path))
     else:
         cfg = load_config(path, args.overrides)
@@ -188,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     over = {"nargs": "*", "default": [], "metavar": "section.key=value"}
+    trust = {
+        "action": "store_true",
+        "help": "let the run's saved config import code (module paths, experiment.imports, "
+        "experiment.trainer); without it only registered components may be named",
+    }
 
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("config", help="YAML config file")
@@ -198,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory, checkpoint, or 'last'")
     p.add_argument("overrides", **over)
     p.add_argument("--output-dir", default="./Results", help="where 'last' looks for runs")
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a run directory or checkpoint")
@@ -209,12 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--viz", action="store_true", help="write pictures of predictions")
     p.add_argument("--viz-dir", default=None, help="where --viz writes (default: <run>/viz)")
     p.add_argument("--viz-freq", type=int, default=50, help="picture every N-th sample")
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict on image files with a trained run")
     p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="folder for the predictions")
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_predict, overrides=[])
 
     p = sub.add_parser("make-sample-data", help="write a synthetic sample dataset")
@@ -231,8 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("count-params", help="trainable and total parameters per module")
     p.add_argument("config", help="YAML config, run directory or checkpoint")
     p.add_argument("overrides", **over)
+    p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_count)
     return parser
+
+
+def _override_hint(rest: list[str]) -> str:
+    """For an option that is a config key (``--epochs 5``): ``" (did you mean
+    trainer.epochs=5? config keys are set as section.key=value)"``; else ``""``."""
+    keys = config_keys()
+    leaves = {key.rsplit(".", 1)[-1]: key for key in reversed(keys)}  # the first section wins
+    for i, arg in enumerate(rest):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
+            value = rest[i + 1]
+        name = name.replace("-", "_")
+        close = difflib.get_close_matches(name, leaves, n=1, cutoff=0.8)
+        key = name if name in keys else leaves.get(name) or (leaves[close[0]] if close else None)
+        if key is not None:
+            return (
+                f" (did you mean {key}={value or '...'}? config keys are set as section.key=value)"
+            )
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if r.startswith("-") or "=" not in r]
     if unknown or (rest and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+        # One line, without argparse's usage block (as every other error here).
+        hint = _override_hint(rest)
+        print(f"dltemplate: error: unrecognized arguments: {' '.join(unknown or rest)}{hint}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if rest:
         args.overrides = [*args.overrides, *rest]
     try:

@@ -3,6 +3,7 @@
 from dltemplate.config.loader import (
     apply_overrides,
     config_from_dict,
+    config_keys,
     config_to_dict,
     config_to_raw,
     load_config,
@@ -32,6 +33,7 @@ __all__ = [
     "TrainerConfig",
     "apply_overrides",
     "config_from_dict",
+    "config_keys",
     "config_to_dict",
     "config_to_raw",
     "load_config",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -117,6 +118,17 @@ def _section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+def config_keys() -> list[str]:
+    """Every ``section.key`` a config may set, in the schema's order (list sections by name)."""
+    keys = []
+    for name, tp in _section_types().items():
+        if typing.get_origin(tp) is list:
+            keys.append(name)
+        else:
+            keys += [f"{name}.{f.name}" for f in dataclasses.fields(tp)]
+    return keys
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a validated :class:`Config` from nested dicts; missing keys take their defaults."""
     if not isinstance(raw, dict):
@@ -148,7 +160,53 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                 )
             kwargs[key] = check_value(value, hints[key], f"{name}.{key}")
         built[name] = cls(**kwargs)
-    return Config(**built)
+    cfg = Config(**built)
+    check_values(cfg, source)
+    return cfg
+
+
+SEED_LIMIT = 2**32  # NumPy's seeds are below it; torch's overflow far above
+
+
+def check_values(cfg: Config, source: str = "config") -> None:
+    """The rules on values that types alone do not say (a positive number of epochs, a finite
+    learning rate, ...): a ConfigError naming the key and value for the first one broken."""
+    e, d, o, t = cfg.experiment, cfg.data, cfg.optimizer, cfg.trainer
+    rules: list[tuple[bool, str, Any, str]] = [
+        (0 <= e.seed < SEED_LIMIT, "experiment.seed", e.seed, "must be in [0, 2**32)"),
+        (
+            e.name not in ("", ".", "..") and not any(sep in e.name for sep in "/\\"),
+            "experiment.name",
+            e.name,
+            "must be a plain name (no path separator): it names files in the run directory",
+        ),
+        (t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1"),
+        (d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1"),
+        (
+            d.eval_batch_size is None or d.eval_batch_size >= 1,
+            "data.eval_batch_size",
+            d.eval_batch_size,
+            "must be at least 1 (or null: twice data.batch_size)",
+        ),
+        (math.isfinite(o.lr) and o.lr >= 0, "optimizer.lr", o.lr, "must be a number >= 0"),
+        (
+            math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+            "optimizer.weight_decay",
+            o.weight_decay,
+            "must be a number >= 0",
+        ),
+        (
+            d.val_fraction > 0 or not t.monitor.startswith("val/") or t.overfit_batches > 0,
+            "data.val_fraction",
+            d.val_fraction,
+            f"leaves no validation split, yet trainer.monitor={t.monitor} is a validation "
+            f"metric: monitor a train/ metric (trainer.monitor=train/{t.monitor[4:]}) or keep "
+            "a validation split",
+        ),
+    ]
+    for ok, key, value, rule in rules:
+        if not ok:
+            raise ConfigError(f"{source}: {key}={value!r}: {rule}")
 
 
 def _list_section(values: Any, cls: type, name: str, source: str) -> list[Any]:
@@ -233,16 +291,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) config file into a dict; a missing or broken file is a ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the config's YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml_load(path.read_text()) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (expected a YAML config)") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}{_yaml_error(exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw.pop("_meta", None)  # versions saved beside the config in run directories
     return raw
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """``:LINE:COLUMN: not valid YAML: what`` on one line, from PyYAML's multi-line message."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {what}" + (f" ({context})" if context else "")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

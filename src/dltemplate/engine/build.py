@@ -8,6 +8,8 @@ Each is a plain function of the config, testable on its own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,14 +52,28 @@ def build_components(
     processes), before any optimizer sees the parameters.
     """
     info = task.data_info()
-    model = task.build_model(info).to(device)
+    with config_section("model", cfg.model.name, cfg.model.args):
+        model = task.build_model(info).to(device)
     if sync_batchnorm:
         model = convert_sync_batchnorm(model, device)
-    criterion = task.build_loss().to(device)
+    with config_section("loss", cfg.loss.name, cfg.loss.args):
+        criterion = task.build_loss().to(device)
     precision = Precision(cfg.trainer.precision, device)
     evaluation = Evaluation(task, criterion, task.build_metrics(info), info, device, precision)
     check_monitor(cfg.trainer.monitor, evaluation.metrics)
     return Components(task, info, model, criterion, precision, evaluation)
+
+
+@contextmanager
+def config_section(section: str, name: str, args: dict[str, Any]) -> Iterator[None]:
+    """Report an error raised while building ``section``'s component as a ConfigError naming
+    the section, its name and its args (``model.name=Vanilla model.args={...}: why``): a
+    factory's own TypeError/ValueError/RuntimeError means its config is wrong."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise ConfigError(f"{section}.name={name} {section}.args={args}: {lines[0]}") from exc
 
 
 def check_monitor(monitor: str, metrics: MetricCollection) -> None:
@@ -133,15 +149,17 @@ class Schedule:
 
 def build_schedule(cfg: Config, model: nn.Module, epochs: int, batches_per_epoch: int) -> Schedule:
     """The optimizer over ``model``'s parameters and a scheduler sized for ``epochs``."""
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    with config_section("optimizer", cfg.optimizer.name, cfg.optimizer.args):
+        optimizer = build_optimizer(cfg.optimizer, model.parameters())
     steps_per_epoch = -(-batches_per_epoch // cfg.trainer.grad_accum_steps)
     per_step = scheduler_interval(cfg.scheduler) == "step"
-    scheduler = build_scheduler(
-        cfg.scheduler,
-        optimizer,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        monitor_mode=cfg.trainer.monitor_mode,
-    )
+    with config_section("scheduler", cfg.scheduler.name, cfg.scheduler.args):
+        scheduler = build_scheduler(
+            cfg.scheduler,
+            optimizer,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            monitor_mode=cfg.trainer.monitor_mode,
+        )
     total = epochs * (steps_per_epoch if per_step else 1)
     return Schedule(optimizer, scheduler, steps_per_epoch, per_step, total)

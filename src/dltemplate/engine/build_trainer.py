@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dltemplate.config import Config, config_from_dict
 from dltemplate.config.loader import apply_overrides
+from dltemplate.config.trust import refuse_untrusted_code
 from dltemplate.engine.checkpoint import keep_for_next_load, load_checkpoint
 from dltemplate.engine.evaluator import EvaluatorBase, resolve_eval_target
 from dltemplate.engine.task import import_plugins
@@ -79,11 +80,18 @@ def validate_names(cfg: Config) -> None:
         CALLBACKS.get(item.name, f"callbacks[{i}].name")
 
 
-def build_evaluator(target: str | Path, overrides: list[str] | None = None) -> EvaluatorBase:
+def build_evaluator(
+    target: str | Path, overrides: list[str] | None = None, trust_code: bool = False
+) -> EvaluatorBase:
     """The evaluator of a run directory (its best, else last, checkpoint) or a checkpoint file,
-    of the class its saved config's trainer names. The checkpoint is read once."""
+    of the class its saved config's trainer names. The checkpoint is read once.
+
+    The saved config may name only registered components unless ``trust_code`` (see
+    :mod:`dltemplate.config.trust`); ``overrides`` are the caller's own and not checked.
+    """
     path = resolve_eval_target(target)
     state = load_checkpoint(path)
+    refuse_untrusted_code(state["config"], str(path), trust_code)
     raw = apply_overrides(copy.deepcopy(state["config"]), list(overrides or []))
     cfg = config_from_dict(raw, f"{path} (saved config)")
     import_plugins(cfg)

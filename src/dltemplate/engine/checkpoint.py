@@ -188,7 +188,9 @@ def _load_and_verify(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds on foreign files (KeyError, IndexError...)
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
+        raise CheckpointError(
+            f"{path} is not a dltemplate checkpoint (not readable: {_load_failure(exc)})"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dltemplate checkpoint (no '{FORMAT}' marker)")
     digest = state.get(DIGEST_KEY)
@@ -201,6 +203,17 @@ def _load_and_verify(path: Path) -> dict[str, Any]:
     if not isinstance(digest, str) or digest != content_digest(state):
         raise CheckpointError(_damaged(path))
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words on one line (never torch's advice to load
+    with ``weights_only=False``, which would let the file run code)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it holds Python objects other than tensors and plain data, which are not loaded"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = first.split(". ")[0]  # torch appends paragraphs of guesses
+    return first if len(first) <= 120 else first[:117] + "..."
 
 
 def _damaged(path: Path) -> str:
@@ -290,9 +303,12 @@ def _furthest(
 
 
 def _reason(path: Path, exc: Exception) -> str:
-    # the message without its leading "<path>: ", which the caller shows anyway
+    # the message without its leading "<path>: " or "<path> ", which the caller shows anyway
     msg = str(exc)
-    return msg[len(f"{path}: ") :] if msg.startswith(f"{path}: ") else msg
+    for prefix in (f"{path}: ", f"{path} "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, Any], source: str) -> None:

@@ -24,7 +24,7 @@ import torch
 
 import dltemplate
 from dltemplate.engine.atomic import atomic_write, atomic_write_text
-from dltemplate.errors import DataError, UsageError
+from dltemplate.errors import ConfigError, DataError, UsageError
 
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 _RUN_NAME = re.compile(r"(\d{8}_\d{6})(?:_(\d+))?")
@@ -32,11 +32,29 @@ _RUN_NAME = re.compile(r"(\d{8}_\d{6})(?:_(\d+))?")
 _PID_TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """A ConfigError naming ``experiment.output_dir`` unless run directories can be made in
+    it: its nearest existing part must be a writable folder (not a file, not read-only)."""
+    existing = Path(output_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    where = f"experiment.output_dir={output_dir}"
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: cannot write in {existing} (permission or read-only disk)")
+
+
 def new_run_dir(output_dir: str | Path) -> Path:
-    """Create and return a fresh ``<output_dir>/<timestamp>[_N]/`` (never reuses a folder)."""
+    """Create and return a fresh ``<output_dir>/<timestamp>[_N]/`` (never reuses a folder);
+    an output folder that cannot hold one is a ConfigError (see :func:`check_output_dir`)."""
     stamp = datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
     base = Path(output_dir)
-    base.mkdir(parents=True, exist_ok=True)
+    check_output_dir(base)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a read-only file system that os.access did not see
+        raise ConfigError(f"experiment.output_dir={output_dir}: {exc.strerror}") from exc
     for n in range(1000):
         path = base / (stamp if n == 0 else f"{stamp}_{n}")
         try:
@@ -44,6 +62,8 @@ def new_run_dir(output_dir: str | Path) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise ConfigError(f"experiment.output_dir={output_dir}: {exc.strerror}") from exc
     raise UsageError(f"{base}: cannot create a run directory named after {stamp}")
 
 
