@@ -3,16 +3,21 @@ rates and counts in messages, metrics that make sense for the data, compare-conf
 
 from __future__ import annotations
 
+import csv
+import re
 import shlex
 from typing import Any
 
 import pytest
+import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, run_dirs
+from stop_injection import install
 
 from dltemplate.cli import main
 from dltemplate.config import Config, config_to_dict, load_config
 from dltemplate.engine.rundir import curves_figure
+from dltemplate.engine.runlog import format_duration
 
 
 def _rows(names: list[str], epochs: int) -> list[dict[str, Any]]:
@@ -92,3 +97,73 @@ def test_config_of_a_bad_key_is_one_line_and_exit_2(cli, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "trainer.epochs" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+SMALL_DIGITS = [
+    str(REPO / "configs" / "digits_mlp.yaml"),
+    "data.train_val_sample_rate=0.15",
+    "data.test_sample_rate=0.2",
+    "model.args.hidden=[32]",
+    "trainer.epochs=3",
+]
+
+
+@pytest.fixture
+def no_curves(monkeypatch):
+    """curves.png is not what these tests look at."""
+    from dltemplate.engine import rundir
+
+    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+
+
+@pytest.mark.parametrize("way", ["sigint", "sigterm"])
+def test_a_stopped_run_says_how_to_resume_and_the_resumed_one_ends_with_a_summary(
+    cli, tmp_path, no_curves, way
+):
+    out = tmp_path / "out"
+    # the highest validation loss is best: epoch 1's, known after the resume only if restored
+    args = [*SMALL_DIGITS, f"experiment.output_dir={out}", "trainer.monitor=val/loss",
+            "trainer.monitor_mode=max"]  # fmt: skip
+    undo = install("after_optimizer_step", way, 3)  # in the second epoch
+    try:
+        assert cli("train", *args) == 130
+    finally:
+        undo()
+    (run,) = run_dirs(out)
+    stopped = (run / "train.log").read_text().splitlines()[-1]
+    assert f"run stopped by {way.upper()} at epoch 2" in stopped
+    assert f"dltemplate resume {run}" in stopped
+    assert "finished" not in (run / "train.log").read_text()
+
+    assert cli("resume", run) == 0
+    log = (run / "train.log").read_text().splitlines()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    best = max(rows, key=lambda r: float(r["val/loss"]))
+    assert best["epoch"] == "1"
+    summary, where = log[-2], log[-1]
+    assert f"run {run.name} finished: 3 epoch(s)" in summary
+    assert f"best val/loss {float(best['val/loss']):.4f} at epoch 1" in summary
+    assert re.search(r"\d+\.\d s in this session", summary)
+    assert str(run) in where and "Vanilla_best_ckpt.pth" in where and "Vanilla_last_ckpt" in where
+    assert torch.load(run / "Vanilla_last_ckpt.pth", weights_only=True)["best_epoch"] == 1
+
+
+def test_an_uninterrupted_run_ends_with_its_summary(cli, tmp_path, no_curves):
+    out = tmp_path / "out"
+    assert cli("train", *SMALL_DIGITS, f"experiment.output_dir={out}", "trainer.epochs=2") == 0
+    (run,) = run_dirs(out)
+    log = (run / "train.log").read_text().splitlines()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    best = max(rows, key=lambda r: float(r["val/accuracy"]))
+    assert (
+        f"best val/accuracy {float(best['val/accuracy']):.4f} at epoch {best['epoch']}" in (log[-2])
+    )
+    assert f"dltemplate eval {run}" in log[-1]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.04, "0.0 s"), (8.25, "8.2 s"), (185, "3 min 05 s"), (7620, "2 h 07 min")],
+)
+def test_durations_read_as_people_say_them(seconds, text):
+    assert format_duration(seconds) == text

@@ -130,6 +130,7 @@ class ResumeMixin:
                 self.scheduler.load_state_dict(saved)
         self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best_epoch = state.get("best_epoch")  # absent from older checkpoints
         self.batch_in_epoch = state["batch_in_epoch"]
         self.should_stop = self._stopped_early(state)  # stopped early: on to the final test
         progress = state["train_progress"]
