@@ -16,8 +16,10 @@ from stop_injection import install
 
 from dltemplate.cli import main
 from dltemplate.config import Config, config_to_dict, load_config
+from dltemplate.data.base import DataInfo
 from dltemplate.engine.rundir import curves_figure
-from dltemplate.engine.runlog import format_duration
+from dltemplate.engine.runlog import _rate, format_duration
+from dltemplate.tasks.classification import ClassificationTask
 
 
 def _rows(names: list[str], epochs: int) -> list[dict[str, Any]]:
@@ -167,3 +169,32 @@ def test_an_uninterrupted_run_ends_with_its_summary(cli, tmp_path, no_curves):
 )
 def test_durations_read_as_people_say_them(seconds, text):
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(("rate", "text"), [(0.42, "0.42"), (0.051, "0.051"), (3.14159, "3.14")])
+def test_rates_below_one_are_not_rounded_to_a_whole_number(rate, text):
+    assert _rate(rate) == text
+
+
+@pytest.mark.parametrize(("classes", "top5"), [(2, False), (5, False), (6, True), (10, True)])
+def test_top5_accuracy_is_logged_only_with_more_than_five_classes(classes, top5):
+    info = DataInfo((1, 4, 4), classes, [str(i) for i in range(classes)])
+    metrics = ClassificationTask(Config()).build_metrics(info)
+    outputs = torch.randn(8, classes)
+    metrics.update(outputs, torch.arange(8) % classes)
+    assert ("top5_accuracy" in metrics.compute()) is top5
+    assert "accuracy" in metrics.compute()
+
+
+def test_eval_viz_of_a_classification_run_says_it_draws_no_pictures(
+    cli, tmp_path, capsys, no_curves
+):
+    out = tmp_path / "out"
+    assert cli("train", *SMALL_DIGITS, f"experiment.output_dir={out}", "trainer.epochs=1") == 0
+    (run,) = run_dirs(out)
+    capsys.readouterr()
+    assert cli("eval", run, "--viz") == 0
+    captured = capsys.readouterr()
+    assert "task 'classification' draws no pictures: --viz ignored" in captured.err
+    assert "written to" in captured.out and "pictures written" not in captured.out
+    assert not (run / "viz").exists()

@@ -76,7 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
     evaluator = build_evaluator(args.target, args.overrides)
     viz_dir = None
-    if args.viz:
+    if args.viz and not evaluator.task.draws_pictures:
+        print(
+            f"dltemplate: task '{evaluator.cfg.experiment.task}' draws no pictures: --viz ignored",
+            file=sys.stderr,
+        )
+    elif args.viz:
         viz_dir = Path(args.viz_dir) if args.viz_dir else evaluator.checkpoint_path.parent / "viz"
     report = evaluator.run(
         args.split, limit=args.limit_batches, viz_dir=viz_dir, viz_freq=args.viz_freq
@@ -88,7 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"report written to {out}")
     if "pictures" in report:
-        print(f"{report['pictures']['count']} pictures written to {report['pictures']['folder']}")
+        count = report["pictures"]["count"]
+        what = "picture" if count == 1 else "pictures"
+        print(f"{count} {what} written to {report['pictures']['folder']}")
     return 0
 
 
