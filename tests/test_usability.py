@@ -17,8 +17,10 @@ from stop_injection import install
 from dltemplate.cli import main
 from dltemplate.config import Config, config_to_dict, load_config
 from dltemplate.data.base import DataInfo
+from dltemplate.engine import threads
 from dltemplate.engine.rundir import curves_figure
 from dltemplate.engine.runlog import _rate, format_duration
+from dltemplate.engine.trainer import TrainerBase
 from dltemplate.tasks.classification import ClassificationTask
 
 
@@ -198,3 +200,66 @@ def test_eval_viz_of_a_classification_run_says_it_draws_no_pictures(
     assert "task 'classification' draws no pictures: --viz ignored" in captured.err
     assert "written to" in captured.out and "pictures written" not in captured.out
     assert not (run / "viz").exists()
+
+
+@pytest.fixture
+def keep_threads():
+    """Tests that set torch's thread count give the old one back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("requested", "local_processes", "cores", "expected"),
+    [
+        (None, 1, 8, None),  # one process: torch's default stays
+        (3, 1, 8, 3),
+        (3, 4, 8, 3),  # asked for: as asked, under torchrun too
+        (None, 4, 8, 2),  # torchrun: an equal share of the cores
+        (None, 3, 8, 2),
+        (None, 4, 2, 1),  # at least one
+    ],
+)
+def test_thread_count(monkeypatch, requested, local_processes, cores, expected):
+    monkeypatch.setattr(threads, "available_cores", lambda: cores)
+    assert threads.thread_count(requested, local_processes) == expected
+
+
+def test_under_torchrun_each_process_takes_its_share_of_the_cores(monkeypatch, keep_threads):
+    monkeypatch.setattr(threads, "available_cores", lambda: 6)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert threads.apply_threads(None, distributed=True) == 2 == torch.get_num_threads()
+    assert threads.apply_threads(5, distributed=True) == 5 == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_threads_below_one_is_a_config_error(cli, tmp_path, capsys, bad):
+    out = tmp_path / "out"
+    assert (
+        cli("train", *SMALL_DIGITS, f"experiment.output_dir={out}", f"experiment.threads={bad}")
+        == 2
+    )
+    assert f"experiment.threads={bad}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_run_uses_and_logs_its_thread_count(cli, tmp_path, no_curves, keep_threads):
+    seen = []
+
+    class Probe(ClassificationTask):
+        def forward(self, model, batch):
+            seen.append(torch.get_num_threads())
+            return super().forward(model, batch)
+
+    torch.set_num_threads(2)
+    out = tmp_path / "out"
+    args = [*SMALL_DIGITS, f"experiment.output_dir={out}", "trainer.epochs=1"]
+    trainer = TrainerBase(
+        load_config(args[0], [*args[1:], "experiment.threads=1"]),
+        Probe(load_config(args[0], args[1:])),
+    )
+    trainer.fit()
+    assert set(seen) == {1}
+    (run,) = run_dirs(out)
+    assert "1 CPU thread(s) each" in (run / "train.log").read_text()

@@ -20,6 +20,7 @@ from dltemplate.engine.device import select_device
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.task import Task, import_plugins, make_task
+from dltemplate.engine.threads import apply_threads
 from dltemplate.errors import DataError
 from dltemplate.metrics.base import MetricCollection
 
@@ -96,6 +97,7 @@ class EvaluatorBase:
         from dltemplate.engine.build import build_components  # it builds an Evaluation too
 
         self.task = task or make_task(self.cfg)
+        apply_threads(self.cfg.experiment.threads)
         self.device, _ = select_device(self.cfg.experiment.device, self.cfg.experiment.gpu_devices)
         parts = build_components(self.cfg, self.task, self.device)
         self.info, self.model, self.evaluation = parts.info, parts.model, parts.evaluation

@@ -212,10 +212,11 @@ class ResumeMixin:
         log.info("command: %s", " ".join(sys.argv))
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(
-            "device %s x %d process(es); model %s (%d parameters); train %d, val %d, "
-            "test %d samples",
+            "device %s x %d process(es), %d CPU thread(s) each; model %s (%d parameters); "
+            "train %d, val %d, test %d samples",
             self.device,
             self.dist.world_size,
+            self.threads,
             self.cfg.model.name,
             n_params,
             len(self.data.train),

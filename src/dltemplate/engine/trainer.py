@@ -47,6 +47,7 @@ from dltemplate.engine.runlog import format_duration, setup_logging
 from dltemplate.engine.seeding import rng_state, seed_everything
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals, rank_seed
 from dltemplate.engine.task import Task, import_plugins, make_task
+from dltemplate.engine.threads import apply_threads
 from dltemplate.errors import NonFiniteLossError, UsageError
 from dltemplate.models.heads import detach_outputs
 from dltemplate.optim import is_plateau
@@ -82,6 +83,7 @@ class TrainerBase(ResumeMixin):
         self.device, dp_ids = select_device(
             cfg.experiment.device, cfg.experiment.gpu_devices, local_rank
         )
+        self.threads = apply_threads(cfg.experiment.threads, self.dist.enabled)
         seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
         # What callbacks read and set (see dltemplate.callbacks.base).
         self.run_dir: Path | None = None
