@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, run_dirs
 from PIL import Image
 
+from dltemplate.data.carvana.layout import car_id
 from dltemplate.data.sample_carvana import make_sample_carvana
 
 UNET = REPO / "configs" / "unet_carvana.yaml"
@@ -85,6 +86,22 @@ def test_eval_viz_writes_triplets_of_the_run_test_cars(cli, unet_run, tmp_path, 
         assert len(files) == report["pictures"]["count"]
     mask = np.asarray(Image.open(viz / "00000_mask.png"))
     assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_eval_names_the_file_of_each_sample_and_counts_one_picture(
+    cli, unet_run, carvana, tmp_path, capsys
+):
+    viz = tmp_path / "viz"
+    assert cli("eval", unet_run, "--viz", "--viz-dir", viz, "--viz-freq", "1000") == 0
+    out = capsys.readouterr().out
+    assert f"1 picture written to {viz}" in out
+    report = json.loads((unet_run / "eval_test.json").read_text())
+    test_cars = set(json.loads((unet_run / "split.json").read_text())["test"])
+    files = [sample["file"] for sample in report["samples"]]
+    assert files and len(set(files)) == len(files)
+    for name, sample in zip(files, report["samples"]):
+        assert (carvana / "train" / name).is_file() and car_id(Path(name).stem) in test_cars
+        assert f"file {name}, dice {sample['dice']}" in out
 
 
 def test_predict_writes_masks_at_each_image_size(cli, unet_run, carvana, tmp_path):

@@ -32,8 +32,9 @@ def two_configs(tmp_path):
     other = json.loads(json.dumps(BASE))
     other["experiment"]["seed"] = 2
     other["model"]["args"]["hidden"] = [16, 8]
-    other["optimizer"]["momentum"] = 0.9  # only in b
-    del other["trainer"]["metrics"]  # only in a
+    other["optimizer"]["weight_decay"] = 0.01  # only in b (a: the default, 0)
+    del other["trainer"]["metrics"]  # only in a, at its default: no difference
+    del other["model"]["args"]["dropout"]  # a free-form argument only in a
     other["_meta"] = {"torch": "9.9"}  # saved versions: ignored
     return write_json(tmp_path / "a.json", BASE), write_json(tmp_path / "b.json", other)
 
@@ -47,14 +48,36 @@ def test_compare_configs_reports_exactly_the_differing_keys(two_configs):
     diffs = compare_configs(a, b)
     assert diffs == [
         ("experiment.seed", 1, 2),
+        ("model.args.dropout", 0.0, "<absent>"),
         ("model.args.hidden", [8, 8], [16, 8]),
-        ("optimizer.momentum", "<absent>", 0.9),
-        ("trainer.metrics", [], "<absent>"),
+        ("optimizer.weight_decay", 0.0, 0.01),
     ]
     text = format_diff(diffs, a, b)
     for key, _, _ in diffs:
         assert key in text
     assert "experiment.name" not in text and "_meta" not in text
+
+
+def test_compare_configs_sees_defaults_written_out_as_no_difference(tmp_path):
+    short = tmp_path / "short.yaml"
+    short.write_text("trainer: {epochs: 3}\n")
+    full = tmp_path / "full.yaml"
+    full.write_text(
+        "trainer: {epochs: 3, monitor: val/accuracy, log_every_n_steps: 50}\n"
+        "optimizer: {name: adam, lr: 0.001}\ncallbacks: []\n"
+    )
+    assert compare_configs(short, full) == []
+    full.write_text("trainer: {epochs: 3, log_every_n_steps: 10}\n")
+    assert compare_configs(short, full) == [("trainer.log_every_n_steps", 50, 10)]
+
+
+def test_compare_configs_of_a_bad_config_names_the_file_and_key(tmp_path, capsys):
+    good = write_json(tmp_path / "a.json", BASE)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: {epoch: 3}\n")
+    assert main(["compare-configs", good, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "trainer.epochs" in err
 
 
 def test_compare_identical_configs_says_no_differences(tmp_path):
@@ -103,7 +126,7 @@ def test_cli_compare_configs(two_configs, capsys):
     a, b = two_configs
     assert main(["compare-configs", a, b]) == 0
     out = capsys.readouterr().out
-    for key in ("experiment.seed", "model.args.hidden", "optimizer.momentum", "trainer.metrics"):
+    for key in ("experiment.seed", "model.args.hidden", "optimizer.weight_decay"):
         assert key in out
     assert "experiment.name" not in out
 

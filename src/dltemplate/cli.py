@@ -16,8 +16,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dltemplate import api
-from dltemplate.config import config_from_dict, config_keys, load_config
+from dltemplate.config import Config, config_from_dict, config_keys, config_to_dict, load_config
 from dltemplate.config.loader import apply_overrides
 from dltemplate.engine.build_trainer import build_evaluator, validate_names
 from dltemplate.engine.evaluator import EvaluatorBase
@@ -51,6 +53,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(format_config(cfg), end="")
+    return 0
+
+
+def format_config(cfg: Config) -> str:
+    """``cfg`` as YAML, every section and key in schema order, defaults filled in: a file
+    that ``dltemplate train`` accepts as it is."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     target = args.target
     if target == "last":
@@ -64,7 +78,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     viz_dir = None
-    if args.viz:
+    if args.viz and not evaluator.task.draws_pictures:
+        print(
+            f"dltemplate: task '{evaluator.cfg.experiment.task}' draws no pictures: --viz ignored",
+            file=sys.stderr,
+        )
+    elif args.viz:
         viz_dir = Path(args.viz_dir) if args.viz_dir else evaluator.checkpoint_path.parent / "viz"
     report = evaluator.run(
         args.split, limit=args.limit_batches, viz_dir=viz_dir, viz_freq=args.viz_freq
@@ -76,7 +95,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"report written to {out}")
     if "pictures" in report:
-        print(f"{report['pictures']['count']} pictures written to {report['pictures']['folder']}")
+        count = report["pictures"]["count"]
+        what = "picture" if count == 1 else "pictures"
+        print(f"{count} {what} written to {report['pictures']['folder']}")
     return 0
 
 
@@ -180,6 +201,16 @@ def cmd_count(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERRIDE_EXAMPLES = """\
+overrides: section.key=value, the value read as YAML; deeper keys go into args mappings
+  dltemplate train configs/digits_mlp.yaml trainer.epochs=5 optimizer.lr=3e-4
+  dltemplate train configs/digits_mlp.yaml model.args.hidden=[128,64] data.batch_size=32
+  dltemplate train configs/digits_mlp.yaml "loss.args={label_smoothing: 0.1}" scheduler.name=none
+  dltemplate config configs/digits_mlp.yaml trainer.epochs=5   # print the resolved config
+every key, its type and default: the README's config reference (src/dltemplate/config/schema.py)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dltemplate`` command."""
     parser = argparse.ArgumentParser(
@@ -195,10 +226,28 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment.trainer); without it only registered components may be named",
     }
 
-    p = sub.add_parser("train", help="train from a YAML config")
+    p = sub.add_parser(
+        "train",
+        help="train from a YAML config",
+        description="Train from a YAML config; each section.key=value after it overrides a key.",
+        epilog=OVERRIDE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", **over)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config (defaults filled in, overrides applied) as YAML",
+        description="Print CONFIG with the overrides applied and every default filled in, as "
+        "YAML: what train would run. Keys and types are checked as train checks them.",
+        epilog=OVERRIDE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config file (or a run's config_*.json)")
+    p.add_argument("overrides", **over)
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("resume", help="continue a stopped run in its own run directory")
     p.add_argument("target", help="run directory, checkpoint, or 'last'")

@@ -23,6 +23,7 @@ class ExperimentConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     gpu_devices: list[int] | None = None  # the seed's GPU list; several -> DataParallel
     imports: list[str] = field(default_factory=list)  # modules to import (your registrations)
+    threads: int | None = None  # torch CPU threads; None: torch's default, under torchrun cores/N
 
 
 @dataclass

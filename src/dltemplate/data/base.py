@@ -45,25 +45,32 @@ class TensorSplit:
 
     ``groups[i]`` (optional) names the group of sample i, e.g. the car of a photo: splits then
     keep every group whole, so no group falls into two of train, validation and test.
+    ``names[i]`` (optional) names sample i, e.g. its file: ``eval`` shows it beside the
+    sample's prediction.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     groups: list[str] | None = None
+    names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.targets):
             raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
         if self.groups is not None and len(self.groups) != len(self.inputs):
             raise ValueError(f"{len(self.inputs)} inputs but {len(self.groups)} group names")
+        if self.names is not None and len(self.names) != len(self.inputs):
+            raise ValueError(f"{len(self.inputs)} inputs but {len(self.names)} sample names")
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def subset(self, index: torch.Tensor) -> TensorSplit:
         """The samples at ``index``, in that order."""
-        groups = None if self.groups is None else [self.groups[i] for i in index.tolist()]
-        return TensorSplit(self.inputs[index], self.targets[index], groups)
+        picked = index.tolist()
+        groups = None if self.groups is None else [self.groups[i] for i in picked]
+        names = None if self.names is None else [self.names[i] for i in picked]
+        return TensorSplit(self.inputs[index], self.targets[index], groups, names)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from dltemplate.engine.device import select_device
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.task import Task, import_plugins, make_task
+from dltemplate.engine.threads import apply_threads
 from dltemplate.errors import DataError
 from dltemplate.metrics.base import MetricCollection
 
@@ -96,6 +97,7 @@ class EvaluatorBase:
         from dltemplate.engine.build import build_components  # it builds an Evaluation too
 
         self.task = task or make_task(self.cfg)
+        apply_threads(self.cfg.experiment.threads)
         self.device, _ = select_device(self.cfg.experiment.device, self.cfg.experiment.gpu_devices)
         parts = build_components(self.cfg, self.task, self.device)
         self.info, self.model, self.evaluation = parts.info, parts.model, parts.evaluation
@@ -122,7 +124,8 @@ class EvaluatorBase:
 
         def per_batch(i: int, batch: Batch, outputs: torch.Tensor) -> None:
             if i == 0:
-                samples.extend(self.task.describe_predictions(batch, outputs, self.info))
+                described = self.task.describe_predictions(batch, outputs, self.info)
+                samples.extend(_with_names(described, evaluated.names))
             if viz_dir is not None:
                 seen[1] += self.task.save_visuals(
                     batch, outputs, seen[0], viz_dir, viz_freq, self.info
@@ -165,6 +168,7 @@ class EvaluatorBase:
             torch.cat([p.inputs for p in parts]),
             torch.cat([p.targets for p in parts]),
             [g for p in parts for g in (p.groups or [])],
+            None if any(p.names is None for p in parts) else [n for p in parts for n in p.names],
         )
 
     @staticmethod
@@ -174,6 +178,17 @@ class EvaluatorBase:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(report, indent=2, default=_jsonable))
         return path
+
+
+def _with_names(samples: list[Any], names: list[str] | None) -> list[Any]:
+    """The first batch's sample predictions, each (a dict) led by its sample's name (its file)
+    when the dataset names its samples: the i-th entry describes the i-th sample."""
+    if names is None:
+        return samples
+    return [
+        {"file": name, **s} if isinstance(s, dict) and "file" not in s else s
+        for name, s in zip(names, samples)
+    ]
 
 
 def _jsonable(value: Any) -> Any:

@@ -136,6 +136,7 @@ class ResumeMixin:
                 self.scheduler.load_state_dict(saved)
         self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best_epoch = state.get("best_epoch")  # absent from older checkpoints
         self.batch_in_epoch = state["batch_in_epoch"]
         self.should_stop = self._stopped_early(state)  # stopped early: on to the final test
         progress = state["train_progress"]
@@ -217,10 +218,11 @@ class ResumeMixin:
         log.info("command: %s", " ".join(sys.argv))
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(
-            "device %s x %d process(es); model %s (%d parameters); train %d, val %d, "
-            "test %d samples",
+            "device %s x %d process(es), %d CPU thread(s) each; model %s (%d parameters); "
+            "train %d, val %d, test %d samples",
             self.device,
             self.dist.world_size,
+            self.threads,
             self.cfg.model.name,
             n_params,
             len(self.data.train),

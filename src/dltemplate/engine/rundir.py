@@ -18,13 +18,16 @@ import re
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import dltemplate
 from dltemplate.engine.atomic import atomic_write, atomic_write_text
 from dltemplate.errors import ConfigError, DataError, UsageError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 _RUN_NAME = re.compile(r"(\d{8}_\d{6})(?:_(\d+))?")
@@ -264,20 +267,37 @@ def _plot_quietly(rows: list[dict[str, Any]], png: Path) -> None:
 
 def plot_curves(rows: list[dict[str, Any]], png: Path) -> None:
     """Draw each metric of ``rows`` (train and val on one panel) against the epoch into ``png``."""
+    if not rows:
+        return
+    fig = curves_figure(rows)
+    atomic_write(png, lambda fh: fig.savefig(fh, dpi=72, format="png"))
+
+
+def curves_figure(rows: list[dict[str, Any]]) -> Figure:
+    """The figure :func:`plot_curves` saves: one panel per metric, three panels a row, integer
+    epoch ticks; margins sized for the number of rows, so that no label is clipped."""
     # The object API, not pyplot: no global state, so drawing off the main thread is safe.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    if not rows:
-        return
-    names = sorted({k.split("/", 1)[1] for k in rows[0] if "/" in k})
+    names = sorted({k.split("/", 1)[1] for k in rows[0] if "/" in k}) if rows else []
     epochs = [int(float(r["epoch"])) for r in rows]
     cols = min(3, max(1, len(names)))
-    nrows = -(-len(names) // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.2 * nrows))
+    nrows = max(1, -(-len(names) // cols))
+    width, height = 4.5 * cols, 3.2 * nrows
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    # A fixed layout: tight_layout would draw the whole figure once more.
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.92, wspace=0.25, hspace=0.45)
+    # A fixed layout (tight_layout would draw the whole figure once more), with margins in
+    # inches: the tick labels, the x label and the title fit whatever the number of rows.
+    fig.subplots_adjust(
+        left=0.7 / width,
+        right=1 - 0.15 / width,
+        bottom=0.6 / height,
+        top=1 - 0.35 / height,
+        wspace=0.3,
+        hspace=0.45,
+    )
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         for split in ("train", "val"):
@@ -287,7 +307,8 @@ def plot_curves(rows: list[dict[str, Any]], png: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=split)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    atomic_write(png, lambda fh: fig.savefig(fh, dpi=72, format="png"))
+    return fig

@@ -123,3 +123,14 @@ class EpochProgress:
 def _rate(rate: float) -> str:
     """A rate as people read it: ``1234``, ``12.3``, ``0.42``."""
     return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: ``8.2 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

@@ -176,6 +176,12 @@ class Task:
         ``every`` (``eval --viz``); return how many were written. None by default."""
         return 0
 
+    @property
+    def draws_pictures(self) -> bool:
+        """Whether this task writes pictures for ``eval --viz`` (it overrides
+        :meth:`save_visuals`)."""
+        return type(self).save_visuals is not Task.save_visuals
+
     def predict_files(
         self,
         model: nn.Module,

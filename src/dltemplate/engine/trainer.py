@@ -43,10 +43,11 @@ from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.restarts import forget_restart_marker
 from dltemplate.engine.resume import ResumeMixin
-from dltemplate.engine.runlog import setup_logging
+from dltemplate.engine.runlog import format_duration, setup_logging
 from dltemplate.engine.seeding import rng_state, seed_everything
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals, rank_seed
 from dltemplate.engine.task import Task, import_plugins, make_task
+from dltemplate.engine.threads import apply_threads
 from dltemplate.errors import NonFiniteLossError, UsageError
 from dltemplate.models.heads import detach_outputs
 from dltemplate.optim import is_plateau
@@ -82,6 +83,7 @@ class TrainerBase(ResumeMixin):
         self.device, dp_ids = select_device(
             cfg.experiment.device, cfg.experiment.gpu_devices, local_rank
         )
+        self.threads = apply_threads(cfg.experiment.threads, self.dist.enabled)
         seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
         # What callbacks read and set (see dltemplate.callbacks.base).
         self.run_dir: Path | None = None
@@ -89,6 +91,7 @@ class TrainerBase(ResumeMixin):
         self.averaged_model: nn.Module | None = None  # evaluated instead, if set (ema)
         self.should_stop = False  # set by a callback: end training after this epoch
         self.improved = False  # whether the epoch just ended is the best so far
+        self.best_epoch: int | None = None  # the epoch (1-based) of self.best's score
         self.logged_loss: float | None = None  # the loss, on the steps the trainer reads it
         self.stop_note = "no interrupt checkpoint written (checkpointing is off)"
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
@@ -150,6 +153,7 @@ class TrainerBase(ResumeMixin):
             D.shutdown_distributed()
             return self._saved_test_metrics()
         cb = self.callbacks
+        started = time.perf_counter()
         try:
             with self.stop:
                 for fn in cb.on_fit_start:
@@ -164,6 +168,7 @@ class TrainerBase(ResumeMixin):
                 metrics = self.test() if self.cfg.trainer.test_after_fit else {}
                 for fn in cb.on_fit_end:
                     fn(self)
+                self._log_summary(time.perf_counter() - started)
                 if self.dist.is_main:
                     forget_restart_marker(self.cfg.experiment.output_dir)
             D.barrier()  # leave together: gloo aborts a process whose peer left first
@@ -283,6 +288,8 @@ class TrainerBase(ResumeMixin):
                 self.scheduler.step(score) if is_plateau(self.scheduler) else self.scheduler.step()
             # Metrics were reduced, so every rank decides alike; rank 0's word settles it anyway.
             self.improved = bool(D.broadcast_object(self.best.update(score)))
+            if self.improved:
+                self.best_epoch = self.epoch + 1
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             row = {"epoch": self.epoch, "lr": lr, "seconds": round(seconds, 3), **row}
             for fn in self.callbacks.on_epoch_end:
@@ -392,6 +399,7 @@ class TrainerBase(ResumeMixin):
             # Each process's own running sums of the epoch (reduced only to report them).
             "train_progress": D.gather_objects([t.cpu() for t in self._train_state()]),
             "best_score": self.best.best,
+            "best_epoch": self.best_epoch,
             "early_stopping": self.best.state_dict(),
             "stopped_early": self.should_stop,
             "rng": D.gather_objects(rng),
@@ -463,6 +471,32 @@ class TrainerBase(ResumeMixin):
             self.global_step,
             self.stop_note,
             "continue with" if saved else "resume continues from the newest checkpoint",
+            self.run_dir,
+        )
+
+    def _log_summary(self, seconds: float) -> None:
+        """The last lines of a run: how long, the best epoch and its score, where things are."""
+        if not self.dist.is_main:
+            return
+        monitor = self.cfg.trainer.monitor
+        if self.best.best is None:
+            best = f"{monitor} never had a score"
+        else:
+            at = f"epoch {self.best_epoch}" if self.best_epoch else "an epoch before this version"
+            best = f"best {monitor} {self.best.best:.4f} at {at}"
+        log.info(
+            "run %s finished: %d epoch(s), %d steps, %s in this session; %s",
+            self.run_dir.name,
+            self.epoch,
+            self.global_step,
+            format_duration(seconds),
+            best,
+        )
+        checkpoints = sorted(p.name for p in self.run_dir.glob("*_ckpt.pth"))
+        log.info(
+            "run directory %s; checkpoints: %s; evaluate with: dltemplate eval %s",
+            self.run_dir,
+            ", ".join(checkpoints) or "none written",
             self.run_dir,
         )
 

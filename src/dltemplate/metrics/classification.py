@@ -44,11 +44,14 @@ class Accuracy(Metric):
         return {"accuracy": float(_safe_div(self.correct, self.total))}
 
 
+DEFAULT_TOP_K = 5  # topk_accuracy's k unless one is given
+
+
 @METRICS.register("topk_accuracy")
 class TopKAccuracy(Accuracy):
     """Share of samples whose target is among the ``k`` highest logits."""
 
-    def __init__(self, k: int = 5) -> None:
+    def __init__(self, k: int = DEFAULT_TOP_K) -> None:
         self.k = k
         super().__init__()
 

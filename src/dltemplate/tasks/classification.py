@@ -8,6 +8,7 @@ import torch
 
 from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.engine.task import Task
+from dltemplate.metrics.classification import DEFAULT_TOP_K
 from dltemplate.registry import TASKS
 
 
@@ -16,8 +17,12 @@ class ClassificationTask(Task):
     """Cross-entropy on logits; accuracy, top-k, precision/recall/F1 and a confusion matrix."""
 
     def default_metrics(self, info: DataInfo) -> list[str]:
-        """Every classification run logs these."""
-        return ["accuracy", "topk_accuracy", "precision_recall_f1"]  # the last reports the matrix
+        """Every classification run logs these; top-5 accuracy only with more than 5 classes
+        (with 5 or fewer it is always 1)."""
+        names = ["accuracy", "topk_accuracy", "precision_recall_f1"]  # the last: the matrix too
+        if info.num_classes <= DEFAULT_TOP_K:
+            names.remove("topk_accuracy")
+        return names
 
     def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
         """Move to ``device`` first (uint8 is 4x less to copy), then scale and normalise there."""

@@ -1,11 +1,16 @@
-"""The seed's configuration comparator: which keys differ between two saved configs."""
+"""The seed's configuration comparator: which keys differ between two configs.
+
+Both are resolved first (read, checked and completed with every default, as ``train`` would
+run them), so a key left at its default in one file and written out in the other is no
+difference; only free-form ``args`` mappings can hold a key that one side lacks.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from dltemplate.config.loader import read_yaml
+from dltemplate.config.loader import config_to_dict, load_config
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -20,9 +25,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def resolved(path: str | Path) -> dict[str, Any]:
+    """The config at ``path`` (YAML or a run's JSON) as nested dicts, defaults filled in."""
+    return config_to_dict(load_config(path))
+
+
 def compare_configs(a: str | Path, b: str | Path) -> list[tuple[str, Any, Any]]:
-    """``(key, value_in_a, value_in_b)`` for every differing key (``_meta`` versions ignored)."""
-    left, right = flatten(read_yaml(a)), flatten(read_yaml(b))
+    """``(key, value_in_a, value_in_b)`` for every key whose resolved value differs (``_meta``
+    versions ignored); a config that does not load is a ConfigError naming its file and key."""
+    left, right = flatten(resolved(a)), flatten(resolved(b))
     missing = object()
     diffs = []
     for key in sorted(set(left) | set(right)):

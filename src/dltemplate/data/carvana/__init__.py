@@ -123,10 +123,12 @@ class Carvana(InMemoryDataset):
         self.layout.warn_skipped(orphans + decoded.failed, len(pairs) + len(orphans))
         if not decoded.names:
             raise DataError(f"Carvana: no usable image/mask pair in {self.layout.image_dir}")
+        files = {image.stem: image.name for image, _ in pairs}
         split = TensorSplit(
             torch.from_numpy(decoded.images),
             torch.from_numpy(decoded.masks),
             [car_id(name) for name in decoded.names],
+            [files.get(name, name) for name in decoded.names],  # the file, for eval's report
         )
         return split, None
 
