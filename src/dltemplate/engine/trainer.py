@@ -482,7 +482,7 @@ class TrainerBase(ResumeMixin):
         if self.best.best is None:
             best = f"{monitor} never had a score"
         else:
-            at = f"epoch {self.best_epoch}" if self.best_epoch else "an epoch before this version"
+            at = f"epoch {self.best_epoch}" if self.best_epoch else "an unrecorded epoch"
             best = f"best {monitor} {self.best.best:.4f} at {at}"
         log.info(
             "run %s finished: %d epoch(s), %d steps, %s in this session; %s",
