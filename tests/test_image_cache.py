@@ -49,3 +49,37 @@ def test_damage_and_rejection_are_warned_misses(tmp_path, caplog, monkeypatch):
     cache.array_path("x").write_bytes(bytes(data))
     assert cache.read(("x",)) is None and "checksum mismatch" in caplog.text
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_a_full_disk_while_writing_the_cache_names_the_file(tmp_path, monkeypatch):
+    """Issue #8: a full disk is one clear error naming the file, and nothing half-written stays
+    (the previous entry of the cache, if any, is still valid)."""
+    import errno
+    import io
+
+    import pytest
+
+    from dltemplate.engine import atomic
+    from dltemplate.errors import DiskFullError
+
+    x = np.arange(4096, dtype=np.uint8)
+    ArrayCache(tmp_path, "set-", "a" * 64).write({"x": x}, {})
+    real_open = open
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).endswith(".tmp"):
+            return FullDisk(path, "wb")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+    cache = ArrayCache(tmp_path, "set-", "b" * 64)
+    with pytest.raises(DiskFullError, match="no space left on device while writing .*set-b"):
+        cache.write({"x": x}, {})
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".*.tmp"))
+    old = ArrayCache(tmp_path, "set-", "a" * 64).read(("x",))
+    assert old is not None and np.array_equal(old.arrays["x"], x)
