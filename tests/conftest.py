@@ -110,3 +110,15 @@ def run_launcher(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float 
     output = log.read_text()
     assert proc.returncode == 0, output[-4000:]
     return output
+
+
+def mapped_file(tensor) -> str | None:
+    """The file whose memory map holds ``tensor``'s data (Linux: from /proc/self/maps), or
+    None when the data lies in ordinary memory."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    return None

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mapped_file
 from PIL import Image, ImageFile
 
 from dltemplate.data import carvana
@@ -161,6 +162,19 @@ def test_second_load_reads_the_cache(root, monkeypatch):
     assert first.groups == second.groups
     with pytest.raises(AssertionError, match="decoded"):  # another size: another cache
         Carvana(str(root), scale=0.25, workers=1).load()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_warm_load_maps_the_cache_instead_of_copying_it(root):
+    """The cached arrays are read in place (shared through the page cache), not copied into
+    each process: the tensors' memory is the mapped cache file."""
+    cold, _ = Carvana(str(root), scale=0.5, workers=1).load()
+    assert mapped_file(cold.inputs) is None  # just decoded: ordinary memory
+    warm, _ = Carvana(str(root), scale=0.5, workers=1).load()
+    (images,) = cache_files(root, ".images.npy")
+    (masks,) = cache_files(root, ".masks.npy")
+    assert mapped_file(warm.inputs) == str(images) and mapped_file(warm.targets) == str(masks)
+    assert torch.equal(cold.inputs, warm.inputs) and torch.equal(cold.targets, warm.targets)
 
 
 def test_cache_dir_is_used(root, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 
@@ -83,3 +84,44 @@ def test_a_full_disk_while_writing_the_cache_names_the_file(tmp_path, monkeypatc
     assert not list(tmp_path.glob(".*.tmp"))
     old = ArrayCache(tmp_path, "set-", "a" * 64).read(("x",))
     assert old is not None and np.array_equal(old.arrays["x"], x)
+
+
+def test_mapped_read_gives_the_same_arrays_backed_by_the_file(tmp_path):
+    """mmap=True: equal arrays, read-only views of the cache file (no private copy), and a
+    tensor over them that shares that memory."""
+    from dltemplate.data.image_cache import tensor_view
+
+    x = np.arange(2 * 3 * 8 * 8, dtype=np.uint8).reshape(2, 3, 8, 8)
+    y = np.array([3, 1], np.int64)
+    cache = ArrayCache(tmp_path, "imgs-", "e" * 64)
+    cache.write({"x": x, "y": y}, {"n": 2})
+    got = cache.read(("x", "y"), mmap=True)
+    assert got is not None and got.fields == {"n": 2}
+    assert np.array_equal(got.arrays["x"], x) and np.array_equal(got.arrays["y"], y)
+    for kind in ("x", "y"):
+        mapped = got.arrays[kind]
+        assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+        assert mapped.filename == str(cache.array_path(kind).resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the not-writable warning is deliberately silenced
+        tensor = tensor_view(got.arrays["x"])
+    assert tensor.data_ptr() == got.arrays["x"].ctypes.data  # the mapped memory, not a copy
+    assert tensor[1].sum().item() == int(x[1].sum())
+
+
+def test_mapped_read_still_detects_damage(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("dltemplate"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="dltemplate")
+    cache = ArrayCache(tmp_path, "imgs-", "f" * 64, label="MySet")
+    x = np.arange(100, dtype=np.uint8).reshape(4, 25)
+    cache.write({"x": x}, {})
+    path = cache.array_path("x")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # one flipped bit in the pixels
+    path.write_bytes(bytes(data))
+    assert cache.read(("x",), mmap=True) is None and "checksum mismatch" in caplog.text
+    path.write_bytes(b"")  # an empty file cannot even be mapped: still a warned miss
+    assert cache.read(("x",), mmap=True) is None and "x.npy: empty" in caplog.text
+    cache.write({"x": x}, {})  # rebuilt: read again, mapped
+    got = cache.read(("x",), mmap=True)
+    assert got is not None and np.array_equal(got.arrays["x"], x)

@@ -9,6 +9,12 @@ other families coexist, while writing an entry removes the stale entries of its 
 Every file is written atomically, the JSON meta last; the meta holds each array's shape, dtype and
 CRC32, which :meth:`ArrayCache.read` checks, so a half-written or damaged entry is rebuilt, never
 trusted.
+
+``read(..., mmap=True)`` maps the ``.npy`` files instead of reading them into private memory: the
+arrays are read-only views of the files, their pages live in the OS page cache (shared by every
+process of a node that maps the same entry, and given back under memory pressure). The CRC32 is
+still checked, over the mapped bytes themselves. :func:`tensor_view` wraps such an array as a
+torch tensor without copying it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import json
 import logging
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
+import torch
 
 from dltemplate.engine.atomic import atomic_write
 
@@ -63,10 +71,14 @@ class ArrayCache:
         self,
         kinds: Sequence[str],
         check: Callable[[Cached], None] | None = None,
+        mmap: bool = False,
     ) -> Cached | None:
         """The entry's arrays of ``kinds`` and its fields, or None when there is no entry or it
         is corrupt (with a warning). ``check`` may raise ValueError to reject what was read
-        (e.g. arrays whose shapes do not fit the fields)."""
+        (e.g. arrays whose shapes do not fit the fields).
+
+        ``mmap=False`` reads each array into its own writable memory; ``mmap=True`` maps the
+        files read-only (see the module docstring), after the same checks."""
         if not self.meta_path.is_file():
             return None
         try:
@@ -74,7 +86,8 @@ class ArrayCache:
             if meta.get("version") != FORMAT_VERSION or meta.get("key") != self.key:
                 raise ValueError("its meta is not for this key")
             # The names are fixed by the key: a path read from the meta is never followed.
-            arrays = {kind: _read_npy(self.array_path(kind), meta[kind]) for kind in kinds}
+            read = _map_npy if mmap else _read_npy
+            arrays = {kind: read(self.array_path(kind), meta[kind]) for kind in kinds}
             fields = {k: v for k, v in meta.items() if k not in _RESERVED and k not in kinds}
             cached = Cached(arrays, fields)
             if check is not None:
@@ -161,7 +174,37 @@ def _read_npy(path: Path, spec: dict[str, Any]) -> np.ndarray:
             got += n
     if zlib.crc32(data) != spec["crc32"]:
         raise ValueError(f"{path.name}: checksum mismatch")
-    header = io.BytesIO(bytes(view[: 1 << 17]))  # .npy headers are far smaller
+    offset, shape, dtype = _check_header(path, view, spec)
+    # Over the bytearray: no copy, and writable, as torch.from_numpy wants.
+    return np.frombuffer(data, dtype, math.prod(shape), offset).reshape(shape)
+
+
+def _map_npy(path: Path, spec: dict[str, Any]) -> np.ndarray:
+    """Map an ``.npy`` file read-only, after checking its CRC32, shape and dtype against
+    ``spec``; raise ValueError (or OSError) when anything differs.
+
+    The bytes checked are the mapped bytes: a file replaced after the check cannot slip in,
+    since the mapping holds the file that was opened."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ValueError(f"{path.name}: empty")  # mmap refuses empty files
+        whole = np.memmap(f, np.uint8, mode="r")
+    view = memoryview(whole)
+    # Reading every page once for the checksum puts the file in the page cache, where the
+    # epochs that follow find it; it is file-backed memory, shared and reclaimable.
+    if zlib.crc32(view) != spec["crc32"]:
+        raise ValueError(f"{path.name}: checksum mismatch")
+    offset, shape, dtype = _check_header(path, view, spec)
+    # A view of the map (header skipped): .npy headers pad the data to 64 bytes, so it is aligned.
+    return whole[offset:].view(dtype).reshape(shape)
+
+
+def _check_header(
+    path: Path, data: memoryview, spec: dict[str, Any]
+) -> tuple[int, tuple[int, ...], np.dtype]:
+    """``(data offset, shape, dtype)`` of the ``.npy`` bytes ``data``, checked against ``spec``
+    and against the length of ``data``; ValueError when anything differs."""
+    header = io.BytesIO(bytes(data[: 1 << 17]))  # .npy headers are far smaller
     version = np.lib.format.read_magic(header)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
@@ -171,8 +214,21 @@ def _read_npy(path: Path, spec: dict[str, Any]) -> np.ndarray:
         raise ValueError(
             f"{path.name}: holds {dtype} {shape}, expected {spec['dtype']} {spec['shape']}"
         )
-    count = math.prod(shape)
-    if len(data) - header.tell() != count * dtype.itemsize:
+    if len(data) - header.tell() != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"{path.name}: truncated or too long")
-    # Over the bytearray: no copy, and writable, as torch.from_numpy wants.
-    return np.frombuffer(data, dtype, count, header.tell()).reshape(shape)
+    return header.tell(), tuple(shape), dtype
+
+
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a CPU tensor sharing its memory (a cache array, mapped or not).
+
+    A mapped array is read-only, and torch.from_numpy warns that writing through the tensor
+    would be undefined. It is safe here because the engine never writes into a split's inputs
+    or targets: IndexLoader gathers each batch by indexing (a copy), subsets index (copies),
+    and tasks scale and augment those copies. Writing into the tensor raises no error but
+    fails with SIGSEGV-like "bus errors" or is refused by the OS, so do not.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        # np.asarray drops the np.memmap subclass (a view, no copy), which torch does not know.
+        return torch.from_numpy(np.asarray(array))

@@ -19,8 +19,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
 from dltemplate.data.carvana.decode import (
     PIL_ERRORS,
@@ -31,7 +29,7 @@ from dltemplate.data.carvana.decode import (
     worker_count,
 )
 from dltemplate.data.carvana.layout import CarvanaLayout, Pair, car_id
-from dltemplate.data.image_cache import ArrayCache, Cached
+from dltemplate.data.image_cache import ArrayCache, Cached, tensor_view
 from dltemplate.errors import ConfigError, DataError
 from dltemplate.registry import DATASETS
 
@@ -125,8 +123,9 @@ class Carvana(InMemoryDataset):
             raise DataError(f"Carvana: no usable image/mask pair in {self.layout.image_dir}")
         files = {image.stem: image.name for image, _ in pairs}
         split = TensorSplit(
-            torch.from_numpy(decoded.images),
-            torch.from_numpy(decoded.masks),
+            # Mapped read-only when read from the cache (see image_cache.tensor_view).
+            tensor_view(decoded.images),
+            tensor_view(decoded.masks),
             [car_id(name) for name in decoded.names],
             [files.get(name, name) for name in decoded.names],  # the file, for eval's report
         )
@@ -171,7 +170,9 @@ class Carvana(InMemoryDataset):
             if images.shape != (len(names), 3, h, w) or masks.shape != (len(names), 1, h, w):
                 raise ValueError(f"arrays of shapes {images.shape} and {masks.shape}")
 
-        cached = cache.read(ARRAY_KINDS, check=fits)
+        # Always mapped: the arrays stay in the page cache, shared by the processes of a node,
+        # instead of a private copy in each (the cold pass keeps what it decoded in memory).
+        cached = cache.read(ARRAY_KINDS, check=fits, mmap=True)
         if cached is None:
             return None
         arrays, fields = cached.arrays, cached.fields

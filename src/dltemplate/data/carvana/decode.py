@@ -28,7 +28,7 @@ DecodeFn = Callable[[str | Path, str | Path, tuple[int, int]], tuple[np.ndarray,
 
 
 @contextlib.contextmanager
-def _strict_truncation() -> Iterator[None]:
+def strict_truncation() -> Iterator[None]:
     """Make PIL raise on truncated files even where other code set LOAD_TRUNCATED_IMAGES."""
     # With the flag on, PIL pads a truncated image with grey and reports nothing.
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -56,7 +56,7 @@ def decode_pair(
     either is unreadable, corrupt or truncated, or when the mask's size differs from the image's.
     """
     h, w = size
-    with _strict_truncation():
+    with strict_truncation():
         try:
             with Image.open(image_path) as img:
                 original = img.size
