@@ -1,6 +1,11 @@
 """Datasets (registered by name in :data:`dltemplate.registry.DATASETS`) and the loader."""
 
-from dltemplate.data import carvana, digits, fashion_mnist  # noqa: F401  (registers the datasets)
+from dltemplate.data import (  # noqa: F401  (registers the datasets)
+    carvana,
+    digits,
+    fashion_mnist,
+    image_folder,
+)
 from dltemplate.data.base import (
     Batch,
     DataInfo,

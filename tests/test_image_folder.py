@@ -1,0 +1,258 @@
+"""The image-folder dataset: layout, decoding, its mapped cache, bad input, and a training run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, mapped_file, run_dirs
+from PIL import Image
+
+from dltemplate.data import image_folder
+from dltemplate.data.image_folder import ImageFolder
+from dltemplate.errors import ConfigError, DataError
+from dltemplate.registry import DATASETS
+
+CONFIG = REPO / "configs" / "image_folder_cnn.yaml"
+COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 40)}
+
+
+def make_folder(root: Path, per_class: int = 20, test_per_class: int = 0) -> Path:
+    """Classes told apart by colour: a bright square of the class colour on grey noise, 16x16,
+    PNG and JPEG alternately (and one BMP per class)."""
+    rng = np.random.default_rng(0)
+    for part, n in (("", per_class), ("test", test_per_class)):
+        for name, colour in COLOURS.items() if n else ():
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(60, 140, (16, 16, 3)).astype(np.uint8)
+                y, x = rng.integers(0, 8, 2)
+                pixels[y : y + 8, x : x + 8] = colour
+                suffix = (".png", ".jpg", ".bmp")[i % 3 if i < 3 else i % 2]
+                Image.fromarray(pixels).save(folder / f"img{i:03d}{suffix}")
+    return root
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "shapes")
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """caplog on the ``dltemplate`` logger, even after the CLI set it not to propagate."""
+    logger = logging.getLogger("dltemplate")
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="dltemplate")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def no_decoding(*args, **kwargs):
+    raise AssertionError("decoded although the cache is valid")
+
+
+def corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:40])  # a header with no pixels
+
+
+# -- reading ---------------------------------------------------------------------------------
+def test_classes_shapes_labels_and_names(root):
+    dataset = DATASETS.get("image_folder")(str(root), size=[12, 10], workers=1)
+    info = dataset.describe()
+    assert info.class_names == ["blue", "green", "red"] and info.num_classes == 3
+    assert info.input_shape == (3, 12, 10) and info.mean == (0.5,) * 3
+    pool, test = dataset.load()
+    assert test is None  # no test/ folder: the engine carves one out by seed
+    assert pool.inputs.shape == (60, 3, 12, 10) and pool.inputs.dtype == torch.uint8
+    assert (
+        pool.targets.dtype == torch.int64
+        and pool.targets.tolist() == [0] * 20 + [1] * 20 + [2] * 20
+    )
+    assert pool.names[0] == "blue/img000.png" and pool.names[-1] == "red/img019.jpg"
+    assert pool.groups is None
+    # The class colour dominates its images: red's red channel is brightest, and so on.
+    means = pool.inputs.float().mean((2, 3))
+    assert means[:20].argmax(1).eq(2).all() and means[40:].argmax(1).eq(0).all()
+
+
+def test_grayscale_and_default_size(root):
+    dataset = ImageFolder(str(root), grayscale=True, workers=1)
+    assert dataset.describe().input_shape == (1, 64, 64)
+    pool, _ = dataset.load()
+    assert pool.inputs.shape == (60, 1, 64, 64)
+
+
+def test_test_folder_is_the_official_test_split(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=6, test_per_class=2)
+    pool, test = ImageFolder(str(root), size=[8, 8], workers=1).load()
+    assert len(pool) == 18 and test is not None and len(test) == 6
+    assert test.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    assert test.names[0] == "test/blue/img000.png"
+    assert "test" not in ImageFolder(str(root)).describe().class_names
+
+
+def test_other_files_hidden_files_and_nested_folders(root):
+    (root / "red" / "notes.txt").write_text("not an image")
+    (root / "red" / "._img000.png").write_bytes(b"macOS metadata")
+    nested = root / "red" / "more"
+    nested.mkdir()
+    Image.new("RGB", (16, 16), COLOURS["red"]).save(nested / "extra.gif")
+    pool, _ = ImageFolder(str(root), size=[8, 8], workers=1).load()
+    assert len(pool) == 61 and pool.names[-1] == "red/more/extra.gif"
+
+
+def test_process_pool_gives_the_same_arrays(root, tmp_path):
+    one, _ = ImageFolder(str(root), size=[8, 8], workers=1).load()
+    two, _ = ImageFolder(str(root), size=[8, 8], workers=2, cache_dir=str(tmp_path / "c")).load()
+    assert torch.equal(one.inputs, two.inputs) and torch.equal(one.targets, two.targets)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"size": [16]}, "size=[16]"),
+        ({"size": [0, 4]}, "size=[0, 4]"),
+        ({"grayscale": "yes"}, "grayscale='yes'"),
+        ({"workers": -1}, "workers=-1"),
+    ],
+)
+def test_bad_arguments_are_config_errors(root, args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ImageFolder(str(root), **args)
+
+
+# -- the cache -------------------------------------------------------------------------------
+def test_warm_load_maps_the_cache_without_decoding(root, monkeypatch):
+    cold, _ = ImageFolder(str(root), size=[8, 8], workers=1).load()
+    cache = root / ".dltemplate_cache"
+    (images,) = cache.glob("imagefolder-RGB-8x8-*.images.npy")
+    assert images.stat().st_size == 60 * 3 * 8 * 8 + 128  # the pixels and a .npy header
+    monkeypatch.setattr(image_folder, "decode_image", no_decoding)
+    warm, _ = ImageFolder(str(root), size=[8, 8], workers=1).load()
+    assert torch.equal(cold.inputs, warm.inputs) and torch.equal(cold.targets, warm.targets)
+    assert warm.names == cold.names
+    if Path("/proc/self/maps").exists():
+        assert mapped_file(warm.inputs) == str(images)  # read in place, not copied
+    with pytest.raises(AssertionError, match="decoded"):  # grey: another cache
+        ImageFolder(str(root), size=[8, 8], grayscale=True, workers=1).load()
+
+
+def test_a_changed_file_or_a_damaged_cache_is_decoded_again(root, logged, monkeypatch):
+    ImageFolder(str(root), size=[8, 8], workers=1).load()
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0])
+        return decode(*args)
+
+    decode = image_folder.decode_image
+    monkeypatch.setattr(image_folder, "decode_image", counting)
+    stat = (root / "green" / "img005.jpg").stat()
+    os.utime(root / "green" / "img005.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    ImageFolder(str(root), size=[8, 8], workers=1).load()
+    assert len(calls) == 60
+    (images,) = (root / ".dltemplate_cache").glob("*.images.npy")
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF
+    images.write_bytes(bytes(data))
+    pool, _ = ImageFolder(str(root), size=[8, 8], workers=1).load()
+    assert len(calls) == 120 and "checksum mismatch" in logged.text
+    assert len(list((root / ".dltemplate_cache").glob("*.images.npy"))) == 1  # stale one gone
+
+
+# -- bad files -------------------------------------------------------------------------------
+def test_a_corrupt_image_is_named(root):
+    corrupt(root / "green" / "img007.jpg")
+    with pytest.raises(DataError, match=r"green/img007\.jpg: unreadable .*skip_bad=True"):
+        ImageFolder(str(root), size=[8, 8], workers=1).load()
+    assert not list((root / ".dltemplate_cache").glob("*.json"))  # nothing cached
+
+
+def test_skip_bad_skips_counts_and_caches_the_failures(root, logged, monkeypatch):
+    corrupt(root / "green" / "img007.jpg")
+    corrupt(root / "red" / "img001.jpg")
+    pool, _ = ImageFolder(str(root), size=[8, 8], skip_bad=True, workers=1).load()
+    assert len(pool) == 58 and "green/img007.jpg" not in pool.names
+    assert pool.targets.bincount().tolist() == [20, 19, 19]
+    (warning,) = [r.getMessage() for r in logged.records if r.levelno == logging.WARNING]
+    assert "skipped 2 of 60 images" in warning and "img007.jpg" in warning
+    monkeypatch.setattr(image_folder, "decode_image", no_decoding)
+    again, _ = ImageFolder(str(root), size=[8, 8], skip_bad=True, workers=1).load()
+    assert again.names == pool.names
+    with pytest.raises(DataError, match=r"img007\.jpg"):  # cached failures still stop a strict run
+        ImageFolder(str(root), size=[8, 8], workers=1).load()
+
+
+# -- bad input on the command line -----------------------------------------------------------
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _empty_class(root: Path) -> None:
+    (root / "purple").mkdir()
+    (root / "purple" / "readme.txt").write_text("no images here")
+
+
+def _single_class(root: Path) -> None:
+    for name in ("blue", "green"):
+        for f in (root / name).iterdir():
+            f.unlink()
+        (root / name).rmdir()
+
+
+def _test_classes_differ(root: Path) -> None:
+    (root / "test" / "yellow").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (230, 230, 30)).save(root / "test" / "yellow" / "a.png")
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (None, "missing folder"),
+        (_empty_class, "purple holds no images"),
+        (_single_class, "only the class 'red'"),
+        (
+            _test_classes_differ,
+            "only in training ['blue', 'green', 'red'], only in test ['yellow']",
+        ),
+    ],
+    ids=["missing", "empty-class", "single-class", "test-classes"],
+)
+def test_bad_folders_exit_2_in_one_line_and_write_nothing(cli, tmp_path, capsys, damage, expected):
+    root = tmp_path / "data"
+    if damage is not None:  # None: no folder at all
+        make_folder(root, per_class=3)
+        damage(root)
+    out = tmp_path / "out"
+    assert cli("train", CONFIG, f"data.root={root}", f"experiment.output_dir={out}") == 2
+    assert expected in _one_line(capsys)
+    assert not out.exists() and not (root / ".dltemplate_cache").exists()
+
+
+# -- training --------------------------------------------------------------------------------
+def test_config_trains_a_cnn_on_a_generated_folder(cli, tmp_path):
+    root = make_folder(tmp_path / "data", per_class=20)
+    out = tmp_path / "out"
+    overrides = [f"data.root={root}", f"experiment.output_dir={out}", "data.args.size=[16,16]",
+                 "trainer.epochs=2", "model.args.width=8", "data.batch_size=8"]  # fmt: skip
+    assert cli("train", CONFIG, *overrides) == 0
+    (run,) = run_dirs(out)
+    header, *epochs = (run / "metrics.csv").read_text().splitlines()
+    assert len(epochs) == 2
+    last = dict(zip(header.split(","), epochs[-1].split(",")))
+    assert float(last["train/accuracy"]) > 0.6  # learning the colours (chance: 1/3)
+    log = (run / "train.log").read_text()
+    assert "no official test split: 12 samples set aside by seed" in log  # 60 images, 0.2
+    assert "accuracy" in json.loads((run / "test_metrics.json").read_text())
+    assert list((root / ".dltemplate_cache").glob("*.images.npy"))  # decoded once, for next time
