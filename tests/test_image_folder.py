@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, mapped_file, run_dirs
+from conftest import REPO, mapped_file, readme_block, run_dirs
 from PIL import Image
 
 from dltemplate.data import image_folder
@@ -256,3 +257,13 @@ def test_config_trains_a_cnn_on_a_generated_folder(cli, tmp_path):
     assert "no official test split: 12 samples set aside by seed" in log  # 60 images, 0.2
     assert "accuracy" in json.loads((run / "test_metrics.json").read_text())
     assert list((root / ".dltemplate_cache").glob("*.images.npy"))  # decoded once, for next time
+
+
+def test_the_readme_command_runs_on_a_folder_laid_out_as_shown(cli, tmp_path):
+    (line,) = readme_block("dltemplate train configs/image_folder_cnn.yaml").splitlines()
+    args = shlex.split(line)[1:]
+    assert "data.root=Dataset/MyImages" in args
+    make_folder(tmp_path / "Dataset" / "MyImages", per_class=5)  # cli runs in tmp_path
+    args[1] = str(CONFIG)
+    quick = ["data.args.size=[16,16]", "trainer.epochs=1", "model.args.width=8"]
+    assert cli(*args, *quick, f"experiment.output_dir={tmp_path / 'out'}") == 0
