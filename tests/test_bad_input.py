@@ -131,6 +131,13 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
         (["data.eval_batch_size=0"], "data.eval_batch_size=0: must be at least 1"),
         (["data.val_fraction=0"], "trainer.monitor=train/accuracy"),
         (["model.name=cnn", "model.args={widht: 16}"], "did you mean 'width'"),
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0: must be at least 1"),
+        (["trainer.clip_grad_norm=-1"], "trainer.clip_grad_norm=-1.0: must be > 0"),
+        (["trainer.clip_grad_value=0"], "trainer.clip_grad_value=0.0: must be > 0"),
+        (["trainer.early_stopping_patience=-1"], "trainer.early_stopping_patience=-1: must be"),
+        (["trainer.fast_dev_run=-1"], "trainer.fast_dev_run=-1: must be 0 (off) or more"),
+        (["trainer.overfit_batches=-1"], "trainer.overfit_batches=-1: must be 0 (off) or more"),
+        (["data.val_fraction=-0.1"], "data.val_fraction=-0.1: must be in [0, 1)"),
     ],
 )
 def test_bad_values_exit_2_in_one_line_and_write_nothing(
@@ -231,3 +238,4 @@ def test_resume_of_a_run_with_a_truncated_config(cli, capsys, trained_run):
     assert cli("resume", trained_run, "trainer.epochs=2") == 2
     assert config.name in one_line_error(capsys)
     assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()} == before
+
