@@ -239,3 +239,45 @@ def test_resume_of_a_run_with_a_truncated_config(cli, capsys, trained_run):
     assert config.name in one_line_error(capsys)
     assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()} == before
 
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["eval", "run", "--limit-batches", "-1"], "--limit-batches: -1: must be at least 1"),
+        (["eval", "run", "--limit-batches", "0"], "--limit-batches: 0: must be at least 1"),
+        (["eval", "run", "--viz-freq", "0"], "--viz-freq: 0: must be at least 1"),
+        (["eval", "run", "--split", "bogus"], "invalid choice: 'bogus'"),
+        (["make-sample-data", "carvana", "out", "--n", "abc"], "invalid int value: 'abc'"),
+        (["make-sample-data", "kitti", "out"], "invalid choice: 'kitti'"),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_bad_arguments_are_one_line_without_the_usage_block(cli, tmp_path, capsys, args, expected):
+    with pytest.raises(SystemExit) as stop:  # argparse exits on its own errors
+        cli(*args)
+    assert stop.value.code == 2
+    err = one_line_error(capsys)
+    assert expected in err and "usage:" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_out_that_is_a_folder_is_refused_before_evaluating(cli, tmp_path, capsys):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    assert cli("eval", tmp_path / "run", "--out", folder) == 2
+    assert f"--out {folder}: is a folder" in one_line_error(capsys)
+    assert list(folder.iterdir()) == []
+
+
+def test_count_params_with_bad_model_args_names_the_section(cli, capsys):
+    assert cli("count-params", DEMO, "model.args.hidden=abc") == 2
+    assert "model.name=Vanilla model.args={'hidden': 'abc'}: " in one_line_error(capsys)
+
+
+def test_a_file_that_cannot_be_written_is_one_line_exit_1(cli, tmp_path, capsys):
+    taken = tmp_path / "a_file"
+    taken.write_text("keep me")
+    assert cli("make-sample-data", "carvana", taken / "sub", "--n", "1") == 1
+    err = one_line_error(capsys)
+    assert err.startswith("dltemplate: error: ") and str(taken) in err
+    assert taken.read_text() == "keep me"
