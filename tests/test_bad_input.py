@@ -138,6 +138,14 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
         (["trainer.fast_dev_run=-1"], "trainer.fast_dev_run=-1: must be 0 (off) or more"),
         (["trainer.overfit_batches=-1"], "trainer.overfit_batches=-1: must be 0 (off) or more"),
         (["data.val_fraction=-0.1"], "data.val_fraction=-0.1: must be in [0, 1)"),
+        (
+            ["scheduler.name=step", "scheduler.args={step_size: 0}"],
+            "scheduler.name=step scheduler.args={'step_size': 0}: step_size=0: must be at least 1",
+        ),
+        (
+            ["scheduler.name=onecycle", "scheduler.args={max_lr: -1}"],
+            "scheduler.name=onecycle scheduler.args={'max_lr': -1}: max_lr=-1: must be > 0",
+        ),
     ],
 )
 def test_bad_values_exit_2_in_one_line_and_write_nothing(
