@@ -30,6 +30,8 @@ def digest(path: Path) -> str:
         ("trainer.monitor=val/acuracy", "did you mean 'val/accuracy'"),
         ("model.args.hiden=[8]", "hiden"),
         ("trainer.precision=fp16", "CUDA"),
+        ("callbacks.0=ema", "override 'callbacks.0=ema': callbacks is a list, set whole"),
+        ("callbacks.ema.decay=0.9", "callbacks is a list, set whole: e.g. callbacks=[grad_norm]"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(cli, tmp_path, capsys, override, expected):

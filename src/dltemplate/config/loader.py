@@ -295,6 +295,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if path == ["callbacks"]:  # the one list section: replaced whole
         return path, yaml_load(value) if value.strip() else []
+    if path[0] == "callbacks":
+        raise ConfigError(
+            f"override '{text}': callbacks is a list, set whole: e.g. "
+            'callbacks=[grad_norm] or "callbacks=[{name: ema, args: {decay: 0.99}}]"'
+        )
     if len(path) < 2 or not all(path):
         raise ConfigError(f"override '{text}': the key must be section.key, e.g. trainer.epochs=5")
     try:
