@@ -30,6 +30,8 @@ def digest(path: Path) -> str:
         ("trainer.monitor=val/acuracy", "did you mean 'val/accuracy'"),
         ("model.args.hiden=[8]", "hiden"),
         ("trainer.precision=fp16", "CUDA"),
+        ("callbacks.0=ema", "override 'callbacks.0=ema': callbacks is a list, set whole"),
+        ("callbacks.ema.decay=0.9", "callbacks is a list, set whole: e.g. callbacks=[grad_norm]"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(cli, tmp_path, capsys, override, expected):
@@ -131,6 +133,21 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
         (["data.eval_batch_size=0"], "data.eval_batch_size=0: must be at least 1"),
         (["data.val_fraction=0"], "trainer.monitor=train/accuracy"),
         (["model.name=cnn", "model.args={widht: 16}"], "did you mean 'width'"),
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0: must be at least 1"),
+        (["trainer.clip_grad_norm=-1"], "trainer.clip_grad_norm=-1.0: must be > 0"),
+        (["trainer.clip_grad_value=0"], "trainer.clip_grad_value=0.0: must be > 0"),
+        (["trainer.early_stopping_patience=-1"], "trainer.early_stopping_patience=-1: must be"),
+        (["trainer.fast_dev_run=-1"], "trainer.fast_dev_run=-1: must be 0 (off) or more"),
+        (["trainer.overfit_batches=-1"], "trainer.overfit_batches=-1: must be 0 (off) or more"),
+        (["data.val_fraction=-0.1"], "data.val_fraction=-0.1: must be in [0, 1)"),
+        (
+            ["scheduler.name=step", "scheduler.args={step_size: 0}"],
+            "scheduler.name=step scheduler.args={'step_size': 0}: step_size=0: must be at least 1",
+        ),
+        (
+            ["scheduler.name=onecycle", "scheduler.args={max_lr: -1}"],
+            "scheduler.name=onecycle scheduler.args={'max_lr': -1}: max_lr=-1: must be > 0",
+        ),
     ],
 )
 def test_bad_values_exit_2_in_one_line_and_write_nothing(
@@ -231,3 +248,46 @@ def test_resume_of_a_run_with_a_truncated_config(cli, capsys, trained_run):
     assert cli("resume", trained_run, "trainer.epochs=2") == 2
     assert config.name in one_line_error(capsys)
     assert {p.name: p.stat().st_mtime_ns for p in trained_run.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["eval", "run", "--limit-batches", "-1"], "--limit-batches: -1: must be at least 1"),
+        (["eval", "run", "--limit-batches", "0"], "--limit-batches: 0: must be at least 1"),
+        (["eval", "run", "--viz-freq", "0"], "--viz-freq: 0: must be at least 1"),
+        (["eval", "run", "--split", "bogus"], "invalid choice: 'bogus'"),
+        (["make-sample-data", "carvana", "out", "--n", "abc"], "invalid int value: 'abc'"),
+        (["make-sample-data", "kitti", "out"], "invalid choice: 'kitti'"),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_bad_arguments_are_one_line_without_the_usage_block(cli, tmp_path, capsys, args, expected):
+    with pytest.raises(SystemExit) as stop:  # argparse exits on its own errors
+        cli(*args)
+    assert stop.value.code == 2
+    err = one_line_error(capsys)
+    assert expected in err and "usage:" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_out_that_is_a_folder_is_refused_before_evaluating(cli, tmp_path, capsys):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    assert cli("eval", tmp_path / "run", "--out", folder) == 2
+    assert f"--out {folder}: is a folder" in one_line_error(capsys)
+    assert list(folder.iterdir()) == []
+
+
+def test_count_params_with_bad_model_args_names_the_section(cli, capsys):
+    assert cli("count-params", DEMO, "model.args.hidden=abc") == 2
+    assert "model.name=Vanilla model.args={'hidden': 'abc'}: " in one_line_error(capsys)
+
+
+def test_a_file_that_cannot_be_written_is_one_line_exit_1(cli, tmp_path, capsys):
+    taken = tmp_path / "a_file"
+    taken.write_text("keep me")
+    assert cli("make-sample-data", "carvana", taken / "sub", "--n", "1") == 1
+    err = one_line_error(capsys)
+    assert err.startswith("dltemplate: error: ") and str(taken) in err
+    assert taken.read_text() == "keep me"

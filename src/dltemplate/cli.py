@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import yaml
 from dltemplate import api
 from dltemplate.config import Config, config_from_dict, config_keys, config_to_dict, load_config
 from dltemplate.config.loader import apply_overrides
+from dltemplate.engine.build import config_section
 from dltemplate.engine.build_trainer import build_evaluator, validate_names
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.rundir import latest_run_dir
@@ -75,6 +77,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a folder; give the JSON report's file name")
     setup_logging()
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     viz_dir = None
@@ -192,10 +196,12 @@ def cmd_count(args: argparse.Namespace) -> int:
         info = task.data_info()
     except DataError as exc:  # counting needs no data: the model's own default shape will do
         log.warning("%s", exc)
-        model = MODELS.build(cfg.model.name, "model.name", **cfg.model.args)
+        with config_section("model", cfg.model.name, cfg.model.args):
+            model = MODELS.build(cfg.model.name, "model.name", **cfg.model.args)
         title += " (data not found: the model's default input shape)"
     else:
-        model = task.build_model(info)
+        with config_section("model", cfg.model.name, cfg.model.args):
+            model = task.build_model(info)
         title += f" on input {tuple(info.input_shape)}"
     print(format_counts(count_parameters(model), title))
     return 0
@@ -211,9 +217,28 @@ every key, its type and default: the README's config reference (src/dltemplate/c
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), as every error here."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dltemplate`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dltemplate",
         description=__doc__.split("\n")[0],
         epilog="Exit status: 0 done, 2 bad usage/config/input, 1 failure in the run, 130 Ctrl-C.",
@@ -261,10 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", **over)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", help="JSON report path (default: <run>/eval_<split>.json)")
-    p.add_argument("--limit-batches", type=int, default=None, help="evaluate only N batches")
+    p.add_argument(
+        "--limit-batches", type=_positive_int, default=None, help="evaluate only N batches"
+    )
     p.add_argument("--viz", action="store_true", help="write pictures of predictions")
     p.add_argument("--viz-dir", default=None, help="where --viz writes (default: <run>/viz)")
-    p.add_argument("--viz-freq", type=int, default=50, help="picture every N-th sample")
+    p.add_argument("--viz-freq", type=_positive_int, default=50, help="picture every N-th sample")
     p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_eval)
 
@@ -340,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dltemplate: interrupted by {name}", file=sys.stderr)
         return 130
     except (NonFiniteLossError, DiskFullError) as exc:  # failures that one line explains
+        print(f"dltemplate: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file that cannot be written or read: its error names it
         print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 1
     except Exception:

@@ -195,6 +195,7 @@ def check_values(cfg: Config, source: str = "config") -> None:
             o.weight_decay,
             "must be a number >= 0",
         ),
+        (0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)"),
         (
             d.val_fraction > 0 or not t.monitor.startswith("val/") or t.overfit_batches > 0,
             "data.val_fraction",
@@ -202,6 +203,37 @@ def check_values(cfg: Config, source: str = "config") -> None:
             f"leaves no validation split, yet trainer.monitor={t.monitor} is a validation "
             f"metric: monitor a train/ metric (trainer.monitor=train/{t.monitor[4:]}) or keep "
             "a validation split",
+        ),
+        (
+            t.log_every_n_steps >= 1,
+            "trainer.log_every_n_steps",
+            t.log_every_n_steps,
+            "must be at least 1",
+        ),
+        (
+            t.clip_grad_norm is None or t.clip_grad_norm > 0,
+            "trainer.clip_grad_norm",
+            t.clip_grad_norm,
+            "must be > 0 (or null: no clipping)",
+        ),
+        (
+            t.clip_grad_value is None or t.clip_grad_value > 0,
+            "trainer.clip_grad_value",
+            t.clip_grad_value,
+            "must be > 0 (or null: no clipping)",
+        ),
+        (
+            t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+            "trainer.early_stopping_patience",
+            t.early_stopping_patience,
+            "must be at least 1 (or null: no early stopping)",
+        ),
+        (t.fast_dev_run >= 0, "trainer.fast_dev_run", t.fast_dev_run, "must be 0 (off) or more"),
+        (
+            t.overfit_batches >= 0,
+            "trainer.overfit_batches",
+            t.overfit_batches,
+            "must be 0 (off) or more",
         ),
     ]
     for ok, key, value, rule in rules:
@@ -263,6 +295,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if path == ["callbacks"]:  # the one list section: replaced whole
         return path, yaml_load(value) if value.strip() else []
+    if path[0] == "callbacks":
+        raise ConfigError(
+            f"override '{text}': callbacks is a list, set whole: e.g. "
+            'callbacks=[grad_norm] or "callbacks=[{name: ema, args: {decay: 0.99}}]"'
+        )
     if len(path) < 2 or not all(path):
         raise ConfigError(f"override '{text}': the key must be section.key, e.g. trainer.epochs=5")
     try:

@@ -32,7 +32,11 @@ def step_lr(
     optimizer: torch.optim.Optimizer, total: int, step_size: int | None = None, gamma: float = 0.1
 ) -> lr_scheduler.StepLR:
     """Multiply the rate by ``gamma`` every ``step_size`` steps (default: a third of the run)."""
-    return lr_scheduler.StepLR(optimizer, step_size=step_size or max(1, total // 3), gamma=gamma)
+    if step_size is not None and step_size < 1:  # torch takes 0 and negatives, then misbehaves
+        raise ValueError(f"step_size={step_size}: must be at least 1 (or left out)")
+    if step_size is None:
+        step_size = max(1, total // 3)
+    return lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
 
 
 @SCHEDULERS.register("cosine")
@@ -56,7 +60,9 @@ def onecycle(
     optimizer: torch.optim.Optimizer, total: int, max_lr: float | None = None, **kwargs: Any
 ) -> lr_scheduler.OneCycleLR:
     """One-cycle policy over the run; ``max_lr`` defaults to the optimizer's rate."""
-    max_lr = max_lr or optimizer.param_groups[0]["lr"]
+    if max_lr is not None and not max_lr > 0:  # torch trains on with a negative rate
+        raise ValueError(f"max_lr={max_lr}: must be > 0 (or left out: the optimizer's lr)")
+    max_lr = optimizer.param_groups[0]["lr"] if max_lr is None else max_lr
     return lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, total), **kwargs)
 
 
