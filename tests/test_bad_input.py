@@ -290,4 +290,5 @@ def test_a_file_that_cannot_be_written_is_one_line_exit_1(cli, tmp_path, capsys)
     assert cli("make-sample-data", "carvana", taken / "sub", "--n", "1") == 1
     err = one_line_error(capsys)
     assert err.startswith("dltemplate: error: ") and str(taken) in err
+    assert ".tmp" not in err  # the file meant, not a temporary one
     assert taken.read_text() == "keep me"

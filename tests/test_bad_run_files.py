@@ -44,8 +44,9 @@ def stopped_run(cli, tmp_path) -> Path:
             "metrics.csv",
         ),
         (lambda run: (run / "metrics.csv").write_text("epoch,lr\nnot a number,1\n"), "metrics.csv"),
+        (lambda run: (run / "metrics.csv").write_text("garbage header\n"), "metrics.csv"),
     ],
-    ids=["truncated config", "binary config", "binary metrics", "garbled metrics"],
+    ids=["truncated config", "binary config", "binary metrics", "garbled metrics", "no epoch"],
 )
 def test_a_damaged_run_file_stops_resume_with_one_line(cli, capsys, stopped_run, damage, culprit):
     damage(stopped_run)
@@ -79,3 +80,14 @@ def test_a_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path):
     lines = [x for x in done.stderr.splitlines() if "dltemplate: error:" in x]
     assert len(lines) == 1 and "did you mean 'trainer.epochs'" in lines[0], done.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_cannot_be_written_is_named_not_its_temporary_file(tmp_path):
+    from dltemplate.engine.atomic import atomic_write_text
+
+    blocker = tmp_path / "a_file"  # a file where a folder should be: nothing can go inside
+    blocker.write_text("keep me")
+    with pytest.raises(OSError) as info:
+        atomic_write_text(blocker / "out.json", "{}")
+    assert f"cannot write {blocker / 'out.json'}" in str(info.value)
+    assert ".tmp" not in str(info.value) and blocker.read_text() == "keep me"

@@ -105,6 +105,7 @@ COMMANDS = {
     "resume checkpoint": lambda c: ["resume", c.ckpt, "trainer.epochs=2"],
     "count-params run": lambda c: ["count-params", c.run],
     "count-params checkpoint": lambda c: ["count-params", c.ckpt],
+    "count-params saved config": lambda c: ["count-params", c.config_json],
 }
 
 

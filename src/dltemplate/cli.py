@@ -21,7 +21,8 @@ import yaml
 
 from dltemplate import api
 from dltemplate.config import Config, config_from_dict, config_keys, config_to_dict, load_config
-from dltemplate.config.loader import apply_overrides
+from dltemplate.config.loader import apply_overrides, read_yaml
+from dltemplate.config.trust import refuse_untrusted_code
 from dltemplate.engine.build import config_section
 from dltemplate.engine.build_trainer import build_evaluator, validate_names
 from dltemplate.engine.evaluator import EvaluatorBase
@@ -186,6 +187,10 @@ def cmd_count(args: argparse.Namespace) -> int:
     path = Path(args.config)
     if path.is_dir() or path.suffix in (".pth", ".pt"):
         raw, _ = api.config_of_run(path, trust_code=args.trust_code)
+        cfg = config_from_dict(apply_overrides(raw, args.overrides), str(path))
+    elif path.is_file() and path.name.startswith("config_") and path.suffix == ".json":
+        raw = read_yaml(path)  # a run's saved config: it may name only registered components
+        refuse_untrusted_code(raw, str(path), args.trust_code)
         cfg = config_from_dict(apply_overrides(raw, args.overrides), str(path))
     else:
         cfg = load_config(path, args.overrides)

@@ -33,6 +33,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except Exception as exc:
         if _disk_full(exc):  # say it plainly (torch.save reports it as "unexpected pos")
             raise DiskFullError(f"no space left on device while writing {path}") from exc
+        if isinstance(exc, OSError):  # name the file meant, not the temporary one
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     finally:
         if tmp.exists():

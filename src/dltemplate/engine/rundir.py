@@ -208,7 +208,11 @@ class MetricsTable:
         """The rows of an existing ``metrics.csv``; a garbled one is a DataError naming it."""
         try:
             with open(path, newline="", encoding="utf-8") as fh:
-                rows = [dict(r) for r in csv.DictReader(fh)]
+                reader = csv.DictReader(fh)
+                rows = [dict(r) for r in reader]
+                columns = reader.fieldnames or []
+            if columns and "epoch" not in columns:
+                raise KeyError("no 'epoch' column")
             for row in rows:
                 int(float(row["epoch"]))
         except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
