@@ -140,6 +140,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
         (["trainer.fast_dev_run=-1"], "trainer.fast_dev_run=-1: must be 0 (off) or more"),
         (["trainer.overfit_batches=-1"], "trainer.overfit_batches=-1: must be 0 (off) or more"),
         (["data.val_fraction=-0.1"], "data.val_fraction=-0.1: must be in [0, 1)"),
+        (["data.test_fraction=1"], "data.test_fraction=1.0: must be in [0, 1)"),
         (
             ["scheduler.name=step", "scheduler.args={step_size: 0}"],
             "scheduler.name=step scheduler.args={'step_size': 0}: step_size=0: must be at least 1",

@@ -196,6 +196,7 @@ def check_values(cfg: Config, source: str = "config") -> None:
             "must be a number >= 0",
         ),
         (0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)"),
+        (0 <= d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in [0, 1)"),
         (
             d.val_fraction > 0 or not t.monitor.startswith("val/") or t.overfit_batches > 0,
             "data.val_fraction",
