@@ -122,3 +122,47 @@ def mapped_file(tensor) -> str | None:
         if start <= address < end:
             return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
     return None
+
+
+def run_results(run: Path) -> dict[str, object]:
+    """What must be bit-identical between a stopped-and-resumed run and one never stopped:
+    the last checkpoint's weights, optimizer, scheduler, counters and callback states, every
+    metrics.csv row but ``seconds``, and test_metrics.json."""
+    import csv
+    import json
+
+    import torch
+
+    (last,) = run.glob("*_last_ckpt.pth")
+    state = torch.load(last, weights_only=True)
+    with open(run / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row.pop("seconds")
+    return {
+        "model": state["model"],
+        "optimizer": state["optimizer"],
+        "scheduler": state["scheduler"],
+        "steps": (state["epoch"], state["global_step"]),
+        "callbacks": state["callbacks"],  # every callback's state (an ema's average)
+        "rows": rows,
+        "test": json.loads((run / "test_metrics.json").read_text()),
+    }
+
+
+def assert_identical(a: object, b: object, where: str = "") -> None:
+    """``a`` and ``b`` are equal all the way down: tensors bit for bit, dicts key by key."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

@@ -9,8 +9,6 @@ exception, plus a sample of the other cells; `-m slow` runs the whole campaign
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, run_dirs
+from conftest import REPO, assert_identical, free_port, run_dirs
+from conftest import run_results as results
 from stop_injection import EXIT, POINTS, WAYS, install
 
 from dltemplate.cli import main
@@ -72,39 +71,6 @@ def carvana(tmp_path_factory) -> Path:
 
 def config_args(name: str, carvana: Path | None) -> list[str]:
     return segmentation_config(carvana) if name == "segmentation" else CONFIGS[name]
-
-
-def results(run: Path) -> dict[str, object]:
-    """What must be bit-identical between a stopped-and-resumed run and an unstopped one."""
-    (last,) = run.glob("*_last_ckpt.pth")
-    state = torch.load(last, weights_only=True)
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    for row in rows:
-        row.pop("seconds")
-    return {
-        "model": state["model"],
-        "optimizer": state["optimizer"],
-        "scheduler": state["scheduler"],
-        "steps": (state["epoch"], state["global_step"]),
-        "callbacks": state["callbacks"],  # every callback's state (ema's average)
-        "rows": rows,
-        "test": json.loads((run / "test_metrics.json").read_text()),
-    }
-
-
-def assert_identical(a: object, b: object, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 _references: dict[str, dict[str, object]] = {}
