@@ -54,6 +54,25 @@ def last_state(run: Path) -> dict[str, object]:
     return torch.load(last, weights_only=True)
 
 
+def stop_at_training_forward(monkeypatch, at_call: int, way: str):
+    """Raise (``way="exception"``) or send SIGTERM to this process at the ``at_call``-th
+    training forward pass; return the original ``forward`` to put back."""
+    original = ClassificationTask.forward
+    calls = {"n": 0}
+
+    def forward(self, model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                if way == "exception":
+                    raise RuntimeError("injected")
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    return original
+
+
 @pytest.fixture(autouse=True)
 def no_curves(monkeypatch):
     """curves.png is not what these tests look at; drawing it is half of a tiny run."""
@@ -171,19 +190,7 @@ def test_readme_loss_history_resumes_exactly(
 ):
     _write_readme_callbacks(tmp_path)
     out = tmp_path / "out"
-    original = ClassificationTask.forward
-    calls = {"n": 0}
-
-    def forward(self, model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                if way == "exception":
-                    raise RuntimeError("injected")
-                os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model, batch)
-
-    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    original = stop_at_training_forward(monkeypatch, at_call, way)
     assert cli(*readme_command(README_COMMAND), *SMALL, f"experiment.output_dir={out}") == status
     monkeypatch.setattr(ClassificationTask, "forward", original)
     (run,) = run_dirs(out)
@@ -451,17 +458,7 @@ def test_ema_resumes_exactly_after_a_stop(cli, tmp_path, monkeypatch, ema_probe)
     reference = tmp_path / "reference"
     assert cli("train", DEMO, f"experiment.output_dir={reference}", *SMALL, EMA) == 0
     out = tmp_path / "out"
-    original = ClassificationTask.forward
-    calls = {"n": 0}
-
-    def forward(self, model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == STEPS_PER_EPOCH + 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model, batch)
-
-    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    original = stop_at_training_forward(monkeypatch, STEPS_PER_EPOCH + 4, "sigterm")
     assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, EMA) == 130
     monkeypatch.setattr(ClassificationTask, "forward", original)
     (run,) = run_dirs(out)
