@@ -229,6 +229,8 @@ def check_values(cfg: Config, source: str = "config") -> None:
             t.early_stopping_patience,
             "must be at least 1 (or null: no early stopping)",
         ),
+        (d.num_workers >= 0, "data.num_workers", d.num_workers, "must be 0 or more"),
+        (d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be at least 1"),
         (t.fast_dev_run >= 0, "trainer.fast_dev_run", t.fast_dev_run, "must be 0 (off) or more"),
         (
             t.overfit_batches >= 0,

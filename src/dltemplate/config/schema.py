@@ -41,6 +41,17 @@ class DataConfig:
     test_sample_rate: float = 1.0  # the seed's sub-sampling of the test split
     augment: bool = False  # random training-time augmentation, as the task defines it
     args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments
+    # The dataset's own test split (map-style datasets): data.args with these on top,
+    # e.g. {train: false}; null: a test split is carved out of the pool (test_fraction).
+    test_args: dict[str, Any] | None = None
+    # Per-sample reading (map-style datasets and image files read every epoch):
+    num_workers: int = 0  # DataLoader worker processes; 0 reads in the training process
+    pin_memory: bool | None = None  # page-locked batches for a faster GPU copy; null: on CUDA
+    persistent_workers: bool = True  # keep the workers between epochs (num_workers > 0)
+    prefetch_factor: int = 2  # batches each worker reads ahead (num_workers > 0)
+    # Per-sample transforms, names or {name, args} (registered or package.module:function):
+    train_transform: list[Any] = field(default_factory=list)  # training samples
+    eval_transform: list[Any] = field(default_factory=list)  # validation and test samples
 
 
 @dataclass

@@ -5,6 +5,7 @@ from dltemplate.data import (  # noqa: F401  (registers the datasets)
     digits,
     fashion_mnist,
     image_folder,
+    transforms,
 )
 from dltemplate.data.base import (
     Batch,
@@ -12,9 +13,12 @@ from dltemplate.data.base import (
     DataSplits,
     IndexLoader,
     InMemoryDataset,
+    ReadOptions,
     TensorSplit,
+    concat_splits,
     make_splits,
 )
+from dltemplate.data.samples import MapStyleDataset, SampleSplit
 
 __all__ = [
     "Batch",
@@ -22,6 +26,10 @@ __all__ = [
     "DataSplits",
     "IndexLoader",
     "InMemoryDataset",
+    "MapStyleDataset",
+    "ReadOptions",
+    "SampleSplit",
     "TensorSplit",
+    "concat_splits",
     "make_splits",
 ]

@@ -11,10 +11,13 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from dltemplate.errors import ConfigError
+
+EVAL_EPOCH = -1  # the epoch in the per-sample seeds of evaluation (see data.samples)
 
 
 @dataclass
@@ -39,38 +42,85 @@ def channel_stats(info: DataInfo, device: torch.device) -> tuple[torch.Tensor, t
     return _stats(tuple(info.mean), device), _stats(tuple(info.std), device)
 
 
-@dataclass
 class TensorSplit:
-    """One split held in memory: ``inputs[i]`` is sample i, ``targets[i]`` its label.
+    """One split held in memory (or memory-mapped): sample i is ``inputs[i]`` with label
+    ``targets[i]``.
 
     ``groups[i]`` (optional) names the group of sample i, e.g. the car of a photo: splits then
     keep every group whole, so no group falls into two of train, validation and test.
     ``names[i]`` (optional) names sample i, e.g. its file: ``eval`` shows it beside the
     sample's prediction.
+
+    A split made by :meth:`subset` is a *view*: it keeps the full tensors it was cut from and
+    an ``index`` into them, so that splitting a memory-mapped cache copies nothing (the pages
+    stay shared by every process of a node). :meth:`gather` reads a batch through it;
+    :attr:`inputs` and :attr:`targets` give the split's own samples (a copy for a view).
     """
 
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    groups: list[str] | None = None
-    names: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.inputs) != len(self.targets):
-            raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
-        if self.groups is not None and len(self.groups) != len(self.inputs):
-            raise ValueError(f"{len(self.inputs)} inputs but {len(self.groups)} group names")
-        if self.names is not None and len(self.names) != len(self.inputs):
-            raise ValueError(f"{len(self.inputs)} inputs but {len(self.names)} sample names")
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        groups: list[str] | None = None,
+        names: list[str] | None = None,
+        index: torch.Tensor | None = None,
+    ) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        self.source_inputs, self.source_targets = inputs, targets
+        self.index = index  # None: every sample of the sources, in order
+        n = len(self)
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"{n} inputs but {len(groups)} group names")
+        if names is not None and len(names) != n:
+            raise ValueError(f"{n} inputs but {len(names)} sample names")
+        self.groups, self.names = groups, names
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.source_inputs) if self.index is None else len(self.index)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The split's inputs, in order (a copy when the split is a view)."""
+        return self.source_inputs if self.index is None else self.source_inputs[self.index]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The split's targets, in order (a copy when the split is a view)."""
+        return self.source_targets if self.index is None else self.source_targets[self.index]
+
+    def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the samples at ``positions`` (a batch: a copy)."""
+        rows = positions if self.index is None else self.index[positions]
+        return self.source_inputs[rows], self.source_targets[rows]
 
     def subset(self, index: torch.Tensor) -> TensorSplit:
-        """The samples at ``index``, in that order."""
+        """The samples at ``index``, in that order: a view, no sample is copied."""
         picked = index.tolist()
         groups = None if self.groups is None else [self.groups[i] for i in picked]
         names = None if self.names is None else [self.names[i] for i in picked]
-        return TensorSplit(self.inputs[index], self.targets[index], groups, names)
+        rows = index if self.index is None else self.index[index]
+        return TensorSplit(self.source_inputs, self.source_targets, groups, names, rows)
+
+
+def concat_splits(parts: list[Any]) -> Any:
+    """One split of the samples of ``parts`` in order (views of the same source stay a view;
+    in-memory splits of different sources are copied together)."""
+    first = parts[0]
+    groups = None if any(p.groups is None for p in parts) else [g for p in parts for g in p.groups]
+    names = None if any(p.names is None for p in parts) else [n for p in parts for n in p.names]
+    if hasattr(first, "concat"):  # another kind of split knows how to join its own kind
+        return first.concat(parts, groups, names)
+    if all(
+        p.source_inputs is first.source_inputs and p.source_targets is first.source_targets
+        for p in parts
+    ):
+        rows = [torch.arange(len(p)) if p.index is None else p.index for p in parts]
+        return TensorSplit(
+            first.source_inputs, first.source_targets, groups, names, torch.cat(rows)
+        )
+    inputs = torch.cat([p.inputs for p in parts])
+    return TensorSplit(inputs, torch.cat([p.targets for p in parts]), groups, names)
 
 
 @dataclass
@@ -113,6 +163,19 @@ class InMemoryDataset:
     def load(self) -> tuple[TensorSplit, TensorSplit | None]:
         """Return ``(train_pool, test_split_or_None)``."""
         raise NotImplementedError
+
+
+READ_MODES = ("cache", "files")
+
+
+def check_mode(mode: Any, label: str) -> None:
+    """A dataset's ``mode`` argument: ``cache`` (decode once into a mapped cache) or ``files``
+    (decode every sample when it is read, in the loader's workers)."""
+    if mode not in READ_MODES:
+        raise ConfigError(
+            f"{label}: mode={mode!r}: must be 'cache' (decode once into a mapped cache) or "
+            "'files' (decode every epoch, in data.num_workers workers)"
+        )
 
 
 def _take(n: int, rate: float, key: str) -> int:
@@ -185,6 +248,18 @@ class Batch:
     global_size: int
 
 
+@dataclass
+class ReadOptions:
+    """How a loader reads a split of a map-style dataset (``data.num_workers`` ...); a split in
+    memory is gathered by indexing and ignores them."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+    transforms: list[Callable[[Any, Any], tuple[Any, Any]]] = field(default_factory=list)
+
+
 class IndexLoader:
     """Iterates over a :class:`TensorSplit` in batches made by indexing, with no workers.
 
@@ -206,6 +281,7 @@ class IndexLoader:
         rank: int = 0,
         world_size: int = 1,
         limit_batches: int | None = None,
+        read: ReadOptions | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: must be at least 1")
@@ -219,6 +295,21 @@ class IndexLoader:
         self.limit_batches = limit_batches
         self.epoch = 0
         self.skip_batches = 0  # set when resuming part-way through an epoch
+        self.reader: Any = None  # a SampleReader, for a split of a map-style dataset
+        if not isinstance(split, TensorSplit):
+            from dltemplate.data.samples import SampleReader  # it builds on this module
+
+            opts = read or ReadOptions()
+            self.reader = SampleReader(
+                split,  # type: ignore[arg-type]
+                opts.transforms,
+                seed=seed,
+                rank=rank,
+                num_workers=opts.num_workers,
+                pin_memory=opts.pin_memory,
+                persistent_workers=opts.persistent_workers,
+                prefetch_factor=opts.prefetch_factor,
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the permutation of this epoch (as DistributedSampler.set_epoch does)."""
@@ -264,10 +355,26 @@ class IndexLoader:
                 yield shard[start : start + self.batch_size], 0
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.reader is not None:
+            planned = [
+                batch
+                for i, batch in zip(range(len(self)), self._batches())
+                if i >= self.skip_batches
+            ]
+            epoch = self.epoch if self.training else EVAL_EPOCH
+            yield from self.reader.read(planned, epoch)
+            self.skip_batches = 0
+            return
         for i, (idx, global_size) in enumerate(self._batches()):
             if i >= len(self):
                 break
             if i < self.skip_batches:
                 continue
-            yield Batch(self.split.inputs[idx], self.split.targets[idx], global_size or len(idx))
+            inputs, targets = self.split.gather(idx)
+            yield Batch(inputs, targets, global_size or len(idx))
         self.skip_batches = 0
+
+    def close(self) -> None:
+        """Shut down the worker processes of a map-style split (if any)."""
+        if self.reader is not None:
+            self.reader.close()

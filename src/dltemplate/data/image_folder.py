@@ -28,10 +28,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
-from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
+from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit, check_mode
 from dltemplate.data.carvana.decode import PIL_ERRORS, strict_truncation, worker_count
 from dltemplate.data.image_cache import ArrayCache, Cached, tensor_view
+from dltemplate.data.samples import SampleSplit
 from dltemplate.errors import ConfigError, DataError
 from dltemplate.registry import DATASETS
 
@@ -176,7 +178,9 @@ class ImageFolder(InMemoryDataset):
     present. ``skip_bad`` skips unreadable images (with one warning) instead of failing.
     ``cache_dir`` (default ``<root>/.dltemplate_cache``) holds the decoded arrays; ``workers``
     processes decode the first pass (0: up to 4, one per CPU; 1: in this process).
-    Mean and std are 0.5 per channel (fixed; see :data:`MEAN_STD`)."""
+    ``mode``: ``cache`` (decode once into the cache, mapped) or ``files`` (decode every epoch,
+    in the loader's ``data.num_workers`` workers; no cache is written). Mean and std are 0.5
+    per channel (fixed; see :data:`MEAN_STD`)."""
 
     def __init__(
         self,
@@ -187,8 +191,11 @@ class ImageFolder(InMemoryDataset):
         skip_bad: bool = False,
         cache_dir: str | None = None,
         workers: int = 0,
+        mode: str = "cache",
     ) -> None:
         super().__init__(root, download)
+        check_mode(mode, "image_folder")
+        self.mode = mode
         size = [64, 64] if size is None else size
         if (
             not isinstance(size, (list, tuple))
@@ -248,10 +255,13 @@ class ImageFolder(InMemoryDataset):
             std=(MEAN_STD,) * self.channels,
         )
 
-    def load(self) -> tuple[TensorSplit, TensorSplit | None]:
+    def load(self) -> tuple[TensorSplit | SampleSplit, TensorSplit | SampleSplit | None]:
         """Images uint8 ``[N, C, h, w]`` and labels int64, in folder and name order; the test
-        split is ``<root>/test/`` or None (one is then carved out by seed)."""
+        split is ``<root>/test/`` or None (one is then carved out by seed). ``mode: files``
+        returns :class:`~dltemplate.data.samples.SampleSplit` s that decode when read."""
         train, test = self.scan()
+        if self.mode == "files":
+            return self._file_split(train), None if test is None else self._file_split(test)
         files = train.files + (test.files if test else [])
         labels = np.array(train.labels + (test.labels if test else []), np.int64)
         cache = self._cache(files)
@@ -280,6 +290,27 @@ class ImageFolder(InMemoryDataset):
 
         pool = split(slice(0, n_train))
         return pool, split(slice(n_train, None)) if test is not None else None
+
+    def _file_split(self, listing: Listing) -> SampleSplit:
+        """``listing``'s images, decoded when read (``mode: files``). With ``skip_bad``, files
+        whose header PIL cannot read are left out first (one warning); a file that fails
+        later, while it is decoded, stops the run naming it."""
+        files, labels = listing.files, listing.labels
+        if self.skip_bad:
+            failed, keep = [], []
+            for i, path in enumerate(files):
+                try:
+                    with strict_truncation(), Image.open(path):
+                        keep.append(i)
+                except BAD_IMAGE_ERRORS as exc:
+                    failed.append(f"{path}: unreadable or corrupt image ({exc})")
+            self._warn_skipped(failed, len(files))
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+            if not files:
+                raise DataError(f"image_folder: no readable image in {self.root_path}")
+        names = [path.relative_to(self.root_path).as_posix() for path in files]
+        images = ImageFiles(files, labels, self.size, self.grayscale)
+        return SampleSplit(images, names=names, label="image_folder")
 
     def _cache(self, files: list[Path]) -> ArrayCache:
         """The cache entry of ``files`` decoded to this size and colour mode."""
@@ -352,3 +383,22 @@ class ImageFolder(InMemoryDataset):
             "; ".join(failed[:NAMED_IN_WARNING]),
             f"; and {more} more" if more > 0 else "",
         )
+
+
+class ImageFiles(Dataset):
+    """Image files decoded one at a time (``mode: files``): sample i is ``files[i]`` as uint8
+    ``[C, h, w]`` and its label."""
+
+    def __init__(
+        self, files: list[Path], labels: list[int], size: tuple[int, int], grayscale: bool
+    ) -> None:
+        self.files = [str(path) for path in files]
+        self.labels = labels
+        self.size, self.grayscale = size, grayscale
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = decode_image(self.files[i], self.size, self.grayscale)
+        return torch.from_numpy(image), self.labels[i]

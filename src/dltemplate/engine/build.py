@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from dltemplate.config import Config
-from dltemplate.data.base import DataInfo, DataSplits, IndexLoader
+from dltemplate.data.base import DataInfo, DataSplits, IndexLoader, ReadOptions
+from dltemplate.data.transforms import build_transforms
 from dltemplate.engine.evaluator import Evaluation
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.sync_batchnorm import convert_sync_batchnorm
@@ -102,6 +103,16 @@ def limit_batches(limit: int | float | None, full: int, key: str) -> int | None:
     return limit
 
 
+def read_options(cfg: Config, training: bool) -> ReadOptions:
+    """How loaders read map-style datasets: ``data.num_workers`` ... and the training's or the
+    evaluation's per-sample transforms."""
+    d = cfg.data
+    key = "data.train_transform" if training else "data.eval_transform"
+    transforms = build_transforms(d.train_transform if training else d.eval_transform, key)
+    pin = torch.cuda.is_available() if d.pin_memory is None else d.pin_memory
+    return ReadOptions(d.num_workers, pin, d.persistent_workers, d.prefetch_factor, transforms)
+
+
 def build_loaders(
     cfg: Config, data: DataSplits, rank: int = 0, world_size: int = 1
 ) -> tuple[IndexLoader, IndexLoader, IndexLoader]:
@@ -115,17 +126,20 @@ def build_loaders(
     train_split, val_split = data.train, data.val
     if len(train_split) == 0:
         raise ConfigError("data: the training split is empty (check the sample rates)")
-    train = IndexLoader(train_split, d.batch_size, training=True, seed=seed, **where)
+    fit, check = read_options(cfg, True), read_options(cfg, False)
+    train = IndexLoader(train_split, d.batch_size, training=True, seed=seed, read=fit, **where)
     limits = [tc.limit_train_batches, tc.limit_val_batches, tc.limit_test_batches]
     if tc.fast_dev_run > 0:
         limits = [tc.fast_dev_run] * 3
     if tc.overfit_batches > 0:  # the same few batches, in order, to train and to validate
         n = min(len(train_split), tc.overfit_batches * d.batch_size * world_size)
-        train = IndexLoader(train_split, d.batch_size, training=True, shuffle=False, **where)
+        train = IndexLoader(
+            train_split, d.batch_size, training=True, shuffle=False, seed=seed, read=fit, **where
+        )
         limits[0] = tc.overfit_batches
         val_split = train_split.subset(torch.arange(n))
-    val = IndexLoader(val_split, eval_bs, training=False, **where)
-    test = IndexLoader(data.test, eval_bs, training=False, **where)
+    val = IndexLoader(val_split, eval_bs, training=False, seed=seed, read=check, **where)
+    test = IndexLoader(data.test, eval_bs, training=False, seed=seed, read=check, **where)
     keys = [
         "trainer.limit_train_batches",
         "trainer.limit_val_batches",

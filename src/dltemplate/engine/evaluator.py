@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dltemplate.config import Config, config_from_dict
-from dltemplate.data.base import Batch, DataInfo, DataSplits, IndexLoader, TensorSplit
+from dltemplate.data.base import Batch, DataInfo, DataSplits, IndexLoader, concat_splits
 from dltemplate.engine import distributed as D
 from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_model_weights
@@ -115,10 +115,19 @@ class EvaluatorBase:
 
         With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder.
         """
+        from dltemplate.engine.build import read_options  # build imports this module
+
         data = self.task.load_data()
         evaluated = self._same_groups_as_the_run(data, split)
         batch_size = self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size
-        loader = IndexLoader(evaluated, batch_size, training=False, limit_batches=limit)
+        loader = IndexLoader(
+            evaluated,
+            batch_size,
+            training=False,
+            seed=self.cfg.experiment.seed,
+            limit_batches=limit,
+            read=read_options(self.cfg, training=False),
+        )
         samples: list[dict[str, Any]] = []
         seen = [0, 0]  # samples so far, pictures written
 
@@ -148,7 +157,7 @@ class EvaluatorBase:
             report["pictures"] = {"folder": str(viz_dir), "count": seen[1]}
         return report
 
-    def _same_groups_as_the_run(self, data: DataSplits, split: str) -> TensorSplit:
+    def _same_groups_as_the_run(self, data: DataSplits, split: str) -> Any:
         """The split's samples; when the run saved its groups (split.json), exactly those."""
         saved = self.checkpoint_path.parent / "split.json"
         if not saved.exists() or data.train.groups is None:
@@ -164,12 +173,7 @@ class EvaluatorBase:
             keep = [i for i, g in enumerate(part.groups or []) if g in wanted]
             if keep:
                 parts.append(part.subset(torch.tensor(keep, dtype=torch.long)))
-        return TensorSplit(
-            torch.cat([p.inputs for p in parts]),
-            torch.cat([p.targets for p in parts]),
-            [g for p in parts for g in (p.groups or [])],
-            None if any(p.names is None for p in parts) else [n for p in parts for n in p.names],
-        )
+        return concat_splits(parts)
 
     @staticmethod
     def write_report(report: dict[str, Any], path: Path) -> Path:

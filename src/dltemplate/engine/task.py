@@ -17,7 +17,8 @@ from torch import nn
 
 from dltemplate.config import Config
 from dltemplate.data.base import Batch, DataInfo, DataSplits, InMemoryDataset, make_splits
-from dltemplate.errors import ConfigError, UsageError
+from dltemplate.data.samples import MapStyleDataset, is_map_style
+from dltemplate.errors import ConfigError, DataError, UsageError
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.registry import DATASETS, LOSSES, METRICS, MODELS, TASKS, accepted_kwargs
 
@@ -55,16 +56,18 @@ class Task:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._dataset: InMemoryDataset | None = None
+        self._dataset: InMemoryDataset | MapStyleDataset | None = None
 
     # -- data -------------------------------------------------------------------------------
-    def dataset(self) -> InMemoryDataset:
-        """The configured dataset object (not loaded yet)."""
+    def dataset(self) -> InMemoryDataset | MapStyleDataset:
+        """The configured dataset object (not loaded yet).
+
+        ``data.name`` names a dltemplate dataset (an :class:`InMemoryDataset`: ``describe`` and
+        ``load``) or any map-style ``torch.utils.data.Dataset``, which is read sample by sample
+        (see :mod:`dltemplate.data.samples`); ``data.test_args`` then builds its test split.
+        """
         if self._dataset is None:
-            d = self.cfg.data
-            self._dataset = DATASETS.build(
-                d.name, "data.name", root=d.root, download=d.download, **d.args
-            )
+            self._dataset = build_dataset(self.cfg)
         return self._dataset
 
     def data_info(self) -> DataInfo:
@@ -206,6 +209,39 @@ class Task:
         values are printed as they are.
         """
         return []
+
+
+def build_dataset(cfg: Config) -> InMemoryDataset | MapStyleDataset:
+    """The dataset ``data.name`` names, built with ``data.args`` (see :meth:`Task.dataset`)."""
+    d = cfg.data
+    factory = DATASETS.get(d.name, "data.name")
+    if isinstance(factory, type) and issubclass(factory, InMemoryDataset):
+        if d.test_args is not None:
+            raise ConfigError(
+                f"data.test_args: {d.name} is a dltemplate dataset, which finds its own test "
+                "split; data.test_args is for map-style datasets"
+            )
+        return DATASETS.build(d.name, "data.name", root=d.root, download=d.download, **d.args)
+    # Any other dataset gets root and download only if it asks for them.
+    offered = accepted_kwargs(factory, {"root": d.root, "download": d.download})
+    label = f"data.name={d.name}"
+
+    def build(args: dict[str, Any]) -> Any:
+        try:
+            built = DATASETS.build(d.name, "data.name", **{**offered, **args})
+        except OSError as exc:  # its files are missing or unreadable
+            raise DataError(f"{label}: {exc}") from exc
+        if not is_map_style(built):
+            raise ConfigError(
+                f"{label}: built a {type(built).__name__}, which is neither a dltemplate "
+                "dataset (describe/load) nor a map-style torch Dataset (__getitem__ and "
+                "__len__; iterable datasets cannot be split or resumed exactly)"
+            )
+        return built
+
+    dataset = build(d.args)
+    test = None if d.test_args is None else build({**d.args, **d.test_args})
+    return MapStyleDataset(dataset, test, label, cfg.experiment.seed)
 
 
 def make_task(cfg: Config) -> Task:

@@ -570,6 +570,9 @@ class TrainerBase(ResumeMixin):
         if getattr(self, "writer", None) is not None:
             self.writer.close()
             self.writer = None
+        for name in ("train_loader", "val_loader", "test_loader"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()  # DataLoader workers, if any
         # Free the DDP wrapper while the process group lives: freed after it, its last hold on
         # gloo can deadlock at exit (the GIL against gloo's worker thread).
         if isinstance(getattr(self, "train_model", None), DistributedDataParallel):

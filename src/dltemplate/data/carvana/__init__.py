@@ -19,7 +19,10 @@ import json
 import logging
 from pathlib import Path
 
-from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
+import torch
+from torch.utils.data import Dataset
+
+from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit, check_mode
 from dltemplate.data.carvana.decode import (
     PIL_ERRORS,
     Decoded,
@@ -30,6 +33,7 @@ from dltemplate.data.carvana.decode import (
 )
 from dltemplate.data.carvana.layout import CarvanaLayout, Pair, car_id
 from dltemplate.data.image_cache import ArrayCache, Cached, tensor_view
+from dltemplate.data.samples import SampleSplit
 from dltemplate.errors import ConfigError, DataError
 from dltemplate.registry import DATASETS
 
@@ -53,7 +57,8 @@ class Carvana(InMemoryDataset):
     (``[height, width]``) wins over it. ``hq`` reads ``train_hq/``. ``skip_bad`` skips pairs that
     are missing, corrupt or mismatched (with one warning) instead of failing. ``cache_dir``
     (default ``<root>/.dltemplate_cache``) holds the decoded arrays; ``workers`` processes
-    decode the first pass (0: up to 4, one per CPU; 1: in this process).
+    decode the first pass (0: up to 4, one per CPU; 1: in this process). ``mode``: ``cache``
+    (decode once into the cache, mapped) or ``files`` (decode every epoch, in the loader).
     """
 
     def __init__(
@@ -66,8 +71,11 @@ class Carvana(InMemoryDataset):
         skip_bad: bool = False,
         cache_dir: str | None = None,
         workers: int = 0,
+        mode: str = "cache",
     ) -> None:
         super().__init__(root, download)
+        check_mode(mode, "Carvana")
+        self.mode = mode
         if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
             raise ConfigError(f"Carvana: scale={scale!r}: must be a positive number or null")
         if size is not None and (
@@ -99,13 +107,26 @@ class Carvana(InMemoryDataset):
             std=STD,
         )
 
-    def load(self) -> tuple[TensorSplit, TensorSplit | None]:
+    def load(self) -> tuple[TensorSplit | SampleSplit, None]:
         """Every pair in name order: images uint8 ``[N, 3, h, w]``, masks uint8 ``[N, 1, h, w]``
-        (0/1), grouped by car id. There is no official test split (Kaggle's has no masks)."""
+        (0/1), grouped by car id. There is no official test split (Kaggle's has no masks).
+
+        ``mode: cache`` decodes once into the mapped cache; ``mode: files`` returns a
+        :class:`~dltemplate.data.samples.SampleSplit` that decodes each pair when it is read,
+        every epoch, in ``data.num_workers`` workers (a pair that fails then stops the run
+        naming its file, even with ``skip_bad``, which skips only missing pairs then)."""
         pairs, orphans = self.layout.scan()
         if (self.root_path / "SYNTHETIC_README.txt").exists():  # say so wherever it is used
             log.info("%s is SYNTHETIC sample data (make-sample-data), not Kaggle's", self.root_path)
         size = self._output_size(pairs)
+        if self.mode == "files":  # decoded by the loader, sample by sample, every epoch
+            self.layout.warn_skipped(orphans, len(pairs) + len(orphans))
+            if not pairs:
+                raise DataError(f"Carvana: no usable image/mask pair in {self.layout.image_dir}")
+            files = CarvanaFiles(pairs, size)
+            names = [image.name for image, _ in pairs]
+            groups = [car_id(image.stem) for image, _ in pairs]
+            return SampleSplit(files, groups=groups, names=names, label="Carvana"), None
         cache = self._cache(pairs, size)
         decoded = self._read_cache(cache, size)
         cold = decoded is None
@@ -191,3 +212,19 @@ class Carvana(InMemoryDataset):
         )
         # decode_pair is looked up here, at call time, so that a test can replace it.
         return decode_all(pairs, size, workers, keep_going=self.skip_bad, decode=decode_pair)
+
+
+class CarvanaFiles(Dataset):
+    """Carvana's pairs decoded one at a time (``mode: files``): sample i is pair i as uint8
+    tensors, image ``[3, h, w]`` and mask ``[1, h, w]`` (0/1)."""
+
+    def __init__(self, pairs: list[Pair], size: tuple[int, int]) -> None:
+        self.pairs = [(str(image), str(mask)) for image, mask in pairs]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = decode_pair(*self.pairs[i], self.size)
+        return torch.from_numpy(image), torch.from_numpy(mask)
