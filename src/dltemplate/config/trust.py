@@ -29,7 +29,8 @@ _NAME_KEYS = (
 
 def code_references(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     """``(key, value)`` for each entry of a raw (unvalidated) config that would import code:
-    module paths (``package.module:Name``) in registry names, trainer metrics and callbacks,
+    module paths (``package.module:Name``) in registry names, trainer metrics, data
+    transforms and callbacks,
     every ``experiment.imports`` module and any ``experiment.trainer``. Entries of the wrong
     shape are skipped: validating the config rejects them before anything is built."""
 
@@ -51,6 +52,12 @@ def code_references(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     for i, value in enumerate(metrics if isinstance(metrics, list) else []):
         if _is_path(value):
             yield f"trainer.metrics[{i}]", value
+    for key in ("train_transform", "eval_transform"):
+        transforms = section("data").get(key)
+        for i, item in enumerate(transforms if isinstance(transforms, list) else []):
+            value = item.get("name") if isinstance(item, Mapping) else item
+            if _is_path(value):
+                yield f"data.{key}[{i}].name", value
     callbacks = raw.get("callbacks")
     for i, item in enumerate(callbacks if isinstance(callbacks, list) else []):
         value = item.get("name") if isinstance(item, Mapping) else item

@@ -136,10 +136,19 @@ class _Samples(Dataset):
     """What the DataLoader reads: key ``(epoch, position)`` gives ``(dataset index, (input,
     target))`` of the split's sample at ``position``, seeded and transformed, or a _Failure."""
 
-    def __init__(self, split: SampleSplit, transforms: Sequence[Transform], seed: int) -> None:
+    def __init__(
+        self,
+        split: SampleSplit,
+        transforms: Sequence[Transform],
+        seed: int,
+        reading: torch.Tensor | None = None,
+    ) -> None:
         self.dataset, self.indices = split.dataset, split.indices.tolist()
         self.names, self.label = split.names, split.label
         self.transforms, self.seed = list(transforms), seed
+        # Shared with the training process: the sample each worker is reading now (-1: none),
+        # so that a worker that dies without a word (a crash in C, the OOM killer) is named.
+        self.reading = reading
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -147,7 +156,10 @@ class _Samples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any] | _Failure:
         epoch, position = key
         index = self.indices[position]
-        in_main = get_worker_info() is None
+        worker = get_worker_info()
+        in_main = worker is None
+        if worker is not None and self.reading is not None:
+            self.reading[worker.id] = index
         if in_main:  # keep the training's own random streams as they were
             saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
         seed_globals(sample_seed(self.seed, epoch, index))
@@ -159,7 +171,7 @@ class _Samples(Dataset):
             name = f" ({self.names[position]})" if self.names is not None else ""
             first = (str(exc).strip().splitlines() or [""])[0]
             return _Failure(
-                f"{self.label}: sample {index}{name}: {type(exc).__name__}: {first}",
+                f"sample {index}{name}: {type(exc).__name__}: {first}",
                 traceback.format_exc(),
             )
         finally:
@@ -167,6 +179,8 @@ class _Samples(Dataset):
                 torch.set_rng_state(saved[0])
                 np.random.set_state(saved[1])
                 random.setstate(saved[2])
+            elif self.reading is not None:
+                self.reading[worker.id] = -1
         return index, sample
 
 
@@ -260,7 +274,8 @@ class SampleReader:
         prefetch_factor: int = 2,
     ) -> None:
         self.split = split
-        self.samples = _Samples(split, transforms, seed)
+        self.reading = torch.full((max(num_workers, 1),), -1, dtype=torch.long).share_memory_()
+        self.samples = _Samples(split, transforms, seed, self.reading if num_workers else None)
         self.seed, self.rank = seed, rank
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
@@ -285,6 +300,9 @@ class SampleReader:
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.pin_memory,
+            # Its own generator: a DataLoader draws a base seed at every epoch, which from the
+            # global generator would shift the training's dropout and augmentation draws.
+            generator=torch.Generator().manual_seed(_mix(self.seed, self.rank) >> 1),
             **extra,
         )
         return self._loader
@@ -293,28 +311,38 @@ class SampleReader:
         """The batches of ``planned`` (positions in the split, global batch size), in order."""
         self.plan.batches = [[(epoch, p) for p in idx.tolist()] for idx, _ in planned]
         loader = self._dataloader(epoch)
+        # The DataLoader would install a SIGCHLD handler that raises a dead worker's error
+        # wherever the training process happens to be (inside a callback, a checkpoint write).
+        # Without it, the error comes from next() below, after at most a few seconds.
+        sigchld = signal.getsignal(signal.SIGCHLD)
         it = iter(loader)
+        if signal.getsignal(signal.SIGCHLD) is not sigchld:
+            signal.signal(signal.SIGCHLD, sigchld)
         for idx, global_size in planned:
             try:
                 got = next(it)
             except StopIteration:
                 return
-            except RuntimeError as exc:
-                if "DataLoader worker" not in str(exc):
+            except (RuntimeError, ConnectionError, EOFError) as exc:
+                # A dead worker: torch's own error, or a pipe it broke while sending a batch.
+                if isinstance(exc, RuntimeError) and "DataLoader worker" not in str(exc):
                     raise
-                samples = [self.samples.indices[p] for p in idx.tolist()]
-                first_line = str(exc).strip().splitlines()[0]
-                raise DataError(
-                    f"{self.split.label}: a DataLoader worker died while reading a batch "
-                    f"(the batch waited for holds samples {samples[:8]}"
-                    f"{'...' if len(samples) > 8 else ''}): {first_line}"
-                ) from exc
+                raise self._worker_died(exc) from exc
             if isinstance(got, _Failure):
                 if got.detail:
                     log.debug("%s", got.detail)
-                raise DataError(got.message)
+                raise DataError(f"{self.split.label}: {got.message}")
             _, (inputs, targets) = got
             yield Batch(inputs, targets, global_size or len(idx))
+
+    def _worker_died(self, exc: Exception) -> DataError:
+        """The error of a worker that died while reading: it names the samples that workers
+        were reading at that moment (the dead worker's among them)."""
+        reading = sorted({i for i in self.reading.tolist() if i >= 0})
+        what = f"while reading sample {', '.join(map(str, reading))}" if reading else ""
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        self.close()  # the other workers are of no more use
+        return DataError(f"{self.split.label}: a DataLoader worker died {what} ({first_line})")
 
     def close(self) -> None:
         """Shut the workers down (they are also shut down when the reader is collected)."""
@@ -356,7 +384,7 @@ class MapStyleDataset:
         _check_length(self.dataset, self.label)
         got = _Samples(SampleSplit(self.dataset, label=self.label), (), self.seed)[(0, 0)]
         if isinstance(got, _Failure):
-            raise DataError(got.message)
+            raise DataError(f"{self.label}: {got.message}")
         x, y = got[1]
         if _shape(x) is None:
             raise DataError(

@@ -121,7 +121,11 @@ def build_transforms(specs: list[Any], key: str) -> list[Transform]:
             raise ConfigError(f"{where}.args={args!r}: must be a mapping")
         factory = TRANSFORMS.get(spec["name"], where)
         if isinstance(factory, type):  # a class: built with the args
-            transform = TRANSFORMS.build(spec["name"], where, **args)
+            try:
+                transform = TRANSFORMS.build(spec["name"], where, **args)
+            except ConfigError as exc:
+                message = str(exc)
+                raise ConfigError(message if where in message else f"{where}: {message}") from exc
         elif callable(factory):  # a function (input, target, **args)
             transform = functools.partial(factory, **args) if args else factory
         else:
