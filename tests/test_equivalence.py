@@ -137,6 +137,24 @@ def test_two_processes_match_one_with_a_short_odd_last_batch(tmp_path):
         assert test["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
 
 
+@pytest.mark.slow  # ~30 s; tests/test_samples.py checks the batches of 2 ranks == 1 in-process
+def test_a_map_style_dataset_with_workers_on_two_processes_matches_one(tmp_path, monkeypatch):
+    """A map-style dataset with random per-sample noise and transforms, read by 2 workers per
+    process: 2 processes x 16 take the steps of 1 process x 32 reading in-process."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), *sys.path]))
+    common = [*SMALL, *PLAIN, *MLP, "trainer.epochs=2", "data.name=toy_datasets:DigitSamples",
+              "data.train_transform=[hflip, {name: random_crop, args: {padding: 1}}]"]  # fmt: skip
+    one, metrics = train_here(tmp_path / "one", *common, f"data.batch_size={B}")
+    assert len(one.data.train) == SMALL_LEN
+    reference = checkpoint(one.run_dir)
+    run = torchrun(tmp_path / "ddp", *common, "data.batch_size=16", "data.num_workers=2")
+    diff = max_diff(reference["model"], checkpoint(run)["model"])
+    print(f"map-style, 2 workers, ddp: max |dw| = {diff:.3g}")
+    assert diff <= 1e-5, f"max |dw| = {diff:.3g}"
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["accuracy"] == metrics["accuracy"]
+
+
 @pytest.mark.slow  # ~15 s; tests/test_sync_batchnorm.py checks the layer on 2 processes
 def test_sync_batchnorm_makes_two_processes_match_one(tmp_path):
     """With trainer.sync_batchnorm, SmallCNN on 2 processes x 16 equals 1 process x 32, weights

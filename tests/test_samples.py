@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,21 @@ def test_bad_datasets_stop_with_one_line(name, workers, message, cli, tmp_path, 
     assert f"data.name=toy_datasets:{name}" in errors[0]
     if name in ("Empty", "Unlabelled", "Stream"):  # found before the run starts
         assert not out.exists() or not any(out.iterdir())
+
+
+# -- the README's example -------------------------------------------------------------------
+def test_any_dataset_as_the_readme_shows(cli, tmp_path, monkeypatch):
+    from conftest import readme_block
+
+    (tmp_path / "my_dataset.py").write_text(readme_block("# my_dataset.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = "dltemplate train configs/digits_mlp.yaml data.name=my_dataset:Noisy"
+    command = shlex.split(readme_block(first).replace("\\\n", " "))[1:]
+    assert command[1] == "configs/digits_mlp.yaml"
+    out = tmp_path / "out"
+    assert cli(command[0], DIGITS, *command[2:], f"experiment.output_dir={out}",
+               "trainer.epochs=3") == 0  # fmt: skip
+    (run,) = run_dirs(out)
+    assert json.loads((run / "test_metrics.json").read_text())["accuracy"] > 0.9
+    saved = json.loads(next(run.glob("config_*.json")).read_text())["data"]
+    assert saved["num_workers"] == 2 and saved["train_transform"][0] == "vflip"

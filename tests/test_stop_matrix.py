@@ -43,6 +43,11 @@ CONFIGS = {
     "accumulation": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=8",
                      "trainer.grad_accum_steps=3", "scheduler.name=cosine",
                      "callbacks=[{name: ema, args: {decay: 0.9}}]"],
+    # a map-style Dataset (random noise per sample) with per-sample transforms, read by 2
+    # DataLoader workers: the sampler position and every random draw must resume exactly
+    "workers": [str(DIGITS), *SMALL_DIGITS, "data.batch_size=16", "scheduler.name=onecycle",
+                "data.name=toy_datasets:DigitSamples", "data.num_workers=2",
+                "data.train_transform=[hflip, {name: random_crop, args: {padding: 1}}]"],
 }  # fmt: skip
 # The stop comes at the NTH occurrence of the point after the first epoch ended.
 NTH = {"validation": 1, "final_test": 1, "epoch_end": 1, "checkpoint_write": 1}
@@ -61,6 +66,13 @@ def no_curves(monkeypatch):
     from dltemplate.engine import rundir
 
     monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+
+
+@pytest.fixture(autouse=True)
+def tests_importable(monkeypatch):
+    """The map-style dataset of the "workers" cells lives in tests/toy_datasets.py; stops by
+    SIGKILL and torchrun run in fresh processes."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), *sys.path]))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +119,8 @@ def stop_and_resume(name: str, args: list[str], point: str, way: str, out: Path)
             undo()
         assert code == EXIT[way]
     (run,) = run_dirs(out)
-    assert main(["resume", str(run)]) == 0
+    trust = ["--trust-code"] if name == "workers" else []  # it names toy_datasets:...
+    assert main(["resume", str(run), *trust]) == 0
     assert run_dirs(out) == [run]
     assert not list(run.glob(".*.tmp")), "temporary files left behind"
     return run
@@ -138,6 +151,9 @@ def test_every_point_is_exact(point, tmp_path, tmp_path_factory):
         ("accumulation", "epoch_end", "exception"),
         ("segmentation", "after_forward", "exception"),
         ("segmentation", "after_backward", "sigterm"),
+        ("workers", "after_forward", "exception"),
+        ("workers", "inside_optimizer_step", "sigint"),
+        ("workers", "validation", "sigterm"),
     ],
 )
 def test_sample_of_other_cells_is_exact(name, point, way, tmp_path, tmp_path_factory, carvana):
@@ -147,7 +163,7 @@ def test_sample_of_other_cells_is_exact(name, point, way, tmp_path, tmp_path_fac
 @pytest.mark.slow
 @pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("name", ["dropout_onecycle", "accumulation", "segmentation"])
+@pytest.mark.parametrize("name", ["dropout_onecycle", "accumulation", "segmentation", "workers"])
 def test_campaign(name, point, way, tmp_path, tmp_path_factory, carvana):
     check_cell(name, point, way, tmp_path, tmp_path_factory, carvana)
 

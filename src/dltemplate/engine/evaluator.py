@@ -143,7 +143,10 @@ class EvaluatorBase:
 
         if viz_dir is not None:
             viz_dir.mkdir(parents=True, exist_ok=True)
-        metrics = self.evaluation.run(self.model, loader, on_batch=per_batch)
+        try:
+            metrics = self.evaluation.run(self.model, loader, on_batch=per_batch)
+        finally:
+            loader.close()  # its DataLoader workers, if any
         report = {
             "checkpoint": str(self.checkpoint_path),
             "split": split,
