@@ -16,6 +16,7 @@ from conftest import mapped_file
 from PIL import Image, ImageFile
 
 from dltemplate.data import carvana
+from dltemplate.data.base import TensorSplit
 from dltemplate.data.carvana import Carvana, decode_pair
 from dltemplate.data.sample_carvana import make_sample_carvana
 from dltemplate.errors import ConfigError, DataError, UsageError
@@ -165,16 +166,33 @@ def test_second_load_reads_the_cache(root, monkeypatch):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
-def test_warm_load_maps_the_cache_instead_of_copying_it(root):
+def test_loads_map_the_cache_instead_of_copying_it(root):
     """The cached arrays are read in place (shared through the page cache), not copied into
-    each process: the tensors' memory is the mapped cache file."""
+    each process: the tensors' memory is the mapped cache file. The cold pass decodes straight
+    into that file, so it holds no private copy either, and leaves no temporary file."""
     cold, _ = Carvana(str(root), scale=0.5, workers=1).load()
-    assert mapped_file(cold.inputs) is None  # just decoded: ordinary memory
-    warm, _ = Carvana(str(root), scale=0.5, workers=1).load()
     (images,) = cache_files(root, ".images.npy")
     (masks,) = cache_files(root, ".masks.npy")
+    assert mapped_file(cold.source_inputs) == str(images)
+    assert mapped_file(cold.source_targets) == str(masks)
+    assert not list((root / ".dltemplate_cache").glob(".*"))
+    warm, _ = Carvana(str(root), scale=0.5, workers=1).load()
     assert mapped_file(warm.inputs) == str(images) and mapped_file(warm.targets) == str(masks)
     assert torch.equal(cold.inputs, warm.inputs) and torch.equal(cold.targets, warm.targets)
+
+
+def test_a_cold_pass_cut_short_leaves_a_file_the_next_one_removes(root, monkeypatch):
+    """A cold pass killed mid-way leaves its half-filled temporary file; the next cold pass
+    (another process) removes it and builds the cache."""
+    folder = root / ".dltemplate_cache"
+    folder.mkdir()
+    dead = 2**22 + 12345  # beyond Linux's default pid_max: no such process
+    left = folder / f".carvana-std-32x48-0123456789abcdef.images.npy.{dead}.decoding.tmp"
+    left.write_bytes(b"half")
+    alive = folder / f".carvana-std-32x48-0123456789abcdef.images.npy.{os.getpid()}.decoding.tmp"
+    alive.write_bytes(b"busy")  # another process still decoding: left alone
+    split, _ = Carvana(str(root), scale=0.5, workers=1).load()
+    assert len(split) == N and not left.exists() and alive.exists()
 
 
 def test_cache_dir_is_used(root, tmp_path, monkeypatch):
@@ -206,7 +224,11 @@ def test_touching_an_image_invalidates_the_cache(root, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "meta", "missing"])
 def test_corrupt_cache_is_detected_and_rebuilt(root, logged, monkeypatch, damage):
-    first, _ = Carvana(str(root), scale=0.5, workers=1).load()
+    loaded, _ = Carvana(str(root), scale=0.5, workers=1).load()
+    # A copy: what was loaded maps the cache file that is damaged below, in place (a rebuild
+    # replaces files by renaming, which leaves maps alone; damage in place does not).
+    first = TensorSplit(loaded.inputs.clone(), loaded.targets.clone())
+    del loaded
     images_npy = next(p for p in cache_files(root, ".npy") if ".images." in p.name)
     if damage == "truncate":
         truncate(images_npy)

@@ -99,18 +99,61 @@ class ArrayCache:
             return None
         return cached
 
+    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """Arrays (uint8) to decode into, one per kind: ``.npy`` files of the cache folder
+        mapped writable, under temporary names, so that a cold pass keeps nothing in private
+        memory and :meth:`write` only renames them. Where the folder is unwritable or the
+        disk too small, ordinary in-memory arrays instead (``write`` then warns)."""
+        self._remove_orphans()
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for kind, shape in shapes.items():
+                tmp = self._allocated_path(kind)
+                arrays[kind] = _allocate_npy(tmp, shape)
+        except OSError as exc:
+            log.info("%s: decoding in memory (%s)", self.label, exc)
+            self._discard_allocated()
+            return {kind: np.empty(shape, np.uint8) for kind, shape in shapes.items()}
+        self._allocated = {kind: (self._allocated_path(kind), a) for kind, a in arrays.items()}
+        return arrays
+
+    def _allocated_path(self, kind: str) -> Path:
+        # Not atomic_write's temporary name: a copy made by write() must not truncate it.
+        return self.folder / f".{self.array_path(kind).name}.{os.getpid()}.decoding.tmp"
+
+    def _discard_allocated(self) -> None:
+        for path, _ in getattr(self, "_allocated", {}).values():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._allocated = {}
+
+    def _remove_orphans(self) -> None:
+        """Remove temporary files of this family left by processes that no longer run."""
+        for tmp in self.folder.glob(f".{self.family}*.decoding.tmp"):
+            pid = tmp.name.rsplit(".", 3)[-3]
+            if pid.isdigit() and not _running(int(pid)):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
     def write(self, arrays: Mapping[str, np.ndarray], fields: Mapping[str, Any]) -> None:
         """Save ``arrays`` and the JSON-able ``fields``, then remove the family's stale entries;
-        an unwritable folder only logs a warning."""
+        an unwritable folder only logs a warning. An array of :meth:`allocate` that was filled
+        whole is renamed into place, not copied."""
         clash = set(fields) & (set(arrays) | set(_RESERVED))
         if clash:
             raise ValueError(f"cache fields {sorted(clash)} clash with array kinds or meta keys")
+        allocated = getattr(self, "_allocated", {})
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             meta: dict[str, Any] = {"version": FORMAT_VERSION, "key": self.key}
             for kind, array in arrays.items():
                 path = self.array_path(kind)
-                crc = _write_with_crc(path, lambda f, a=array: np.save(f, a))
+                tmp, whole = allocated.get(kind, (None, None))
+                if tmp is not None and array.shape == whole.shape:
+                    crc = _commit_allocated(tmp, whole, path)
+                else:
+                    crc = _write_with_crc(path, lambda f, a=array: np.save(f, a))
                 meta[kind] = {
                     "file": path.name,
                     "shape": list(array.shape),
@@ -128,11 +171,54 @@ class ArrayCache:
                 exc,
             )
             return
+        finally:
+            self._discard_allocated()  # the ones not renamed (still mapped: their data lives)
         # Same family but another key: made stale by a change of the files.
         for old in self.folder.glob(f"{self.family}*"):
             if not old.name.startswith(self.stem):
                 with contextlib.suppress(OSError):
                     old.unlink()
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (this user's or another's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _allocate_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A new uint8 ``.npy`` file at ``path`` of ``shape``, its space reserved on disk first (a
+    full disk is an OSError now, not a SIGBUS while writing through the map), mapped writable."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}
+    )
+    offset = len(header.getvalue())
+    size = offset + math.prod(shape)
+    with open(path, "wb+") as f:
+        f.write(header.getvalue())
+        if hasattr(os, "posix_fallocate") and size > offset:
+            os.posix_fallocate(f.fileno(), 0, size)
+        f.truncate(size)
+    return np.memmap(path, np.uint8, mode="r+", offset=offset, shape=tuple(shape))
+
+
+def _commit_allocated(tmp: Path, array: np.ndarray, path: Path) -> int:
+    """Flush the filled map of ``tmp`` to disk and rename it to ``path``; its CRC32."""
+    if isinstance(array, np.memmap):
+        array.flush()
+    crc = 0
+    with open(tmp, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return crc
 
 
 class _CrcWriter:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit, check_mode
-from dltemplate.data.carvana.decode import PIL_ERRORS, strict_truncation, worker_count
+from dltemplate.data.carvana.decode import PIL_ERRORS, Allocate, strict_truncation, worker_count
 from dltemplate.data.image_cache import ArrayCache, Cached, tensor_view
 from dltemplate.data.samples import SampleSplit
 from dltemplate.errors import ConfigError, DataError
@@ -92,12 +92,19 @@ def _decode_job(job: tuple[str, tuple[int, int], bool]) -> np.ndarray | str:
 
 
 def decode_all(
-    files: list[Path], size: tuple[int, int], grayscale: bool, workers: int, keep_going: bool
+    files: list[Path],
+    size: tuple[int, int],
+    grayscale: bool,
+    workers: int,
+    keep_going: bool,
+    allocate: Allocate | None = None,
 ) -> Decoded:
     """Decode ``files`` in ``workers`` processes (1: in this one). Without ``keep_going`` the
-    first failure ends the decoding."""
+    first failure ends the decoding. ``allocate`` makes the output array from its shape
+    (``{"images": shape}``), e.g. a mapped cache file; default: in memory."""
     channels = 1 if grayscale else 3
-    images = np.empty((len(files), channels, *size), np.uint8)
+    shape = (len(files), channels, *size)
+    images = allocate({"images": shape})["images"] if allocate else np.empty(shape, np.uint8)
     kept: list[int] = []
     failed: list[str] = []
     jobs = [(str(path), size, grayscale) for path in files]
@@ -268,7 +275,7 @@ class ImageFolder(InMemoryDataset):
         decoded = self._read_cache(cache, len(files))
         cold = decoded is None
         if decoded is None:
-            decoded = self._decode(files)
+            decoded = self._decode(files, cache)
         if decoded.failed and not self.skip_bad:  # from the cache too: as decoding would say
             raise DataError(f"{decoded.failed[0]}; skip_bad=True skips such files")
         if cold:  # with skip_bad, failures are cached with the arrays
@@ -357,8 +364,9 @@ class ImageFolder(InMemoryDataset):
         fields = cached.fields
         return Decoded(cached.arrays["images"], fields["kept"], fields["failed"])
 
-    def _decode(self, files: list[Path]) -> Decoded:
-        """Decode every file, in worker processes when ``workers`` allows more than one."""
+    def _decode(self, files: list[Path], cache: ArrayCache) -> Decoded:
+        """Decode every file, in worker processes when ``workers`` allows more than one,
+        straight into the cache's file (mapped: the cold pass holds no private copy)."""
         workers = worker_count(self.workers, len(files))
         log.info(
             "image_folder: decoding %d images to %dx%d (H x W) in %d process(es); "
@@ -368,7 +376,14 @@ class ImageFolder(InMemoryDataset):
             workers,
             self.cache_dir,
         )
-        return decode_all(files, self.size, self.grayscale, workers, keep_going=self.skip_bad)
+        return decode_all(
+            files,
+            self.size,
+            self.grayscale,
+            workers,
+            keep_going=self.skip_bad,
+            allocate=cache.allocate,
+        )
 
     @staticmethod
     def _warn_skipped(failed: list[str], total: int) -> None:

@@ -131,7 +131,7 @@ class Carvana(InMemoryDataset):
         decoded = self._read_cache(cache, size)
         cold = decoded is None
         if decoded is None:
-            decoded = self._decode(pairs, size)
+            decoded = self._decode(pairs, size, cache)
         if decoded.failed and not self.skip_bad:  # from the cache too: as decoding would say
             raise DataError(self.layout.with_hint(decoded.failed[0]))
         if cold:  # with skip_bad, failures are cached with the arrays
@@ -199,8 +199,9 @@ class Carvana(InMemoryDataset):
         arrays, fields = cached.arrays, cached.fields
         return Decoded(arrays["images"], arrays["masks"], fields["names"], fields["failed"])
 
-    def _decode(self, pairs: list[Pair], size: tuple[int, int]) -> Decoded:
-        """Decode every pair, in worker processes when ``workers`` allows more than one."""
+    def _decode(self, pairs: list[Pair], size: tuple[int, int], cache: ArrayCache) -> Decoded:
+        """Decode every pair, in worker processes when ``workers`` allows more than one,
+        straight into the cache's files (mapped: the cold pass holds no private copy)."""
         workers = worker_count(self.workers, len(pairs))
         log.info(
             "Carvana: decoding %d image/mask pairs to %dx%d (H x W) in %d process(es); "
@@ -211,7 +212,14 @@ class Carvana(InMemoryDataset):
             self.cache_dir,
         )
         # decode_pair is looked up here, at call time, so that a test can replace it.
-        return decode_all(pairs, size, workers, keep_going=self.skip_bad, decode=decode_pair)
+        return decode_all(
+            pairs,
+            size,
+            workers,
+            keep_going=self.skip_bad,
+            decode=decode_pair,
+            allocate=cache.allocate,
+        )
 
 
 class CarvanaFiles(Dataset):

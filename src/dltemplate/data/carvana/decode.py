@@ -25,6 +25,7 @@ PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises on 
 MAX_AUTO_WORKERS = 4  # workers=0 uses up to this many processes, one per CPU
 
 DecodeFn = Callable[[str | Path, str | Path, tuple[int, int]], tuple[np.ndarray, np.ndarray]]
+Allocate = Callable[[dict[str, tuple[int, ...]]], dict[str, np.ndarray]]
 
 
 @contextlib.contextmanager
@@ -120,13 +121,18 @@ def decode_all(
     workers: int,
     keep_going: bool,
     decode: DecodeFn = decode_pair,
+    allocate: Allocate | None = None,
 ) -> Decoded:
     """Decode every pair with ``decode`` (``decode_pair``) in ``workers`` processes (1: in this
     one). A pair that fails is listed in ``failed``; without ``keep_going`` the first failure
-    ends the decoding, and the result holds what was decoded before it."""
+    ends the decoding, and the result holds what was decoded before it.
+
+    ``allocate`` makes the output arrays from their shapes (``{"images": ..., "masks": ...}``),
+    e.g. mapped cache files (``ArrayCache.allocate``); default: in memory."""
     n, (h, w) = len(pairs), size
-    images = np.empty((n, 3, h, w), np.uint8)
-    masks = np.empty((n, 1, h, w), np.uint8)
+    shapes = {"images": (n, 3, h, w), "masks": (n, 1, h, w)}
+    out = allocate(shapes) if allocate else {k: np.empty(v, np.uint8) for k, v in shapes.items()}
+    images, masks = out["images"], out["masks"]
     names: list[str] = []
     failed: list[str] = []
     jobs = [(str(image), str(mask), size) for image, mask in pairs]
