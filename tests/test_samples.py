@@ -288,3 +288,44 @@ def test_any_dataset_as_the_readme_shows(cli, tmp_path, monkeypatch):
     assert json.loads((run / "test_metrics.json").read_text())["accuracy"] > 0.9
     saved = json.loads(next(run.glob("config_*.json")).read_text())["data"]
     assert saved["num_workers"] == 2 and saved["train_transform"][0] == "vflip"
+
+
+# -- Ctrl-C reaches the workers too -----------------------------------------------------------
+@pytest.mark.slow  # ~20 s: two fresh processes
+def test_ctrl_c_to_the_process_group_stops_at_a_safe_point_with_workers(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to every process of the group, DataLoader workers
+    included: they ignore it, the training process stops at its next step boundary (exit 130,
+    interrupt checkpoint) and shuts them down; resume then finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), *sys.path])}
+    args = [*MAP_STYLE, "data.num_workers=2", "trainer.epochs=200", f"experiment.output_dir={out}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dltemplate", "train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job would be
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*/metrics.csv")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    (run,) = run_dirs(out)
+    assert (run / "Vanilla_interrupt_ckpt.pth").exists()
+    assert "DataLoader worker" not in err
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dltemplate", "resume", str(run), "--trust-code",
+         "trainer.epochs=3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
