@@ -44,36 +44,36 @@ def _check_probability(p: float, name: str) -> None:
         raise ConfigError(f"transform {name}: p={p!r}: must be a number in [0, 1]")
 
 
-@TRANSFORMS.register("hflip")
-class HFlip:
-    """Flip left-right with probability ``p`` (the target too, when it is a mask)."""
+class _Flip:
+    """Flip along ``dim`` with probability ``p`` (the target too, when it is a mask)."""
+
+    dim = -1
+    name = "flip"
 
     def __init__(self, p: float = 0.5) -> None:
-        _check_probability(p, "hflip")
+        _check_probability(p, self.name)
         self.p = p
 
     def __call__(self, input: torch.Tensor, target: Any) -> tuple[torch.Tensor, Any]:
         if torch.rand(()) < self.p:
             if _spatial(input, target):
-                target = target.flip(-1)
-            input = input.flip(-1)
+                target = target.flip(self.dim)
+            input = input.flip(self.dim)
         return input, target
+
+
+@TRANSFORMS.register("hflip")
+class HFlip(_Flip):
+    """Flip left-right with probability ``p`` (the target too, when it is a mask)."""
+
+    dim, name = -1, "hflip"
 
 
 @TRANSFORMS.register("vflip")
-class VFlip:
+class VFlip(_Flip):
     """Flip upside down with probability ``p`` (the target too, when it is a mask)."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        _check_probability(p, "vflip")
-        self.p = p
-
-    def __call__(self, input: torch.Tensor, target: Any) -> tuple[torch.Tensor, Any]:
-        if torch.rand(()) < self.p:
-            if _spatial(input, target):
-                target = target.flip(-2)
-            input = input.flip(-2)
-        return input, target
+    dim, name = -2, "vflip"
 
 
 @TRANSFORMS.register("random_crop")
