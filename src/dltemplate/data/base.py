@@ -147,7 +147,10 @@ class InMemoryDataset:
 
     Subclasses set ``info`` (or override :meth:`describe`) and implement :meth:`load`,
     which returns the training pool and the dataset's own test split (``None`` if it has none,
-    in which case a test split is carved out of the pool by seed).
+    in which case a test split is carved out of the pool by seed). A split is a
+    :class:`TensorSplit` (tensors in memory or mapped) or, for data read sample by sample, a
+    :class:`~dltemplate.data.samples.SampleSplit` (as image_folder's and Carvana's
+    ``mode: files`` return).
     """
 
     info: DataInfo
