@@ -5,7 +5,8 @@ printed apart and is part of no figure), or reuses ``--data``, then measures at 
 
 - *cold build*: ``Carvana(root, scale, workers=0).load()`` on an empty cache (decoding every
   JPEG/GIF in worker processes, writing the ``.npy`` cache): seconds, pairs/s, the cache's size on
-  disk and the peak RSS of this process meanwhile (the cold pass holds every decoded array);
+  disk and the peak RSS of this process meanwhile (the cold pass decodes into the mapped cache
+  file: its private memory should not grow with the data);
   then a warm load (map + CRC check).
 - *training runs*: ``dltemplate train configs/unet_carvana_half.yaml`` as subprocesses, each with
   the same small UNet (``--base-width``, ``--depth``), the same ``--batches`` training batches per
