@@ -131,6 +131,8 @@ def test_saved_imports_are_refused_and_not_imported(cli, capsys, crafted, comman
         ("trainer", "metrics", ["accuracy", "MOD:metric"], "trainer.metrics[1]="),
         ("callbacks", None, [{"name": "MOD:Callback"}], "callbacks[0].name="),
         ("callbacks", None, ["ema", "MOD:Callback"], "callbacks[1].name="),
+        ("data", "train_transform", ["hflip", "MOD:metric"], "data.train_transform[1].name="),
+        ("data", "eval_transform", [{"name": "MOD:metric"}], "data.eval_transform[0].name="),
     ],
 )
 def test_every_module_path_in_a_saved_config_is_refused(
