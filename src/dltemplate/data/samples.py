@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -281,7 +282,6 @@ class SampleReader:
         self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
         self.plan = _Plan()
         self._loader: DataLoader | None = None
-        self._epoch = 0
 
     def _dataloader(self, epoch: int) -> DataLoader:
         if self._loader is not None and self.persistent_workers:
@@ -314,9 +314,10 @@ class SampleReader:
         # The DataLoader would install a SIGCHLD handler that raises a dead worker's error
         # wherever the training process happens to be (inside a callback, a checkpoint write).
         # Without it, the error comes from next() below, after at most a few seconds.
-        sigchld = signal.getsignal(signal.SIGCHLD)
+        watch = hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread()
+        sigchld = signal.getsignal(signal.SIGCHLD) if watch else None
         it = iter(loader)
-        if signal.getsignal(signal.SIGCHLD) is not sigchld:
+        if watch and signal.getsignal(signal.SIGCHLD) is not sigchld:
             signal.signal(signal.SIGCHLD, sigchld)
         for idx, global_size in planned:
             try:
