@@ -267,3 +267,24 @@ def test_the_readme_command_runs_on_a_folder_laid_out_as_shown(cli, tmp_path):
     args[1] = str(CONFIG)
     quick = ["data.args.size=[16,16]", "trainer.epochs=1", "model.args.width=8"]
     assert cli(*args, *quick, f"experiment.output_dir={tmp_path / 'out'}") == 0
+
+
+def test_files_mode_skips_unreadable_headers_and_names_files_that_fail_later(root, logged):
+    """``mode: files`` decodes when a sample is read: skip_bad can only leave out files whose
+    header is unreadable (checked once, up front); a file that fails while it is decoded stops
+    the reading with its name."""
+    from dltemplate.data.base import IndexLoader
+
+    (root / "green" / "img004.png").write_bytes(b"not an image at all")
+    cut = root / "red" / "img000.png"
+    cut.write_bytes(cut.read_bytes()[:-200])  # its header reads; its pixels stop short
+    strict, _ = ImageFolder(str(root), size=[8, 8], mode="files").load()  # nothing read yet
+    with pytest.raises(DataError, match=r"sample \d+ \(green/img004\.png\)"):
+        list(IndexLoader(strict, 16, training=False))
+    pool, _ = ImageFolder(str(root), size=[8, 8], skip_bad=True, mode="files").load()
+    assert len(pool) == 59 and "green/img004.png" not in pool.names
+    (warning,) = [r.getMessage() for r in logged.records if r.levelno == logging.WARNING]
+    assert "skipped 1 of 60 images" in warning
+    assert not (root / ".dltemplate_cache").exists()  # files mode writes no cache
+    with pytest.raises(DataError, match=r"image_folder: sample \d+ \(red/img000\.png\): "):
+        list(IndexLoader(pool, 16, training=False))

@@ -329,3 +329,14 @@ def test_ctrl_c_to_the_process_group_stops_at_a_safe_point_with_workers(tmp_path
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_evaluation_reads_every_sample_once_over_processes():
+    split = digits_split(21)
+    seen = []
+    for rank in (0, 1):
+        loader = IndexLoader(split, 4, training=False, rank=rank, world_size=2,
+                             read=ReadOptions(num_workers=1))  # fmt: skip
+        seen += [y for b in loader for y in b.targets.tolist()]
+        loader.close()
+    assert sorted(seen) == sorted(split.dataset.labels[:21].tolist())
