@@ -264,7 +264,9 @@ class ReadOptions:
 
 
 class IndexLoader:
-    """Iterates over a :class:`TensorSplit` in batches made by indexing, with no workers.
+    """Iterates over a split in planned batches: a :class:`TensorSplit` is gathered by
+    indexing, in this process; a :class:`~dltemplate.data.samples.SampleSplit` is read sample
+    by sample through a DataLoader (``read``: workers, transforms), the same batches.
 
     Training (``training=True``): every process draws the same permutation from ``seed`` and
     the epoch (or keeps the stored order when ``shuffle=False``), cuts it into *global* batches
@@ -275,7 +277,7 @@ class IndexLoader:
 
     def __init__(
         self,
-        split: TensorSplit,
+        split: Any,  # TensorSplit or SampleSplit
         batch_size: int,
         *,
         training: bool,
