@@ -34,12 +34,44 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import torch
 
+from dltemplate.data.base import InMemoryDataset, check_mode
 from dltemplate.engine.atomic import atomic_write
+from dltemplate.errors import ConfigError
 
 log = logging.getLogger("dltemplate")
 
 FORMAT_VERSION = 1  # of the meta and file layout; the caller's key covers how arrays are made
 _RESERVED = ("version", "key")  # meta fields of the cache itself, not the caller's
+
+
+class CachedImageDataset(InMemoryDataset):
+    """The arguments every dataset of image files shares (Carvana, image_folder): ``skip_bad``
+    (skip unreadable files with one warning instead of failing), ``cache_dir`` (default
+    ``<root>/.dltemplate_cache``: the decoded arrays), ``workers`` (processes of the first
+    decode; 0: up to 4, one per CPU; 1: this one) and ``mode`` (``cache``: decode once into
+    the mapped cache; ``files``: decode every sample when it is read, in the loader's
+    ``data.num_workers`` workers). ``label`` names the dataset in messages."""
+
+    label = "dataset"
+
+    def __init__(
+        self,
+        root: str = "",
+        download: bool = True,
+        skip_bad: bool = False,
+        cache_dir: str | None = None,
+        workers: int = 0,
+        mode: str = "cache",
+    ) -> None:
+        super().__init__(root, download)
+        check_mode(mode, self.label)
+        if not isinstance(skip_bad, bool):
+            raise ConfigError(f"{self.label}: skip_bad={skip_bad!r}: must be true or false")
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise ConfigError(f"{self.label}: workers={workers!r}: must be 0 (automatic) or more")
+        self.skip_bad, self.workers, self.mode = skip_bad, workers, mode
+        self.root_path = Path(root or ".")
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root_path / ".dltemplate_cache"
 
 
 class Cached(NamedTuple):

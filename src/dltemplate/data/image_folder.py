@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit, check_mode
+from dltemplate.data.base import DataInfo, TensorSplit
 from dltemplate.data.carvana.decode import PIL_ERRORS, Allocate, strict_truncation, worker_count
-from dltemplate.data.image_cache import ArrayCache, Cached, tensor_view
+from dltemplate.data.image_cache import ArrayCache, Cached, CachedImageDataset, tensor_view
 from dltemplate.data.samples import SampleSplit
 from dltemplate.errors import ConfigError, DataError
 from dltemplate.registry import DATASETS
@@ -179,7 +179,7 @@ def scan_classes(folder: Path, skip: Iterable[Path] = (), min_classes: int = 2) 
 
 
 @DATASETS.register("image_folder")
-class ImageFolder(InMemoryDataset):
+class ImageFolder(CachedImageDataset):
     """Images in class sub-folders of ``root``, resized to ``size`` (``[height, width]``),
     grey with ``grayscale`` or RGB; ``<root>/test/`` (same classes) is the test split if
     present. ``skip_bad`` skips unreadable images (with one warning) instead of failing.
@@ -188,6 +188,8 @@ class ImageFolder(InMemoryDataset):
     ``mode``: ``cache`` (decode once into the cache, mapped) or ``files`` (decode every epoch,
     in the loader's ``data.num_workers`` workers; no cache is written). Mean and std are 0.5
     per channel (fixed; see :data:`MEAN_STD`)."""
+
+    label = "image_folder"
 
     def __init__(
         self,
@@ -200,9 +202,7 @@ class ImageFolder(InMemoryDataset):
         workers: int = 0,
         mode: str = "cache",
     ) -> None:
-        super().__init__(root, download)
-        check_mode(mode, "image_folder")
-        self.mode = mode
+        super().__init__(root, download, skip_bad, cache_dir, workers, mode)
         size = [64, 64] if size is None else size
         if (
             not isinstance(size, (list, tuple))
@@ -212,17 +212,10 @@ class ImageFolder(InMemoryDataset):
             raise ConfigError(
                 f"image_folder: size={size!r}: must be [height, width], both positive"
             )
-        for key, value in (("grayscale", grayscale), ("skip_bad", skip_bad)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"image_folder: {key}={value!r}: must be true or false")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-            raise ConfigError(f"image_folder: workers={workers!r}: must be 0 (automatic) or more")
+        if not isinstance(grayscale, bool):
+            raise ConfigError(f"image_folder: grayscale={grayscale!r}: must be true or false")
         self.size = (int(size[0]), int(size[1]))
         self.grayscale = grayscale
-        self.skip_bad = skip_bad
-        self.workers = workers
-        self.root_path = Path(root or ".")
-        self.cache_dir = Path(cache_dir) if cache_dir else self.root_path / ".dltemplate_cache"
 
     @property
     def channels(self) -> int:

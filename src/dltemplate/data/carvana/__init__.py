@@ -17,12 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit, check_mode
+from dltemplate.data.base import DataInfo, TensorSplit
 from dltemplate.data.carvana.decode import (
     PIL_ERRORS,
     Decoded,
@@ -32,7 +31,7 @@ from dltemplate.data.carvana.decode import (
     worker_count,
 )
 from dltemplate.data.carvana.layout import CarvanaLayout, Pair, car_id
-from dltemplate.data.image_cache import ArrayCache, Cached, tensor_view
+from dltemplate.data.image_cache import ArrayCache, Cached, CachedImageDataset, tensor_view
 from dltemplate.data.samples import SampleSplit
 from dltemplate.errors import ConfigError, DataError
 from dltemplate.registry import DATASETS
@@ -50,7 +49,7 @@ STD = (0.229, 0.224, 0.225)
 
 
 @DATASETS.register("Carvana")
-class Carvana(InMemoryDataset):
+class Carvana(CachedImageDataset):
     """Carvana car photos with binary car masks (class 1 = car), read from ``root``.
 
     ``scale`` resizes by a factor of the first image's size (``None``: keep it); ``size``
@@ -60,6 +59,8 @@ class Carvana(InMemoryDataset):
     decode the first pass (0: up to 4, one per CPU; 1: in this process). ``mode``: ``cache``
     (decode once into the cache, mapped) or ``files`` (decode every epoch, in the loader).
     """
+
+    label = "Carvana"
 
     def __init__(
         self,
@@ -73,9 +74,7 @@ class Carvana(InMemoryDataset):
         workers: int = 0,
         mode: str = "cache",
     ) -> None:
-        super().__init__(root, download)
-        check_mode(mode, "Carvana")
-        self.mode = mode
+        super().__init__(root, download, skip_bad, cache_dir, workers, mode)
         if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
             raise ConfigError(f"Carvana: scale={scale!r}: must be a positive number or null")
         if size is not None and (
@@ -84,15 +83,9 @@ class Carvana(InMemoryDataset):
             or not all(isinstance(s, int) and s > 0 for s in size)
         ):
             raise ConfigError(f"Carvana: size={size!r}: must be [height, width], both positive")
-        if not isinstance(workers, int) or workers < 0:
-            raise ConfigError(f"Carvana: workers={workers!r}: must be 0 (automatic) or more")
         self.scale = scale
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.hq = hq
-        self.skip_bad = skip_bad
-        self.workers = workers
-        self.root_path = Path(root or ".")
-        self.cache_dir = Path(cache_dir) if cache_dir else self.root_path / ".dltemplate_cache"
         self.layout = CarvanaLayout(self.root_path, hq, skip_bad, download)
 
     def describe(self) -> DataInfo:
