@@ -340,3 +340,17 @@ def test_evaluation_reads_every_sample_once_over_processes():
         seen += [y for b in loader for y in b.targets.tolist()]
         loader.close()
     assert sorted(seen) == sorted(split.dataset.labels[:21].tolist())
+
+
+def test_a_bad_output_dir_stops_before_the_data_is_read(cli, tmp_path, capsys, monkeypatch):
+    """A first decode of a large dataset takes minutes: a wrong output_dir is said first."""
+    from dltemplate.engine.task import Task
+
+    def no_loading(self):
+        raise AssertionError("the data was read before output_dir was checked")
+
+    monkeypatch.setattr(Task, "load_data", no_loading)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert cli("train", *MAP_STYLE, f"experiment.output_dir={blocker / 'runs'}") == 2
+    assert "experiment.output_dir=" in capsys.readouterr().err

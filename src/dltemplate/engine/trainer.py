@@ -43,6 +43,7 @@ from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.restarts import forget_restart_marker
 from dltemplate.engine.resume import ResumeMixin
+from dltemplate.engine.rundir import check_output_dir
 from dltemplate.engine.runlog import format_duration, setup_logging
 from dltemplate.engine.seeding import rng_state, seed_everything
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals, rank_seed
@@ -112,6 +113,8 @@ class TrainerBase(ResumeMixin):
         resume_from = self._find_resume()
         if resume_from is not None and self._is_finished(resume_from[0]):
             return  # nothing to do, nothing to write: fit() says so
+        if resume_from is None and self.dist.is_main:  # before a long first decode of the data
+            check_output_dir(cfg.experiment.output_dir)
         # Rank 0 loads first, so that files are downloaded and decode caches written once.
         if not self.dist.is_main:
             D.barrier()
