@@ -293,3 +293,18 @@ def test_a_file_that_cannot_be_written_is_one_line_exit_1(cli, tmp_path, capsys)
     assert err.startswith("dltemplate: error: ") and str(taken) in err
     assert ".tmp" not in err  # the file meant, not a temporary one
     assert taken.read_text() == "keep me"
+
+
+def test_out_of_memory_while_building_is_not_a_config_error():
+    """A model too large for the device is not a wrong config: it is not reported as one."""
+    import torch
+
+    from dltemplate.engine.build import config_section
+    from dltemplate.errors import ConfigError
+
+    with pytest.raises(torch.OutOfMemoryError):
+        with config_section("model", "UNet", {}):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")
+    with pytest.raises(ConfigError, match=r"model.name=UNet model.args=\{'depth': 9\}: too deep"):
+        with config_section("model", "UNet", {"depth": 9}):
+            raise ValueError("too deep")

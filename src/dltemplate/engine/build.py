@@ -72,6 +72,8 @@ def config_section(section: str, name: str, args: dict[str, Any]) -> Iterator[No
     factory's own TypeError/ValueError/RuntimeError means its config is wrong."""
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise  # the device is too small, the config may be right: not exit status 2
     except (TypeError, ValueError, RuntimeError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ConfigError(f"{section}.name={name} {section}.args={args}: {lines[0]}") from exc
