@@ -354,3 +354,16 @@ def test_a_bad_output_dir_stops_before_the_data_is_read(cli, tmp_path, capsys, m
     blocker.write_text("not a folder")
     assert cli("train", *MAP_STYLE, f"experiment.output_dir={blocker / 'runs'}") == 2
     assert "experiment.output_dir=" in capsys.readouterr().err
+
+
+def test_what_a_dataset_says_of_itself_is_used():
+    import numpy as np
+    from toy_datasets import DigitSamples
+
+    from dltemplate.data.samples import MapStyleDataset
+
+    dataset = DigitSamples(30)
+    dataset.mean, dataset.std = np.array([0.25]), np.array([0.5])  # arrays, as users keep them
+    info = MapStyleDataset(dataset, None, "digits").describe()
+    assert info.input_shape == (1, 8, 8) and info.num_classes == 10
+    assert info.mean == (0.25,) and info.std == (0.5,) and info.class_names[3] == "3"

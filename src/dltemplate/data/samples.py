@@ -408,9 +408,12 @@ class MapStyleDataset:
             )
         channels = shape[0] if len(shape) >= 2 else 1
         uint8 = isinstance(x, torch.Tensor) and x.dtype == torch.uint8
-        mean = getattr(self.dataset, "mean", None) or ((0.5 if uint8 else 0.0),) * channels
-        std = getattr(self.dataset, "std", None) or ((0.5 if uint8 else 1.0),) * channels
-        self._info = DataInfo(shape, max(1, len(names)), names, tuple(mean), tuple(std))
+        mean = getattr(self.dataset, "mean", None)
+        std = getattr(self.dataset, "std", None)
+        mean = ((0.5 if uint8 else 0.0),) * channels if mean is None else mean
+        std = ((0.5 if uint8 else 1.0),) * channels if std is None else std
+        mean, std = (tuple(float(v) for v in values) for values in (mean, std))
+        self._info = DataInfo(shape, max(1, len(names)), names, mean, std)
         return self._info
 
     def load(self) -> tuple[SampleSplit, SampleSplit | None]:
