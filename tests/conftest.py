@@ -16,6 +16,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One quick epoch of the digits demo on a third of the data, for tests that need any run.
+QUICK_DIGITS = [
+    "data.train_val_sample_rate=0.3",
+    "model.args.hidden=[32]",
+    "trainer.epochs=1",
+    "trainer.progress_bar=off",
+]
+
 
 def _idx(array: np.ndarray) -> bytes:
     dims = np.array(array.shape, dtype=">i4").tobytes()

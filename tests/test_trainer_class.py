@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import QUICK_DIGITS as SMALL
 from conftest import REPO, readme_block, run_dirs
 
 import dltemplate
@@ -18,12 +19,6 @@ from dltemplate.engine.trainer import TrainerBase
 from dltemplate.errors import ConfigError
 
 DEMO = REPO / "configs" / "digits_mlp.yaml"
-SMALL = [
-    "data.train_val_sample_rate=0.3",
-    "model.args.hidden=[32]",
-    "trainer.epochs=1",
-    "trainer.progress_bar=off",
-]
 REPORTING = "trainer_pkg.reporting:ReportingTrainer"
 EXTRA = """
 

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import QUICK_DIGITS as SMALL
 from conftest import REPO, run_dirs
 
 import dltemplate
@@ -25,12 +26,6 @@ from dltemplate.engine.checkpoint import load_checkpoint, save_checkpoint
 from dltemplate.errors import ConfigError
 
 DEMO = REPO / "configs" / "digits_mlp.yaml"
-SMALL = [
-    "data.train_val_sample_rate=0.3",
-    "model.args.hidden=[32]",
-    "trainer.epochs=1",
-    "trainer.progress_bar=off",
-]
 
 
 @pytest.fixture(scope="module")
