@@ -83,7 +83,7 @@ def test_a_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path):
 
 
 def test_a_file_that_cannot_be_written_is_named_not_its_temporary_file(tmp_path):
-    from dltemplate.engine.atomic import atomic_write_text
+    from dltemplate.atomic import atomic_write_text
 
     blocker = tmp_path / "a_file"  # a file where a folder should be: nothing can go inside
     blocker.write_text("keep me")

@@ -273,7 +273,7 @@ def test_files_mode_skips_unreadable_headers_and_names_files_that_fail_later(roo
     """``mode: files`` decodes when a sample is read: skip_bad can only leave out files whose
     header is unreadable (checked once, up front); a file that fails while it is decoded stops
     the reading with its name."""
-    from dltemplate.data.base import IndexLoader
+    from dltemplate.data.loader import IndexLoader
 
     (root / "green" / "img004.png").write_bytes(b"not an image at all")
     cut = root / "red" / "img000.png"

@@ -16,7 +16,7 @@ import torch
 
 import dltemplate.engine.checkpoint as ckpt_module
 import dltemplate.engine.rundir as rundir_module
-from dltemplate.engine.atomic import atomic_write_text
+from dltemplate.atomic import atomic_write_text
 from dltemplate.engine.checkpoint import (
     FORMAT,
     content_digest,
@@ -506,7 +506,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_last(
 
     from conftest import REPO, run_dirs
 
-    from dltemplate.engine import atomic
+    from dltemplate import atomic
 
     demo = REPO / "configs" / "digits_mlp.yaml"
     out = tmp_path / "out"

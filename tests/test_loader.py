@@ -7,11 +7,11 @@ import torch
 
 from dltemplate.data.base import (
     DataInfo,
-    IndexLoader,
     InMemoryDataset,
     TensorSplit,
     make_splits,
 )
+from dltemplate.data.loader import IndexLoader
 from dltemplate.errors import ConfigError
 
 

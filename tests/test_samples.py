@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import REPO, assert_identical, mapped_file, run_dirs, run_results
 
-from dltemplate.data.base import IndexLoader, ReadOptions, TensorSplit, concat_splits, make_splits
+from dltemplate.data.base import TensorSplit, concat_splits, make_splits
 from dltemplate.data.carvana import Carvana
+from dltemplate.data.loader import IndexLoader, ReadOptions
 from dltemplate.data.sample_carvana import make_sample_carvana
 from dltemplate.data.samples import SampleSplit, sample_seed
 from dltemplate.data.transforms import HFlip, RandomCrop, build_transforms

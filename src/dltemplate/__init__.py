@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+try:  # one source of truth: the version in pyproject.toml, as installed
+    from importlib.metadata import version as _version
+
+    __version__ = _version("dltemplate")
+except Exception:  # a source tree that was never installed
+    __version__ = "unknown"
 
 _API = ("RunResult", "evaluate", "load_config", "resume", "train", "validate")
 __all__ = ["__version__", *_API]

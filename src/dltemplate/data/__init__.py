@@ -11,13 +11,12 @@ from dltemplate.data.base import (
     Batch,
     DataInfo,
     DataSplits,
-    IndexLoader,
     InMemoryDataset,
-    ReadOptions,
     TensorSplit,
     concat_splits,
     make_splits,
 )
+from dltemplate.data.loader import IndexLoader, ReadOptions
 from dltemplate.data.samples import MapStyleDataset, SampleSplit
 
 __all__ = [

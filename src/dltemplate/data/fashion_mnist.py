@@ -19,8 +19,8 @@ from typing import NoReturn
 import numpy as np
 import torch
 
+from dltemplate.atomic import atomic_write
 from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
-from dltemplate.engine.atomic import atomic_write
 from dltemplate.errors import DataError
 from dltemplate.registry import DATASETS
 

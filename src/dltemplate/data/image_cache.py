@@ -34,8 +34,8 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import torch
 
+from dltemplate.atomic import atomic_write
 from dltemplate.data.base import InMemoryDataset, check_mode
-from dltemplate.engine.atomic import atomic_write
 from dltemplate.errors import ConfigError
 
 log = logging.getLogger("dltemplate")

@@ -7,7 +7,7 @@ its samples: each batch is read by calling ``dataset[i]`` for its samples, in
 per-sample transforms of ``data.train_transform`` or ``data.eval_transform``.
 
 The batches are the same as on the in-memory path, because the same plan
-(:class:`~dltemplate.data.base.IndexLoader`) chooses them: the same global batches on 1 or N
+(:class:`~dltemplate.data.loader.IndexLoader`) chooses them: the same global batches on 1 or N
 processes, every evaluation sample counted once, a resumed epoch starting at its next batch.
 
 **Randomness is per sample, not per worker.** Before reading sample ``i`` in epoch ``e``, the

@@ -11,7 +11,7 @@ from typing import Any
 
 _WHERE = {
     "EvaluatorBase": "dltemplate.engine.evaluator",
-    "Evaluation": "dltemplate.engine.evaluator",
+    "Evaluation": "dltemplate.engine.evaluation",
     "Task": "dltemplate.engine.task",
     "TrainerBase": "dltemplate.engine.trainer",
 }

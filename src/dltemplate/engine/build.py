@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from dltemplate.config import Config
-from dltemplate.data.base import DataInfo, DataSplits, IndexLoader, ReadOptions
+from dltemplate.data.base import DataInfo, DataSplits
+from dltemplate.data.loader import IndexLoader, ReadOptions
 from dltemplate.data.transforms import build_transforms
-from dltemplate.engine.evaluator import Evaluation
+from dltemplate.engine.evaluation import Evaluation
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.sync_batchnorm import convert_sync_batchnorm
 from dltemplate.engine.task import Task

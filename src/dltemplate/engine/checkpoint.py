@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dltemplate.engine.atomic import atomic_write
+from dltemplate.atomic import atomic_write
 from dltemplate.errors import CheckpointError
 
 FORMAT = "dltemplate-checkpoint-v1"

@@ -1,74 +1,26 @@
-"""EvaluatorBase: a trained model on a split, from a checkpoint alone; and the shared eval loop."""
+"""EvaluatorBase: a trained model on a split, from a checkpoint alone."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from dltemplate.atomic import atomic_write_text
 from dltemplate.config import Config, config_from_dict
-from dltemplate.data.base import Batch, DataInfo, DataSplits, IndexLoader, concat_splits
-from dltemplate.engine import distributed as D
-from dltemplate.engine.atomic import atomic_write_text
+from dltemplate.data.base import Batch, DataSplits, concat_splits
+from dltemplate.data.loader import IndexLoader
+from dltemplate.engine.build import build_components, read_options
 from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_model_weights
 from dltemplate.engine.device import select_device
-from dltemplate.engine.meters import AverageMeter
-from dltemplate.engine.precision import Precision
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
 from dltemplate.errors import DataError
-from dltemplate.metrics.base import MetricCollection
 
 log = logging.getLogger("dltemplate")
-
-
-class Evaluation:
-    """The evaluation loop, assembled once from a task, its loss and metrics, and used alike by
-    the trainer (validation, test) and by ``dltemplate eval``."""
-
-    def __init__(
-        self,
-        task: Task,
-        criterion: nn.Module,
-        metrics: MetricCollection,
-        info: DataInfo,
-        device: torch.device,
-        precision: Precision,
-    ) -> None:
-        self.task, self.criterion, self.metrics = task, criterion, metrics
-        self.info, self.device, self.precision = info, device, precision
-
-    @torch.no_grad()
-    def run(
-        self,
-        model: nn.Module,
-        loader: IndexLoader,
-        on_batch: Callable[[int, Batch, Any], None] | None = None,
-    ) -> dict[str, float]:
-        """Mean loss and metrics of ``model`` over ``loader``, reduced across processes (each
-        sample once); ``{}`` for an empty loader. ``on_batch(index, batch, outputs)`` sees
-        every batch (pictures, sample predictions)."""
-        task = self.task
-        model.eval()
-        self.metrics.reset()
-        meter = AverageMeter()
-        for i, batch in enumerate(loader):
-            batch = task.prepare_batch(batch, self.device, self.info)
-            with self.precision.autocast():
-                outputs = task.forward(model, batch)
-                loss = task.compute_loss(self.criterion, outputs, batch)
-            meter.update(loss, len(batch.targets))
-            task.update_metrics(self.metrics, outputs, batch)
-            if on_batch is not None:
-                on_batch(i, batch, outputs)
-        self.metrics.sync(D.all_reduce_sum)
-        D.all_reduce_sum(meter.state())
-        return {"loss": meter.avg, **self.metrics.compute()} if float(meter.state()[1]) else {}
 
 
 def resolve_eval_target(target: str | Path) -> Path:
@@ -94,8 +46,6 @@ class EvaluatorBase:
         raw = apply_overrides(state["config"], list(overrides or []))
         self.cfg: Config = config_from_dict(raw, f"{self.checkpoint_path} (saved config)")
         import_plugins(self.cfg)
-        from dltemplate.engine.build import build_components  # it builds an Evaluation too
-
         self.task = task or make_task(self.cfg)
         apply_threads(self.cfg.experiment.threads)
         self.device, _ = select_device(self.cfg.experiment.device, self.cfg.experiment.gpu_devices)
@@ -115,8 +65,6 @@ class EvaluatorBase:
 
         With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder.
         """
-        from dltemplate.engine.build import read_options  # build imports this module
-
         data = self.task.load_data()
         evaluated = self._same_groups_as_the_run(data, split)
         batch_size = self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size

@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from dltemplate.engine.atomic import atomic_write_text
+from dltemplate.atomic import atomic_write_text
 
 
 def _marker(output_dir: str | Path) -> Path | None:

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from dltemplate.atomic import atomic_write_text
 from dltemplate.config import config_to_dict
 from dltemplate.engine import distributed as D
-from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.engine.checkpoint import (
     load_checkpoint,
     load_model_weights,

@@ -17,13 +17,13 @@ import platform
 import re
 import subprocess
 import threading
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-import dltemplate
-from dltemplate.engine.atomic import atomic_write, atomic_write_text
+from dltemplate.atomic import atomic_write, atomic_write_text
 from dltemplate.errors import ConfigError, DataError, UsageError
 
 if TYPE_CHECKING:
@@ -145,12 +145,20 @@ def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
     return removed
 
 
+def package_version() -> str:
+    """dltemplate's version, from the installed package's metadata (pyproject.toml)."""
+    try:
+        return version("dltemplate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def git_commit() -> str | None:
     """The project's git commit, when it runs from a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=Path(dltemplate.__file__).parent,
+            cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
             timeout=5,
@@ -166,7 +174,7 @@ def save_config(run_dir: Path, name: str, config: dict[str, Any]) -> Path:
         "timestamp": run_dir.name,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "dltemplate": dltemplate.__version__,
+        "dltemplate": package_version(),
         "git_commit": git_commit(),
     }
     path = run_dir / f"config_{name}_{run_dir.name}.json"

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dltemplate.atomic import atomic_write_text
 from dltemplate.callbacks import build_callbacks
 from dltemplate.config import Config, config_to_dict
-from dltemplate.data.base import Batch, IndexLoader
+from dltemplate.data.base import Batch
+from dltemplate.data.loader import IndexLoader
 from dltemplate.engine import distributed as D
-from dltemplate.engine.atomic import atomic_write_text
 from dltemplate.engine.build import build_components, build_loaders, build_schedule
 from dltemplate.engine.checkpoint import (
     checkpoint_name,
