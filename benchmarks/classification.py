@@ -54,6 +54,7 @@ import torch.nn.functional as F
 import dltemplate.data  # noqa: F401  (registers the built-in components, as the CLI does)
 import dltemplate.models  # noqa: F401
 import dltemplate.optim  # noqa: F401
+from dltemplate.assemble import build_trainer
 from dltemplate.callbacks import MetricsTableCallback
 from dltemplate.config import Config, load_config
 from dltemplate.data.base import DataInfo, InMemoryDataset, TensorSplit
@@ -112,7 +113,7 @@ def make_trainer(batch_size: int, epochs: int, train_samples: int, out_dir: str)
         "trainer.test_after_fit=false",
     ]
     cfg: Config = load_config(None, overrides)
-    trainer = TrainerBase(cfg, ClassificationTask(cfg))
+    trainer = build_trainer(cfg, ClassificationTask(cfg))
     for fn in trainer.callbacks.on_fit_start:  # as fit() does: opens TensorBoard, the table
         fn(trainer)
     return trainer

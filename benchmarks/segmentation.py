@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dltemplate.assemble import build_trainer
 from dltemplate.config import load_config
 from dltemplate.data.sample_carvana import make_sample_carvana
 from dltemplate.engine.trainer import TrainerBase
@@ -114,7 +115,7 @@ def main() -> None:
         cfg = load_config(CONFIG, overrides)
 
         start = time.perf_counter()
-        cold = TrainerBase(cfg, SegmentationTask(cfg))  # decodes every file, fills the cache
+        cold = build_trainer(cfg, SegmentationTask(cfg))  # decodes every file, fills the cache
         load_s = time.perf_counter() - start
         for fn in cold.callbacks.on_fit_start:  # as fit() does: TensorBoard, the table
             fn(cold)
@@ -124,7 +125,7 @@ def main() -> None:
         cold_rate = n_train / (load_s + epoch_s)
 
         start = time.perf_counter()
-        warm = TrainerBase(cfg, SegmentationTask(cfg))  # reads the cache
+        warm = build_trainer(cfg, SegmentationTask(cfg))  # reads the cache
         for fn in warm.callbacks.on_fit_start:  # as fit() does: TensorBoard, the table
             fn(warm)
         warm_load_s = time.perf_counter() - start

@@ -20,7 +20,7 @@ import torch.optim.optimizer as optimizer_module
 from torch.optim import lr_scheduler
 
 from dltemplate.engine import checkpoint as checkpoint_module
-from dltemplate.engine.early_stopping import EarlyStopping
+from dltemplate.engine.loop_state import BestScore
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.task import Task
 from dltemplate.engine.trainer import TrainerBase
@@ -138,7 +138,7 @@ def install(point: str, way: str, nth: int, rank: int | None = None) -> Callable
     patch(Precision, "backward", after("after_backward"))
     patch(Precision, "step", after("after_optimizer_step"))
     patch(lr_scheduler.LRScheduler, "step", scheduler_step)
-    patch(EarlyStopping, "update", after("epoch_end"))
+    patch(BestScore, "update", after("epoch_end"))
     patch(checkpoint_module.torch, "save", torch_save)
     handle = optimizer_module.register_optimizer_step_post_hook(
         lambda opt, args, kwargs: hit("inside_optimizer_step")

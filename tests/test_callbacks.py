@@ -45,8 +45,13 @@ def readme_command(first_line: str) -> list[str]:
 
 
 def saved_states(checkpoint: dict[str, object], name: str) -> list[dict[str, object]]:
-    """The saved states of the callbacks of class ``name`` in a checkpoint."""
-    return [c for c in checkpoint["callbacks"] if c["callback"] == name]
+    """The saved states of the callbacks of class ``name`` in a checkpoint (saved by state key:
+    the class name, with the arguments that tell two apart in braces)."""
+    return [
+        {"callback": key, "state": state}
+        for key, state in checkpoint["callbacks"].items()
+        if key == name or key.startswith(name + "{")
+    ]
 
 
 def last_state(run: Path) -> dict[str, object]:
@@ -83,16 +88,16 @@ def no_curves(monkeypatch):
 
 # == probes: small callbacks that look at the trainer, registered for one test only ===========
 class Probe(Callback):
-    """Base of the probes: remembers itself and the trainer, so that the test can look."""
+    """Base of the probes: remembers itself and the model, so that the test can look."""
 
     made: list[Probe] = []
 
     def __init__(self) -> None:
         Probe.made.append(self)
-        self.trainer = None
+        self.model = None
 
-    def setup(self, trainer) -> None:
-        self.trainer = trainer
+    def setup(self, cfg, model) -> None:
+        self.model = model  # the bare model, before the trainer exists
 
 
 class GradProbe(Probe):
@@ -112,7 +117,8 @@ class GradProbe(Probe):
         by_stack = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         by_cat = torch.cat([g.flatten() for g in grads]).double().norm()
         (grad_norm,) = [c for c in trainer.callbacks.callbacks if isinstance(c, GradNorm)]
-        self.seen.append((trainer.global_step + 1, grad_norm.last, float(by_stack), float(by_cat)))
+        step = trainer.state.global_step + 1
+        self.seen.append((step, grad_norm.last, float(by_stack), float(by_cat)))
         self._before = [p.detach().clone() for p in params]
 
     def on_after_optimizer_step(self, trainer) -> None:
@@ -258,7 +264,7 @@ def test_freeze_keeps_a_layer_for_the_first_epoch_then_trains_it(cli, tmp_path, 
     common = [*SMALL, "trainer.limit_train_batches=3"]
     assert cli("train", DEMO, f"experiment.output_dir={out}", *common, callbacks) == 0
     (probe,) = probes
-    assert isinstance(probe.trainer.unwrapped_model.net[1], torch.nn.Linear)
+    assert isinstance(probe.model.net[1], torch.nn.Linear)
     start, (epoch1, epoch2) = probe.start, probe.after_epoch
     for key in ("net.1.weight", "net.1.bias"):
         assert torch.equal(epoch1[key], start[key]), key  # frozen in epoch 1
@@ -440,7 +446,7 @@ def test_ema_is_the_hand_computed_average_and_is_what_gets_evaluated(cli, tmp_pa
     for name, expected in probe.average.items():
         assert torch.allclose(saved["state"]["average"][name], expected, rtol=0, atol=1e-6), name
     # last keeps the trained weights (to resume); best holds the average, which was evaluated
-    trained = dict(probe.trainer.unwrapped_model.named_parameters())
+    trained = dict(probe.model.named_parameters())
     for name in probe.average:
         assert torch.equal(last["model"][name], trained[name].detach()), name
         assert not torch.equal(last["model"][name], saved["state"]["average"][name]), name

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO, free_port, run_dirs, run_launcher
 
+from dltemplate.assemble import build_trainer
 from dltemplate.config import load_config
 from dltemplate.engine.trainer import TrainerBase
 from dltemplate.tasks.classification import ClassificationTask
@@ -43,7 +44,7 @@ def checkpoint(run: Path, kind: str = "last") -> dict:
 def train_here(out: Path, *overrides: str) -> tuple[TrainerBase, dict[str, float]]:
     """One process, in this process: the trainer after ``fit`` and the test metrics."""
     cfg = load_config(DEMO, [f"experiment.output_dir={out}", *overrides])
-    trainer = TrainerBase(cfg, ClassificationTask(cfg))
+    trainer = build_trainer(cfg, ClassificationTask(cfg))
     return trainer, trainer.fit()
 
 
@@ -96,13 +97,13 @@ def test_accumulation_equals_one_big_batch_for_any_dataset_length(request, tmp_p
         out = tmp_path / f"k{k}"
         per_step = [f"data.batch_size={B // k}", f"trainer.grad_accum_steps={k}"]
         cfg = load_config(DEMO, [f"experiment.output_dir={out}", *common, *per_step])
-        trainer = TrainerBase(cfg, ClassificationTask(cfg))
+        trainer = build_trainer(cfg, ClassificationTask(cfg))
         if initial is None:
             initial = {name: v.clone() for name, v in trainer.model.state_dict().items()}
         trainer.fit()
         assert len(trainer.data.train) == length
-        assert trainer.steps_per_epoch == math.ceil(length / B)
-        assert trainer.global_step == 2 * math.ceil(length / B)
+        assert trainer.schedule.steps_per_epoch == math.ceil(length / B)
+        assert trainer.state.global_step == 2 * math.ceil(length / B)
         states[k] = trainer.model.state_dict()
     assert max_diff(states[1], initial) > 1e-2  # the weights moved
     for k in (2, 4):

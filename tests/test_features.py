@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, readme_block, run_dirs
 
+from dltemplate.assemble import build_trainer
 from dltemplate.config import load_config
 from dltemplate.engine.trainer import TrainerBase
 from dltemplate.tasks.classification import ClassificationTask
@@ -29,7 +30,7 @@ def rows(run: Path) -> list[dict[str, str]]:
 
 def trainer(tmp_path: Path, *overrides: str) -> TrainerBase:
     cfg = load_config(DEMO, [f"experiment.output_dir={tmp_path / 'out'}", *overrides])
-    return TrainerBase(cfg, ClassificationTask(cfg))
+    return build_trainer(cfg, ClassificationTask(cfg))
 
 
 def test_fast_dev_run_runs_one_batch_per_split_and_writes_no_checkpoint(cli, tmp_path):
@@ -112,7 +113,7 @@ def test_step_scheduler_steps_per_epoch_and_onecycle_per_step(tmp_path):
         "trainer.limit_train_batches=4",
         "trainer.test_after_fit=false",
     )
-    assert t.step_scheduler_per_batch and t.scheduler.total_steps == 4
+    assert t.schedule.per_step and t.scheduler.total_steps == 4
     t.fit()
     assert t.scheduler.last_epoch == 4
 
@@ -167,7 +168,7 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
         "trainer.limit_train_batches=10",
     )
     small.fit()
-    assert small.global_step == big.global_step == 5
+    assert small.state.global_step == big.state.global_step == 5
     for a, b in zip(big.model.parameters(), small.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -300,7 +301,7 @@ def test_an_exception_saves_a_checkpoint_and_exits_1(cli, tmp_path, monkeypatch)
 def test_compile_wraps_the_model_and_checkpoints_stay_unprefixed(tmp_path):
     t = trainer(tmp_path, "trainer.compile=true")
     assert hasattr(t.train_model, "_orig_mod")  # torch.compile's wrapper (compiles lazily)
-    keys = list(t.checkpoint_state()["model"])
+    keys = list(t.run_state.state_dict()["model"])
     assert keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
     t.close()
 
@@ -317,7 +318,8 @@ def test_plain_progress_lines_when_not_a_terminal(cli, tmp_path):
         == 0
     )
     log = (run_dirs(tmp_path)[0] / "train.log").read_text()
-    assert re.search(r"epoch 1/1 \[10/41\] loss \d+\.\d+, \d+ samples/s", log)
+    # the rate's digits depend on the machine's speed: 1234 or 12.3 samples/s
+    assert re.search(r"epoch 1/1 \[10/41\] loss \d+\.\d+, \d+(\.\d+)? samples/s", log)
 
 
 def test_sigterm_saves_the_interrupt_checkpoint(tmp_path):

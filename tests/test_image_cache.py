@@ -60,7 +60,7 @@ def test_a_full_disk_while_writing_the_cache_names_the_file(tmp_path, monkeypatc
 
     import pytest
 
-    from dltemplate.engine import atomic
+    from dltemplate import atomic
     from dltemplate.errors import DiskFullError
 
     x = np.arange(4096, dtype=np.uint8)

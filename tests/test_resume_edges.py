@@ -323,15 +323,19 @@ def test_a_nan_loss_stops_the_run_before_any_checkpoint_is_overwritten(
     assert [int(r["epoch"]) for r in rows(run)] == [1]
 
 
-def test_stop_on_nan_false_trains_on(cli, tmp_path, monkeypatch):
+def test_stop_on_nan_false_trains_on_but_never_saves_non_finite_weights(
+    cli, tmp_path, monkeypatch, capsys
+):
+    """``stop_on_nan=false`` does not stop at the NaN loss; the NaN it put into the weights is
+    caught before the epoch's checkpoint: nothing non-finite is ever written."""
     out, seen = tmp_path / "out", {}
     with nan_at(monkeypatch, SPE + 3, out, seen):
         code = train(cli, out, "trainer.epochs=3", "trainer.stop_on_nan=false")
-    assert code == 0
+    assert code == 1
+    assert "the weights are not finite at epoch 2" in capsys.readouterr().err
     (run,) = run_dirs(out)
-    assert [int(r["epoch"]) for r in rows(run)] == [1, 2, 3]
-    last = ckpt(run / LAST)
-    assert (last["epoch"], last["finished"]) == (3, True)
+    assert [int(r["epoch"]) for r in rows(run)] == [1, 2]  # it trained on to the epoch's end
+    assert snapshot(run, "*_ckpt.pth") == seen  # the checkpoints of epoch 1, untouched
     assert not (run / INTERRUPT).exists()
 
 

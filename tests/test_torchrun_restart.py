@@ -45,7 +45,7 @@ def _optimizer_step(self, window, position):
     _step(self, window, position)
     if (
         _after
-        and self.global_step == _after
+        and self.state.global_step == _after
         and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
         and os.environ.get("RANK") == "1"
     ):

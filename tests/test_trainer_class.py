@@ -12,8 +12,8 @@ from conftest import QUICK_DIGITS as SMALL
 from conftest import REPO, readme_block, run_dirs
 
 import dltemplate
+from dltemplate.assemble import evaluator_class, trainer_class
 from dltemplate.config import Config
-from dltemplate.engine.build_trainer import evaluator_class, trainer_class
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.trainer import TrainerBase
 from dltemplate.errors import ConfigError
@@ -83,9 +83,9 @@ def test_the_python_api_uses_the_configured_trainer(tmp_path, trainer_pkg):
     assert fits(result.run_dir) == [{"epochs": 1, "test": result.test_metrics}]
     with pytest.raises(ConfigError, match="experiment.trainer="):  # imports code: not trusted
         dltemplate.resume(result.run_dir)
-    # finished: its fit still reports
+    # finished: nothing is trained, so the trainer's fit does not run again
     assert dltemplate.resume(result.run_dir, trust_code=True) == result
-    assert len(fits(result.run_dir)) == 2
+    assert len(fits(result.run_dir)) == 1
     assert dltemplate.evaluate(result.run_dir, split="val", trust_code=True)["parameters"] > 0
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import REPO, free_port, run_dirs
 
+from dltemplate.assemble import build_trainer
 from dltemplate.config import load_config
-from dltemplate.engine.trainer import TrainerBase
 from dltemplate.tasks.classification import ClassificationTask
 
 DEMO = REPO / "configs" / "digits_mlp.yaml"
@@ -56,7 +56,8 @@ def test_demo_reaches_95_percent_and_fills_the_run_directory(cli, tmp_path):
         "epoch",
         "global_step",
         "best_score",
-        "early_stopping",
+        "callbacks",
+        "stopped_by",
         "rng",
         "config",
     ):
@@ -124,7 +125,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(cli, tmp_path, stop_at
     cfg = load_config(DEMO, [f"experiment.output_dir={out}", *common])
     task = _interrupting_task(stop_at_step)(cfg)
     with pytest.raises(KeyboardInterrupt):
-        TrainerBase(cfg, task).fit()
+        build_trainer(cfg, task).fit()
     (run,) = run_dirs(out)
     interrupt = torch.load(run / "Vanilla_interrupt_ckpt.pth", weights_only=True)
     assert interrupt["global_step"] == stop_at_step

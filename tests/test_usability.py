@@ -14,13 +14,13 @@ import yaml
 from conftest import REPO, run_dirs
 from stop_injection import install
 
+from dltemplate.assemble import build_trainer
 from dltemplate.cli import main
 from dltemplate.config import Config, config_to_dict, load_config
 from dltemplate.data.base import DataInfo
 from dltemplate.engine import threads
 from dltemplate.engine.rundir import curves_figure
 from dltemplate.engine.runlog import _rate, format_duration
-from dltemplate.engine.trainer import TrainerBase
 from dltemplate.tasks.classification import ClassificationTask
 
 
@@ -255,7 +255,7 @@ def test_a_run_uses_and_logs_its_thread_count(cli, tmp_path, no_curves, keep_thr
     torch.set_num_threads(2)
     out = tmp_path / "out"
     args = [*SMALL_DIGITS, f"experiment.output_dir={out}", "trainer.epochs=1"]
-    trainer = TrainerBase(
+    trainer = build_trainer(
         load_config(args[0], [*args[1:], "experiment.threads=1"]),
         Probe(load_config(args[0], args[1:])),
     )

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dltemplate.assemble import build_evaluator, build_trainer, validate_names
 from dltemplate.config import Config, config_from_dict, config_to_raw
 from dltemplate.config import load_config as _load_yaml
 from dltemplate.config.loader import apply_overrides
 from dltemplate.config.trust import refuse_untrusted_code
-from dltemplate.engine.build_trainer import build_evaluator, trainer_class, validate_names
 from dltemplate.engine.checkpoint import find_checkpoint, keep_for_next_load, load_checkpoint
 from dltemplate.engine.rundir import find_config, latest_run_dir, read_saved_config
-from dltemplate.engine.task import make_task
 from dltemplate.errors import CheckpointError, UsageError
 
 __all__ = [
@@ -154,7 +153,7 @@ def run(cfg: Config) -> RunResult:
     """Check ``cfg``'s names, build the trainer ``experiment.trainer`` names, fit, and return
     the result (the one path behind :func:`train`, :func:`resume` and the command line)."""
     validate_names(cfg)
-    trainer = trainer_class(cfg)(cfg, make_task(cfg))
+    trainer = build_trainer(cfg)
     test_metrics = trainer.fit()
     return RunResult.from_run_dir(trainer.run_dir, test_metrics)
 

@@ -20,11 +20,11 @@ from typing import Any
 import yaml
 
 from dltemplate import api
+from dltemplate.assemble import build_evaluator, validate_names
 from dltemplate.config import Config, config_from_dict, config_keys, config_to_dict, load_config
 from dltemplate.config.loader import apply_overrides, read_yaml
 from dltemplate.config.trust import refuse_untrusted_code
 from dltemplate.engine.build import config_section
-from dltemplate.engine.build_trainer import build_evaluator, validate_names
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.rundir import latest_run_dir
 from dltemplate.engine.runlog import setup_logging

@@ -3,7 +3,7 @@ extras, all registered in ``CALLBACKS``; :func:`build_callbacks` assembles a run
 
 from __future__ import annotations
 
-from dltemplate.callbacks.base import EVENTS, Callback, CallbackList
+from dltemplate.callbacks.base import EVENTS, Callback, CallbackList, Loop
 from dltemplate.callbacks.checkpoint import Checkpoint
 from dltemplate.callbacks.early_stopping import EarlyStoppingCallback
 from dltemplate.callbacks.ema import EMA
@@ -17,9 +17,14 @@ from dltemplate.config import Config
 from dltemplate.errors import ConfigError
 from dltemplate.registry import CALLBACKS
 
-# On by default, in this order; "checkpoint" runs after the config's own callbacks, so that the
-# checkpoint of an epoch holds the state they reached at its end.
-DEFAULT_CALLBACKS = ("progress", "tensorboard", "metrics_table", "early_stopping")
+# On by default, in this order, each place for a reason:
+DEFAULT_CALLBACKS = (
+    "progress",  # first: its epoch line is logged before anything another callback says
+    "tensorboard",  # before the others: it opens the writer they (grad_norm...) may log to
+    "metrics_table",  # the row is on disk before a checkpoint says the epoch is done
+    "early_stopping",  # ends training before the checkpoint records who ended it
+)
+# After the config's own callbacks: an epoch's checkpoint holds the state they reached at its end.
 LAST_CALLBACKS = ("checkpoint",)
 
 
@@ -33,18 +38,32 @@ def build_callbacks(cfg: Config) -> CallbackList:
     for i, item in enumerate(cfg.callbacks):
         key = f"callbacks[{i}]"
         if item.name in built_in:
+            if chosen[item.name][0] != item.name:  # configured by an earlier entry already
+                raise ConfigError(
+                    f"{key} '{item.name}': already configured by {chosen[item.name][0]}; "
+                    "list a built-in callback once"
+                )
             chosen[item.name] = (key, item.args, item.enabled)
         elif item.enabled:
             extra.append((key, item.name, item.args))
     order = [(chosen[n][0], n, chosen[n][1]) for n in DEFAULT_CALLBACKS if chosen[n][2]]
     order += extra
     order += [(chosen[n][0], n, chosen[n][1]) for n in LAST_CALLBACKS if chosen[n][2]]
-    built = []
+    built: list[Callback] = []
+    where: dict[str, str] = {}  # state key -> the config entry that made it
     for key, name, args in order:
         try:
-            built.append(CALLBACKS.build(name, f"{key}.name", **args))
+            callback = CALLBACKS.build(name, f"{key}.name", **args)
         except (TypeError, ValueError) as exc:  # the callback refused its arguments
             raise ConfigError(f"{key} '{name}': {exc}") from exc
+        state_key = callback.state_key
+        if state_key in where:  # their saved states would collide
+            raise ConfigError(
+                f"{key} '{name}': the same callback as {where[state_key]} (state key "
+                f"{state_key}); list it once, or give the two different arguments"
+            )
+        where[state_key] = key
+        built.append(callback)
     return CallbackList(built)
 
 
@@ -58,6 +77,7 @@ __all__ = [
     "EarlyStoppingCallback",
     "Freeze",
     "GradNorm",
+    "Loop",
     "MaxTime",
     "MetricsTableCallback",
     "Progress",

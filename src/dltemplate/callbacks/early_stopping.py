@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import math
+from typing import Any
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
+from dltemplate.config import Config
+from dltemplate.engine.early_stopping import EarlyStopping
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 log = logging.getLogger("dltemplate")
 
@@ -20,30 +20,45 @@ class EarlyStoppingCallback(Callback):
     improvement of ``trainer.monitor`` (by more than ``trainer.early_stopping_min_delta``).
     ``patience`` defaults to ``trainer.early_stopping_patience``; None never stops.
 
-    The trainer tracks the best score and the epochs since (saved in every checkpoint); this
-    callback only decides, so it holds no state of its own.
+    It keeps its own best score and count of epochs without improvement (saved in every
+    checkpoint). A run it ended stays ended on ``resume`` unless a larger patience would not
+    have ended it: then training goes on.
     """
 
     def __init__(self, patience: int | None = None) -> None:
         if patience is not None and patience < 1:
             raise ValueError(f"patience={patience}: must be at least 1")
         self.patience = patience
+        self.tracker = EarlyStopping()
 
-    def setup(self, trainer: TrainerBase) -> None:
-        """Take the config's patience unless given one."""
+    def setup(self, cfg: Config, model: Any) -> None:
+        """Take the config's patience unless given one, and the monitor's direction."""
         if self.patience is None:
-            self.patience = trainer.cfg.trainer.early_stopping_patience
+            self.patience = cfg.trainer.early_stopping_patience
+        self.tracker = EarlyStopping(
+            cfg.trainer.monitor_mode, self.patience, cfg.trainer.early_stopping_min_delta
+        )
 
-    def stops(self, trainer: TrainerBase) -> bool:
-        """Whether the epochs without improvement have reached the patience."""
-        return self.patience is not None and trainer.best.bad_epochs >= self.patience
-
-    def on_epoch_end(self, trainer: TrainerBase, row: dict[str, float]) -> None:
-        """Stop training after this epoch when patience has run out."""
-        if self.stops(trainer):
-            trainer.should_stop = True
-            log.info(
-                "early stopping: %s did not improve for %d epochs",
-                trainer.cfg.trainer.monitor,
-                trainer.best.bad_epochs,
+    def on_epoch_end(self, trainer: Loop, row: dict[str, float]) -> None:
+        """Count the epoch; end training when patience has run out."""
+        monitor = trainer.cfg.trainer.monitor
+        self.tracker.update(row.get(monitor, math.nan))
+        if self.stop_holds():
+            reason = (
+                f"{monitor} did not improve for {self.tracker.bad_epochs} epochs; a larger "
+                "trainer.early_stopping_patience continues it"
             )
+            log.info("early stopping: %s did not improve for %d epochs", monitor, self.patience)
+            trainer.end_training(self, reason)
+
+    def stop_holds(self) -> bool:
+        """Whether the epochs without improvement have reached the patience."""
+        return self.tracker.should_stop
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best score and the epochs since it."""
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.tracker.load_state_dict(state)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
+from dltemplate.config import Config
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 log = logging.getLogger("dltemplate")
 
@@ -33,14 +32,17 @@ class EMA(Callback):
         self.for_eval = for_eval
         self.average: torch.nn.Module | None = None
 
-    def setup(self, trainer: TrainerBase) -> None:
-        """Copy the freshly built model; offer it to the trainer for evaluation."""
-        self.average = copy.deepcopy(trainer.unwrapped_model).requires_grad_(False).eval()
+    def setup(self, cfg: Config, model: nn.Module) -> None:
+        """Copy the freshly built model: the average starts from the initial weights."""
+        self.average = copy.deepcopy(model).requires_grad_(False).eval()
+
+    def on_fit_start(self, trainer: Loop) -> None:
+        """Have validation, the test and the best checkpoints use the average (``for_eval``)."""
         if self.for_eval:
-            trainer.averaged_model = self.average
+            trainer.evaluate_with(self.average)
 
     @torch.no_grad()
-    def on_after_optimizer_step(self, trainer: TrainerBase) -> None:
+    def on_after_optimizer_step(self, trainer: Loop) -> None:
         """Move the average towards the new weights (one fused update per step)."""
         model = trainer.unwrapped_model
         averaged = [p for p in self.average.parameters()]
@@ -49,6 +51,11 @@ class EMA(Callback):
         torch._foreach_add_(averaged, current, alpha=1.0 - self.decay)
         for mine, theirs in zip(self.average.buffers(), model.buffers()):
             mine.copy_(theirs)
+
+    @property
+    def state_key(self) -> str:
+        """``EMA{decay=...}``: two averages of other decays may run side by side."""
+        return self.key_with(decay=self.decay)
 
     def state_dict(self) -> dict[str, Any]:
         """The averaged weights and buffers."""

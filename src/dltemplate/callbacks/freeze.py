@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
+from dltemplate.config import Config
 from dltemplate.errors import ConfigError, did_you_mean
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 log = logging.getLogger("dltemplate")
 
@@ -34,9 +31,14 @@ class Freeze(Callback):
         self.epochs = epochs
         self.params: list[nn.Parameter] = []
 
-    def setup(self, trainer: TrainerBase) -> None:
+    @property
+    def state_key(self) -> str:
+        """``Freeze{epochs=..., modules=[...]}``."""
+        return self.key_with(modules=self.modules, epochs=self.epochs)
+
+    def setup(self, cfg: Config, model: nn.Module) -> None:
         """Find the named modules (a wrong name stops the run before any work)."""
-        named = dict(trainer.unwrapped_model.named_modules())
+        named = dict(model.named_modules())
         for name in self.modules:
             if name not in named:
                 raise ConfigError(
@@ -45,15 +47,16 @@ class Freeze(Callback):
                 )
             self.params += list(named[name].parameters())
 
-    def on_train_epoch_start(self, trainer: TrainerBase) -> None:
+    def on_train_epoch_start(self, trainer: Loop) -> None:
         """Say when the modules are frozen and when they are released."""
-        if trainer.epoch == 0 and trainer.batch_in_epoch == 0:
+        state = trainer.state
+        if state.epoch == 0 and state.batch_in_epoch == 0:
             log.info("freeze: %s frozen for %d epoch(s)", ", ".join(self.modules), self.epochs)
-        elif trainer.epoch == self.epochs and trainer.batch_in_epoch == 0:
+        elif state.epoch == self.epochs and state.batch_in_epoch == 0:
             log.info("freeze: %s released", ", ".join(self.modules))
 
-    def on_before_optimizer_step(self, trainer: TrainerBase) -> None:
+    def on_before_optimizer_step(self, trainer: Loop) -> None:
         """Drop the frozen parameters' gradients while the epoch is one of the first ones."""
-        if trainer.epoch < self.epochs:
+        if trainer.state.epoch < self.epochs:
             for p in self.params:
                 p.grad = None

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 log = logging.getLogger("dltemplate")
 
@@ -28,16 +24,21 @@ class GradNorm(Callback):
         self.norm_type = norm_type
         self.last: float | None = None  # the latest value, for tests and other callbacks
 
-    def on_before_optimizer_step(self, trainer: TrainerBase) -> None:
+    @property
+    def state_key(self) -> str:
+        """``GradNorm{every=..., norm_type=...}``."""
+        return self.key_with(every=self.every, norm_type=self.norm_type)
+
+    def on_before_optimizer_step(self, trainer: Loop) -> None:
         """Measure on the steps it is due (the step about to be taken is global_step + 1)."""
-        if (trainer.global_step + 1) % self.every:
+        step = trainer.state.global_step + 1
+        if step % self.every:
             return
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         if not grads:
             return
         norms = torch.stack([torch.linalg.vector_norm(g, self.norm_type) for g in grads])
         self.last = float(torch.linalg.vector_norm(norms, self.norm_type))
-        step = trainer.global_step + 1
         if trainer.writer is not None:
             trainer.writer.add_scalar("train/grad_norm", self.last, step)
         log.info("step %d: gradient norm %.4g", step, self.last)

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 
 @CALLBACKS.register("max_time")
@@ -27,11 +23,16 @@ class MaxTime(Callback):
             raise ValueError("give a positive hours, minutes or seconds")
         self.started = time.monotonic()
 
-    def on_fit_start(self, trainer: TrainerBase) -> None:
+    @property
+    def state_key(self) -> str:
+        """``MaxTime{seconds=...}``."""
+        return self.key_with(seconds=self.budget)
+
+    def on_fit_start(self, trainer: Loop) -> None:
         """The budget counts from here."""
         self.started = time.monotonic()
 
-    def on_after_optimizer_step(self, trainer: TrainerBase) -> None:
+    def on_after_optimizer_step(self, trainer: Loop) -> None:
         """Ask the run to stop once the budget is spent (the clock is read once a step)."""
         if time.monotonic() - self.started >= self.budget:
             trainer.request_stop("max_time")

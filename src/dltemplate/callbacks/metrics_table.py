@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
+from dltemplate.config import Config
 from dltemplate.engine import rundir
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 
 @CALLBACKS.register("metrics_table")
@@ -34,15 +32,15 @@ class MetricsTableCallback(Callback):
         self.drawn_at: float | None = None  # when the last drawing started
         self.drawn_rows = 0  # rows in the last drawing
 
-    def setup(self, trainer: TrainerBase) -> None:
+    def setup(self, cfg: Config, model: Any) -> None:
         """A resumed run's table must be readable: checked before anything is written."""
-        resume = trainer.cfg.trainer.resume
-        if resume and trainer.dist.is_main:
+        resume = cfg.trainer.resume
+        if resume:
             run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
             if (run_dir / "metrics.csv").exists():
                 rundir.MetricsTable.read(run_dir / "metrics.csv")
 
-    def on_fit_start(self, trainer: TrainerBase) -> None:
+    def on_fit_start(self, trainer: Loop) -> None:
         """Open the table; keep only the rows of epochs already complete."""
         if not trainer.dist.is_main or trainer.run_dir is None:
             return
@@ -50,9 +48,9 @@ class MetricsTableCallback(Callback):
         existed = path.exists()
         self.table = rundir.MetricsTable(path)
         if existed:
-            self.table.truncate(trainer.epoch + 1)
+            self.table.truncate(trainer.state.epoch + 1)
 
-    def on_epoch_end(self, trainer: TrainerBase, row: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Loop, row: dict[str, float]) -> None:
         """Append the row; redraw the curves if they are due."""
         if self.table is None:
             return
@@ -61,18 +59,18 @@ class MetricsTableCallback(Callback):
         if due:
             self.draw(trainer)
 
-    def draw(self, trainer: TrainerBase) -> None:
+    def draw(self, trainer: Loop) -> None:
         """Start redrawing ``curves.png`` from the table (when there is something new)."""
         if self.curves and self.table is not None and len(self.table.rows) != self.drawn_rows:
             self.table.plot(trainer.run_dir / "curves.png")
             self.drawn_at, self.drawn_rows = time.monotonic(), len(self.table.rows)
 
-    def on_fit_end(self, trainer: TrainerBase) -> None:
+    def on_fit_end(self, trainer: Loop) -> None:
         """Draw the final curves and wait for them."""
         self.draw(trainer)
         self.wait()
 
-    def on_exception(self, trainer: TrainerBase, exc: BaseException) -> None:
+    def on_exception(self, trainer: Loop, exc: BaseException) -> None:
         """Draw what the table holds, and wait."""
         self.draw(trainer)
         self.wait()

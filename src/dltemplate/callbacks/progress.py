@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
 from dltemplate.engine.runlog import EpochProgress, use_progress_bar
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 log = logging.getLogger("dltemplate")
 
@@ -33,41 +30,41 @@ class Progress(Callback):
         self.progress: EpochProgress | None = None
         self.sizes: list[int] = []
 
-    def on_train_epoch_start(self, trainer: TrainerBase) -> None:
+    def on_train_epoch_start(self, trainer: Loop) -> None:
         """Open the epoch's bar, at the batch the epoch resumes from."""
         loader = trainer.train_loader
         self.sizes = loader.global_batch_sizes()
         self.progress = EpochProgress(
             len(loader),
-            f"epoch {trainer.epoch + 1}/{trainer.epochs}",
+            f"epoch {trainer.state.epoch + 1}/{trainer.state.epochs}",
             bar=use_progress_bar(self.bar or trainer.cfg.trainer.progress_bar),
             enabled=trainer.dist.is_main,
-            initial=trainer.batch_in_epoch,
+            initial=trainer.state.batch_in_epoch,
         )
 
-    def on_train_batch_end(self, trainer: TrainerBase, batch_index: int, loss: torch.Tensor):
+    def on_train_batch_end(self, trainer: Loop, batch_index: int, loss: torch.Tensor):
         """Count the batch; show the loss when the trainer has just read it."""
-        self.progress.update(self.sizes[batch_index], trainer.logged_loss)
+        self.progress.update(self.sizes[batch_index], trainer.state.logged_loss)
 
-    def on_train_epoch_end(self, trainer: TrainerBase, metrics: dict[str, float]) -> None:
+    def on_train_epoch_end(self, trainer: Loop, metrics: dict[str, float]) -> None:
         """Remove the bar."""
         self.progress.close()
 
-    def on_epoch_end(self, trainer: TrainerBase, row: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Loop, row: dict[str, float]) -> None:
         """One line: the epoch's loss and monitored metric, the learning rate, the time."""
         shown = {"loss", trainer.cfg.trainer.monitor.split("/", 1)[-1]}
         values = [f"{k} {v:.4f}" for k, v in row.items() if "/" in k and k.split("/")[-1] in shown]
         log.info(
             "epoch %d/%d %s | lr %.3g | %.1fs%s",
             row["epoch"],
-            trainer.epochs,
+            trainer.state.epochs,
             " ".join(values),
             row["lr"],
             row["seconds"],
-            " *best" if trainer.improved else "",
+            " *best" if trainer.state.improved else "",
         )
 
-    def on_exception(self, trainer: TrainerBase, exc: BaseException) -> None:
+    def on_exception(self, trainer: Loop, exc: BaseException) -> None:
         """Remove a bar left open."""
         if self.progress is not None:
             self.progress.close()

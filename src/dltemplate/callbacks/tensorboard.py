@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from dltemplate.callbacks.base import Callback
+from dltemplate.callbacks.base import Callback, Loop
 from dltemplate.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from dltemplate.engine.trainer import TrainerBase
 
 
 @CALLBACKS.register("tensorboard")
@@ -20,23 +15,25 @@ class TensorBoard(Callback):
     and ``lr`` per epoch, ``test/`` metrics at the end. It opens ``trainer.writer``, which other
     callbacks and the task's ``log_images`` write to (None when this callback is off)."""
 
-    def on_fit_start(self, trainer: TrainerBase) -> None:
-        """Open the writer; a resumed run drops events past its step, so curves do not fold."""
+    def on_fit_start(self, trainer: Loop) -> None:
+        """Open the writer. A resumed run hides the events a stopped one logged after its
+        checkpoint's step (its last logged point, at that step, stays), so curves do not fold."""
         if not trainer.dist.is_main or trainer.run_dir is None:
             return
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where needed
 
-        trainer.writer = SummaryWriter(
-            str(trainer.run_dir / "summary"), purge_step=trainer.global_step or None
-        )
+        step = trainer.state.global_step
+        summary = str(trainer.run_dir / "summary")
+        trainer.set_writer(SummaryWriter(summary, purge_step=step + 1 if step else None))
 
-    def on_train_batch_end(self, trainer: TrainerBase, batch_index: int, loss: torch.Tensor):
+    def on_train_batch_end(self, trainer: Loop, batch_index: int, loss: torch.Tensor):
         """The loss the trainer has just read, and the learning rate."""
-        if trainer.logged_loss is not None and trainer.writer is not None:
-            trainer.writer.add_scalar("train/loss_step", trainer.logged_loss, trainer.global_step)
-            trainer.writer.add_scalar("train/lr", trainer.lr, trainer.global_step)
+        loss, step = trainer.state.logged_loss, trainer.state.global_step
+        if loss is not None and trainer.writer is not None:
+            trainer.writer.add_scalar("train/loss_step", loss, step)
+            trainer.writer.add_scalar("train/lr", trainer.lr, step)
 
-    def on_epoch_end(self, trainer: TrainerBase, row: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Loop, row: dict[str, float]) -> None:
         """The epoch's metrics and learning rate, by epoch."""
         if trainer.writer is None:
             return
@@ -46,22 +43,22 @@ class TensorBoard(Callback):
         trainer.writer.add_scalar("lr", row["lr"], row["epoch"])
         trainer.writer.flush()
 
-    def on_test_end(self, trainer: TrainerBase, metrics: dict[str, float]) -> None:
+    def on_test_end(self, trainer: Loop, metrics: dict[str, float]) -> None:
         """The test metrics, at the last epoch."""
         if trainer.writer is not None:
             for key, value in metrics.items():
-                trainer.writer.add_scalar(f"test/{key}", value, trainer.epoch)
+                trainer.writer.add_scalar(f"test/{key}", value, trainer.state.epoch)
 
-    def on_fit_end(self, trainer: TrainerBase) -> None:
+    def on_fit_end(self, trainer: Loop) -> None:
         """Close the writer."""
         self._close(trainer)
 
-    def on_exception(self, trainer: TrainerBase, exc: BaseException) -> None:
+    def on_exception(self, trainer: Loop, exc: BaseException) -> None:
         """Close the writer (what was written stays)."""
         self._close(trainer)
 
     @staticmethod
-    def _close(trainer: TrainerBase) -> None:
+    def _close(trainer: Loop) -> None:
         if trainer.writer is not None:
             trainer.writer.close()
-            trainer.writer = None
+            trainer.set_writer(None)

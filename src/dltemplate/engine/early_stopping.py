@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from dltemplate.engine.loop_state import improves
 
 
 class EarlyStopping:
@@ -24,11 +25,7 @@ class EarlyStopping:
 
     def improves(self, score: float) -> bool:
         """Whether ``score`` beats the best so far by more than ``min_delta``."""
-        if self.best is None:
-            return not math.isnan(score)
-        if self.mode == "min":
-            return score < self.best - self.min_delta
-        return score > self.best + self.min_delta
+        return improves(score, self.best, self.mode, self.min_delta)
 
     def update(self, score: float) -> bool:
         """Record one epoch's score; return whether it is the new best."""

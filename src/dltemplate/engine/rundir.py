@@ -204,6 +204,29 @@ def read_saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return saved, meta
 
 
+def update_saved_config(run_dir: Path, now: dict[str, Any]) -> list[str]:
+    """Rewrite the config saved in ``run_dir`` when a resume changed it (``now``, e.g. train
+    longer), so that the run directory alone says how the run goes on; return the changes as
+    ``section.key: old -> new``. ``trainer.resume`` keeps its saved value."""
+    path = find_config(run_dir)
+    saved, meta = read_saved_config(run_dir)
+    now = {**now, "trainer": {**now["trainer"], "resume": saved.get("trainer", {}).get("resume")}}
+    changed = []
+    for section, values in now.items():
+        if not isinstance(values, dict):  # a list section (callbacks): compared whole
+            if saved.get(section, []) != values:
+                changed.append(f"{section}: {saved.get(section)!r} -> {values!r}")
+            continue
+        changed += [
+            f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+            for key, value in values.items()
+            if saved.get(section, {}).get(key) != value
+        ]
+    if changed:
+        atomic_write_text(path, json.dumps({**now, "_meta": meta}, indent=2))
+    return changed
+
+
 class MetricsTable:
     """``metrics.csv``: one row per epoch; rewritten whole when new columns appear."""
 

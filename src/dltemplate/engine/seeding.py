@@ -80,3 +80,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _as_tuple(x: Any) -> Any:
     # random.setstate wants tuples all the way down; a checkpoint may give lists back
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s random stream: ``seed`` on rank 0, distinct elsewhere."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank * 7_919) % 2**63

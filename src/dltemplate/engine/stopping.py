@@ -83,11 +83,6 @@ class StopSignals:
         return reasons[0]
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of process ``rank``'s random stream: ``seed`` on rank 0, distinct elsewhere."""
-    return seed if rank == 0 else (seed * 1_000_003 + rank * 7_919) % 2**63
-
-
 class BoundarySnapshot:
     """What changes between two step boundaries without an optimizer step: the random-generator
     states (dropout, augmentation) and the model's buffers (BatchNorm running statistics).
@@ -115,6 +110,12 @@ class BoundarySnapshot:
         self.device = torch_rng_state()
         if self.host_every_step:
             self.host = host_rng_state()
+
+    def take_all(self) -> None:
+        """Record everything at this boundary, Python's and NumPy's generators included (after
+        a run's state was restored)."""
+        self.take()
+        self.host = host_rng_state()
 
     def epoch_start(self) -> None:
         """Record Python's and NumPy's generators as a training epoch starts."""
