@@ -24,10 +24,7 @@ class Precision:
         self.device = device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         enabled = precision == "fp16"
-        if hasattr(torch.amp, "GradScaler"):
-            self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
-        else:  # torch < 2.3
-            self.scaler = torch.cuda.amp.GradScaler(enabled=enabled)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Context in which the forward pass and loss run."""

@@ -39,7 +39,7 @@ from dltemplate.engine.loop_state import LoopState
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.restarts import forget_restart_marker
-from dltemplate.engine.run_state import NotResumable, RunState
+from dltemplate.engine.run_state import RunState
 from dltemplate.engine.runlog import format_duration
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals
 from dltemplate.engine.task import Task
@@ -108,7 +108,6 @@ class TrainerBase:
     """
 
     evaluator_class: type[EvaluatorBase] = EvaluatorBase  # what ``dltemplate eval`` uses
-    NotResumable = NotResumable
 
     def __init__(self, cfg: Config, parts: RunParts) -> None:
         self.cfg = cfg
