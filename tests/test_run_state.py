@@ -444,8 +444,10 @@ def test_tensorboard_keeps_the_point_logged_at_the_stop_step(cli, tmp_path, monk
     args = ["trainer.epochs=2", "trainer.log_every_n_steps=5", "callbacks=[test_stop_at]"]
     assert train(cli, out, *args) == 130
     (run,) = run_dirs(out)
-    assert ckpt(run / INTERRUPT)["global_step"] == 15
+    interrupt = ckpt(run / INTERRUPT)
+    assert (interrupt["global_step"], interrupt["interrupted_by"]) == (15, "test")
     assert cli("resume", run) == 0
+    assert f"resumed from {run / INTERRUPT} (stopped by test)" in (run / "train.log").read_text()
     events = EventAccumulator(str(run / "summary"))
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss_step")]

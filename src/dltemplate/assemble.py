@@ -231,10 +231,12 @@ def open_run_dir(
             log.info("run %s had no checkpoint yet: started over in %s", run_dir.name, run_dir)
     else:
         state = point.state
+        cause = f" (stopped by {state['interrupted_by']})" if "interrupted_by" in state else ""
         log.info(
-            "run %s resumed from %s at epoch %d, step %d",
+            "run %s resumed from %s%s at epoch %d, step %d",
             run_dir.name,
             point.path,
+            cause,
             state["epoch"] + 1,
             state["global_step"],
         )

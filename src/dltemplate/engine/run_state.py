@@ -159,6 +159,16 @@ def check_training_state(state: dict[str, Any], path: Path) -> None:
     )
 
 
+def stop_cause(exc: BaseException) -> str:
+    """What stopped a run, in a word: the signal (``SIGTERM``), the reason given to
+    ``request_stop`` (``max_time``), or the exception's class."""
+    if isinstance(exc, RunStopped):
+        return exc.signal_name
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT"
+    return type(exc).__name__
+
+
 def all_finite(weights: dict[str, Any]) -> bool:
     """Whether every floating-point tensor of ``weights`` is finite (no NaN, no infinity)."""
     tensors = [t for t in weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -339,7 +349,7 @@ class RunState:
         """Write the interrupt checkpoint where the state allows an exact resume; record in
         :attr:`interrupt` what was written, or why nothing was."""
         try:
-            state = self.interrupt_state(exc)
+            state = {**self.interrupt_state(exc), "interrupted_by": stop_cause(exc)}
             if not all_finite(state["model"]):
                 raise NotResumable("the weights are not finite")
             path = self.save("interrupt", state) if self.write else None

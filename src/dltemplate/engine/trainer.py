@@ -39,7 +39,7 @@ from dltemplate.engine.loop_state import LoopState
 from dltemplate.engine.meters import AverageMeter
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.restarts import forget_restart_marker
-from dltemplate.engine.run_state import RunState
+from dltemplate.engine.run_state import RunState, stop_cause
 from dltemplate.engine.runlog import format_duration
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals
 from dltemplate.engine.task import Task
@@ -402,13 +402,10 @@ class TrainerBase:
         """One line: what stopped the run, where, what was saved, how to go on."""
         if self.run_dir is None or not self.dist.is_main:
             return
-        what = exc.signal_name if isinstance(exc, RunStopped) else type(exc).__name__
-        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunStopped):
-            what = "SIGINT"
         interrupt = self.run_state.interrupt
         log.error(
             "run stopped by %s at epoch %d, step %d; %s; %s: dltemplate resume %s",
-            what,
+            stop_cause(exc),
             self.state.epoch + 1,
             self.state.global_step,
             interrupt.note,
