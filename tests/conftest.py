@@ -72,6 +72,37 @@ def readme_block(first_line: str) -> str:
     raise AssertionError(f"README has no code block starting with {first_line!r}")
 
 
+@pytest.fixture
+def fast_and_tidy(monkeypatch: pytest.MonkeyPatch):
+    """No curves picture (a second of matplotlib per epoch on 2 cores, not what most tests are
+    about); afterwards, close the train.log that in-process runs leave the logger writing to."""
+    import logging
+
+    from dltemplate.engine import rundir
+
+    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+    yield
+    log = logging.getLogger("dltemplate")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
+def metric_rows(run: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as text."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_ckpt(path: Path) -> dict:
+    """A checkpoint as torch loads it, on the CPU, weights only."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def run_dirs(output_dir: Path) -> list[Path]:
     """Run directories under ``output_dir``, oldest first."""
     return sorted(p for p in Path(output_dir).iterdir() if p.is_dir())

@@ -4,9 +4,7 @@ losses, a dead writer's temp files and the signal that stopped a run."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import logging
 import math
 import os
 import signal
@@ -18,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, load_ckpt, metric_rows, run_dirs
 
-from dltemplate.engine import rundir
 from dltemplate.tasks.classification import ClassificationTask
 
 DEMO = REPO / "configs" / "digits_mlp.yaml"
@@ -30,28 +27,14 @@ LAST, BEST = "Vanilla_last_ckpt.pth", "Vanilla_best_ckpt.pth"
 INTERRUPT = "Vanilla_interrupt_ckpt.pth"
 
 
-@pytest.fixture(autouse=True)
-def _fast_and_tidy(monkeypatch) -> Iterator[None]:
-    """No curves picture (a second of matplotlib per epoch on 2 cores, not what these tests are
-    about); afterwards, close the train.log that in-process runs leave the logger writing to."""
-    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
-    yield
-    log = logging.getLogger("dltemplate")
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
+pytestmark = pytest.mark.usefixtures("fast_and_tidy")
 
 
 def train(cli, out: Path, *overrides: str) -> int:
     return cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, *overrides)
 
 
-def rows(run: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(open(run / "metrics.csv")))
-
-
-def ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+rows, ckpt = metric_rows, load_ckpt
 
 
 def max_diff(a: Path, b: Path) -> float:

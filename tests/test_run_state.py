@@ -4,20 +4,16 @@ own their state and say who stopped a run — and the defects that lived on that
 from __future__ import annotations
 
 import ast
-import csv
 import functools
 import hashlib
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_dirs
+from conftest import REPO, load_ckpt, metric_rows, run_dirs
 
 from dltemplate.callbacks import Callback
-from dltemplate.engine import rundir
 from dltemplate.registry import CALLBACKS
 from dltemplate.tasks.classification import ClassificationTask
 
@@ -32,27 +28,14 @@ LAST, BEST, INTERRUPT = (
 SRC = REPO / "src" / "dltemplate"
 
 
-@pytest.fixture(autouse=True)
-def _fast_and_tidy(monkeypatch) -> Iterator[None]:
-    """No curves picture; afterwards, close the train.log in-process runs leave open."""
-    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
-    yield
-    log = logging.getLogger("dltemplate")
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
+pytestmark = pytest.mark.usefixtures("fast_and_tidy")
 
 
 def train(cli, out: Path, *overrides: str) -> int:
     return cli("train", DEMO, f"experiment.output_dir={out}", *SMALL, *overrides)
 
 
-def rows(run: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(open(run / "metrics.csv")))
-
-
-def ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+rows, ckpt = metric_rows, load_ckpt
 
 
 def files(run: Path) -> dict[str, str]:
