@@ -330,6 +330,25 @@ def test_an_averaged_best_checkpoint_cannot_resume_training(cli, tmp_path, capsy
     assert files(run) == before
 
 
+def test_a_checkpoint_lacking_part_of_the_training_state_is_refused(cli, tmp_path, capsys):
+    from dltemplate.engine.checkpoint import save_checkpoint
+
+    out = tmp_path / "out"
+    assert train(cli, out, "trainer.epochs=1") == 0
+    (run,) = run_dirs(out)
+    partial = tmp_path / "partial.pth"
+    state = ckpt(run / LAST)
+    del state["rng"], state["callbacks"]
+    save_checkpoint(partial, state)  # intact (its digest matches), only incomplete
+    before = files(run)
+    capsys.readouterr()
+    assert cli("resume", partial) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert f"{partial}: cannot resume from this checkpoint: it lacks rng, callbacks" in err[0]
+    assert files(run) == before
+
+
 # == messages and values the loop reports =======================================================
 def test_a_nan_with_accumulation_names_its_optimizer_step(cli, tmp_path, monkeypatch, capsys):
     """With 2 micro-batches a step, a NaN in the 10th forward pass is in step 5."""
