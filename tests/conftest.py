@@ -72,6 +72,17 @@ def readme_block(first_line: str) -> str:
     raise AssertionError(f"README has no code block starting with {first_line!r}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Every decode cache of the tests (subprocesses included: they inherit the environment)
+    in a temporary folder: the default is a per-user folder in the home directory."""
+    from dltemplate.data.image_cache import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("user_cache")))
+        yield
+
+
 @pytest.fixture
 def fast_and_tidy(monkeypatch: pytest.MonkeyPatch):
     """No curves picture (a second of matplotlib per epoch on 2 cores, not what most tests are

@@ -18,6 +18,7 @@ from PIL import Image, ImageFile
 from dltemplate.data import carvana
 from dltemplate.data.base import TensorSplit
 from dltemplate.data.carvana import Carvana, decode_pair
+from dltemplate.data.image_cache import default_cache_dir
 from dltemplate.data.sample_carvana import make_sample_carvana
 from dltemplate.errors import ConfigError, DataError, UsageError
 from dltemplate.registry import DATASETS
@@ -66,7 +67,7 @@ def no_decoding(*args, **kwargs):
 
 
 def cache_files(root: Path, suffix: str) -> list[Path]:
-    return sorted((root / ".dltemplate_cache").glob(f"*{suffix}"))
+    return sorted(default_cache_dir(root).glob(f"*{suffix}"))
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_loads_map_the_cache_instead_of_copying_it(root):
     (masks,) = cache_files(root, ".masks.npy")
     assert mapped_file(cold.source_inputs) == str(images)
     assert mapped_file(cold.source_targets) == str(masks)
-    assert not list((root / ".dltemplate_cache").glob(".*"))
+    assert not list(default_cache_dir(root).glob(".*"))
     warm, _ = Carvana(str(root), scale=0.5, workers=1).load()
     assert mapped_file(warm.inputs) == str(images) and mapped_file(warm.targets) == str(masks)
     assert torch.equal(cold.inputs, warm.inputs) and torch.equal(cold.targets, warm.targets)
@@ -184,7 +185,7 @@ def test_loads_map_the_cache_instead_of_copying_it(root):
 def test_a_cold_pass_cut_short_leaves_a_file_the_next_one_removes(root, monkeypatch):
     """A cold pass killed mid-way leaves its half-filled temporary file; the next cold pass
     (another process) removes it and builds the cache."""
-    folder = root / ".dltemplate_cache"
+    folder = default_cache_dir(root)
     folder.mkdir()
     dead = 2**22 + 12345  # beyond Linux's default pid_max: no such process
     left = folder / f".carvana-std-32x48-0123456789abcdef.images.npy.{dead}.decoding.tmp"
@@ -198,7 +199,7 @@ def test_a_cold_pass_cut_short_leaves_a_file_the_next_one_removes(root, monkeypa
 def test_cache_dir_is_used(root, tmp_path, monkeypatch):
     folder = tmp_path / "elsewhere"
     Carvana(str(root), scale=0.5, workers=1, cache_dir=str(folder)).load()
-    assert len(list(folder.glob("*.npy"))) == 2 and not (root / ".dltemplate_cache").exists()
+    assert len(list(folder.glob("*.npy"))) == 2 and not default_cache_dir(root).exists()
     monkeypatch.setattr(carvana, "decode_pair", no_decoding)
     Carvana(str(root), scale=0.5, workers=1, cache_dir=str(folder)).load()
 

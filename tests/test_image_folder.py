@@ -16,6 +16,7 @@ from conftest import REPO, mapped_file, readme_block, run_dirs
 from PIL import Image
 
 from dltemplate.data import image_folder
+from dltemplate.data.image_cache import default_cache_dir
 from dltemplate.data.image_folder import ImageFolder
 from dltemplate.errors import ConfigError, DataError
 from dltemplate.registry import DATASETS
@@ -134,7 +135,7 @@ def test_bad_arguments_are_config_errors(root, args, message):
 # -- the cache -------------------------------------------------------------------------------
 def test_warm_load_maps_the_cache_without_decoding(root, monkeypatch):
     cold, _ = ImageFolder(str(root), size=[8, 8], workers=1).load()
-    cache = root / ".dltemplate_cache"
+    cache = default_cache_dir(root)
     (images,) = cache.glob("imagefolder-RGB-8x8-*.images.npy")
     assert images.stat().st_size == 60 * 3 * 8 * 8 + 128  # the pixels and a .npy header
     monkeypatch.setattr(image_folder, "decode_image", no_decoding)
@@ -161,13 +162,13 @@ def test_a_changed_file_or_a_damaged_cache_is_decoded_again(root, logged, monkey
     os.utime(root / "green" / "img005.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     ImageFolder(str(root), size=[8, 8], workers=1).load()
     assert len(calls) == 60
-    (images,) = (root / ".dltemplate_cache").glob("*.images.npy")
+    (images,) = default_cache_dir(root).glob("*.images.npy")
     data = bytearray(images.read_bytes())
     data[-1] ^= 0xFF
     images.write_bytes(bytes(data))
     pool, _ = ImageFolder(str(root), size=[8, 8], workers=1).load()
     assert len(calls) == 120 and "checksum mismatch" in logged.text
-    assert len(list((root / ".dltemplate_cache").glob("*.images.npy"))) == 1  # stale one gone
+    assert len(list(default_cache_dir(root).glob("*.images.npy"))) == 1  # stale one gone
 
 
 # -- bad files -------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_a_corrupt_image_is_named(root):
     corrupt(root / "green" / "img007.jpg")
     with pytest.raises(DataError, match=r"green/img007\.jpg: unreadable .*skip_bad=True"):
         ImageFolder(str(root), size=[8, 8], workers=1).load()
-    assert not list((root / ".dltemplate_cache").glob("*.json"))  # nothing cached
+    assert not list(default_cache_dir(root).glob("*.json"))  # nothing cached
 
 
 def test_skip_bad_skips_counts_and_caches_the_failures(root, logged, monkeypatch):
@@ -238,7 +239,7 @@ def test_bad_folders_exit_2_in_one_line_and_write_nothing(cli, tmp_path, capsys,
     out = tmp_path / "out"
     assert cli("train", CONFIG, f"data.root={root}", f"experiment.output_dir={out}") == 2
     assert expected in _one_line(capsys)
-    assert not out.exists() and not (root / ".dltemplate_cache").exists()
+    assert not out.exists() and not default_cache_dir(root).exists()
 
 
 # -- training --------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def test_config_trains_a_cnn_on_a_generated_folder(cli, tmp_path):
     log = (run / "train.log").read_text()
     assert "no official test split: 12 samples set aside by seed" in log  # 60 images, 0.2
     assert "accuracy" in json.loads((run / "test_metrics.json").read_text())
-    assert list((root / ".dltemplate_cache").glob("*.images.npy"))  # decoded once, for next time
+    assert list(default_cache_dir(root).glob("*.images.npy"))  # decoded once, for next time
 
 
 def test_the_readme_command_runs_on_a_folder_laid_out_as_shown(cli, tmp_path):
@@ -285,6 +286,6 @@ def test_files_mode_skips_unreadable_headers_and_names_files_that_fail_later(roo
     assert len(pool) == 59 and "green/img004.png" not in pool.names
     (warning,) = [r.getMessage() for r in logged.records if r.levelno == logging.WARNING]
     assert "skipped 1 of 60 images" in warning
-    assert not (root / ".dltemplate_cache").exists()  # files mode writes no cache
+    assert not default_cache_dir(root).exists()  # files mode writes no cache
     with pytest.raises(DataError, match=r"image_folder: sample \d+ \(red/img000\.png\): "):
         list(IndexLoader(pool, 16, training=False))

@@ -161,10 +161,11 @@ def test_a_checkpoint_whose_content_does_not_match_its_digest_is_damaged(tmp_pat
         load_checkpoint(path)
 
 
-def test_a_checkpoint_without_a_digest_still_loads(tmp_path):
+def test_a_checkpoint_without_a_digest_is_refused(tmp_path):
     path = tmp_path / "old_last_ckpt.pth"
     torch.save({"format": FORMAT, "w": torch.ones(2), "global_step": 4}, path)
-    assert load_checkpoint(path)["global_step"] == 4
+    with pytest.raises(CheckpointError, match="has no digest"):
+        load_checkpoint(path)
 
 
 def test_a_digest_under_a_damaged_key_name_is_not_taken_for_an_old_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ from conftest import REPO, assert_identical, mapped_file, run_dirs, run_results
 
 from dltemplate.data.base import TensorSplit, concat_splits, make_splits
 from dltemplate.data.carvana import Carvana
+from dltemplate.data.image_cache import default_cache_dir
 from dltemplate.data.loader import IndexLoader, ReadOptions
 from dltemplate.data.sample_carvana import make_sample_carvana
 from dltemplate.data.samples import SampleSplit, sample_seed
@@ -77,7 +78,7 @@ def test_carvana_splits_stay_mapped(tmp_path):
         train_val_sample_rate=1.0,
         test_sample_rate=1.0,
     )
-    (images,) = (root / ".dltemplate_cache").glob("*.images.npy")
+    (images,) = default_cache_dir(root).glob("*.images.npy")
     for split in (data.train, data.val, data.test):
         assert mapped_file(split.source_inputs) == str(images)
         assert split.index is not None
@@ -173,12 +174,13 @@ def test_a_map_style_dataset_trains_the_same_with_any_workers(cli, tmp_path):
 
 def test_map_style_own_test_split_groups_names_and_eval(cli, tmp_path, capsys):
     out = tmp_path / "out"
-    args = [*MAP_STYLE, "data.name=toy_datasets:DictDigits", "data.args={n: 600}"]
+    args = [*MAP_STYLE, "data.name=toy_datasets:DictDigits", "data.args={n: 300}"]
     args += ["data.test_args={n: 300}", "data.num_workers=1", f"experiment.output_dir={out}"]
+    args += ["data.train_val_sample_rate=1", "data.val_fraction=0.3"]  # 2 of the 7 writers
     assert cli("train", *args) == 0
     (run,) = run_dirs(out)
     groups = json.loads((run / "split.json").read_text())
-    assert not set(groups["train"]) & set(groups["val"])  # writers kept whole
+    assert groups["val"] and not set(groups["train"]) & set(groups["val"])  # writers kept whole
     assert cli("eval", str(run)) == 2  # the saved config names code: not without trust
     assert cli("eval", str(run), "--trust-code") == 0
     report = json.loads((run / "eval_test.json").read_text())

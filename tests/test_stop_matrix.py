@@ -205,6 +205,9 @@ def ddp_cell(point: str, way: str, tmp_path: Path, tmp_path_factory) -> None:
     stopped = torchrun(command, tmp_path, free_port())
     assert stopped.returncode != 0
     (run,) = run_dirs(out)
+    if way in ("sigint", "sigterm"):  # the command that goes on exactly: as many processes
+        said = f"torchrun --nproc_per_node 2 -m dltemplate resume {run}"
+        assert said in (run / "train.log").read_text()
     resumed = torchrun(["-m", "dltemplate", "resume", str(run)], tmp_path, free_port())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_dirs(out) == [run]

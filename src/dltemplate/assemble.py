@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dltemplate.atomic import atomic_write_text
 from dltemplate.callbacks import build_callbacks
 from dltemplate.config import Config, config_from_dict, config_to_dict
-from dltemplate.config.loader import apply_overrides
+from dltemplate.config.loader import apply_overrides, refuse_resplit
 from dltemplate.config.trust import refuse_untrusted_code
 from dltemplate.data.base import DataSplits
 from dltemplate.engine import distributed as D
@@ -45,8 +45,10 @@ from dltemplate.engine.run_state import (
     restart_dir,
 )
 from dltemplate.engine.rundir import (
+    RunLock,
     check_output_dir,
     new_run_dir,
+    refuse_links,
     remove_stale_temp_files,
     save_config,
     update_saved_config,
@@ -119,6 +121,11 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
         setup(cfg, parts.model)
     restarted = restart_dir(cfg, dist)  # may set trainer.resume (a torchrun restart)
     point = find_resume_point(tc.resume, parts.model, dist.is_main) if tc.resume else None
+    if point is not None:  # the run's split is its own: no override may re-split its data
+        refuse_resplit(point.state["config"], config_to_dict(cfg), str(point.path))
+    reopened = point.run_dir if point is not None else restarted
+    if reopened is not None:  # a directory someone may have tampered with: before any word
+        refuse_links(reopened)
     if point is not None and (note := finished_note(point, epochs, callbacks)) is not None:
         return FinishedRun(point.run_dir, note)  # nothing to do, nothing to write
     if point is None and dist.is_main:  # before a long first decode of the data
@@ -156,7 +163,7 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
         run_state.load_state_dict(point)
     snapshot.take_all()  # the first boundary: as built, or as restored
     train_model, eval_model = wrap_model(cfg, parts.model, dp_ids, dist, device)
-    run_dir = open_run_dir(cfg, dist, point, restarted)
+    run_dir, run_state.lock = open_run_dir(cfg, dist, point, restarted)
     run_state.run_dir = run_dir
     if dist.is_main:
         log_run(cfg, dist, device, threads, parts.model, data, point is None, run_dir)
@@ -208,8 +215,9 @@ def wrap_model(
 
 def open_run_dir(
     cfg: Config, dist: D.DistContext, point: ResumePoint | None, restarted: Path | None
-) -> Path:
-    """Create (rank 0) or reopen the run directory; log to it; save or update the config."""
+) -> tuple[Path, RunLock | None]:
+    """Create (rank 0) or reopen the run directory and take its lock (rank 0: the one writer);
+    log to it; save or update the config."""
     output_dir = cfg.experiment.output_dir
     if point is not None:
         run_dir = point.run_dir
@@ -219,7 +227,9 @@ def open_run_dir(
         made = new_run_dir(output_dir) if dist.is_main else None
         run_dir = Path(D.broadcast_object(str(made) if made else None))
     if not dist.is_main:
-        return run_dir
+        return run_dir, None
+    lock = RunLock(run_dir)
+    lock.acquire()  # before anything is written: a second writer is refused here
     remove_stale_temp_files(run_dir)  # a killed writer's leftovers
     attach_log_file(run_dir / "train.log")
     if point is None:
@@ -243,7 +253,7 @@ def open_run_dir(
         changed = update_saved_config(run_dir, config_to_dict(cfg))
         if changed:
             log.info("config changed on resume: %s", "; ".join(changed))
-    return run_dir
+    return run_dir, lock
 
 
 def log_run(
@@ -338,6 +348,7 @@ def build_evaluator(
     state = load_checkpoint(path)
     refuse_untrusted_code(state["config"], str(path), trust_code)
     raw = apply_overrides(copy.deepcopy(state["config"]), list(overrides or []))
+    refuse_resplit(state["config"], raw, f"{path} (saved config)")
     cfg = config_from_dict(raw, f"{path} (saved config)")
     import_plugins(cfg)
     cls = evaluator_class(cfg)

@@ -44,6 +44,15 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise RunStopped("SIGTERM", at_boundary=False)
 
 
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    # A background thread's error (TensorBoard's writer on a full disk) in one line, not a
+    # traceback printed into the middle of the run's output; the run reports what follows.
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "a thread"
+    log.warning("background thread %s failed: %s: %s", name, args.exc_type.__name__, args.exc_value)
+
+
 def _catch_sigterm() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -108,6 +117,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     setup_logging()
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(
+            f"--out {args.out}: exists and is not a folder (give a folder to write into)"
+        )
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -128,6 +141,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
         raise UsageError(f"--n {args.n}: must be at least 1")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"{args.out}: exists and is not a folder (give a folder to write into)")
+    _catch_sigterm()  # SIGTERM then unwinds like Ctrl-C: the partial set is removed
     out = make_sample_carvana(Path(args.out), n=args.n)
     print(f"wrote {args.n} synthetic Carvana-layout image/mask pairs to {out}")
     return 0
@@ -361,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rest:
         args.overrides = [*args.overrides, *rest]
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    thread_hook, threading.excepthook = threading.excepthook, _thread_failed
     try:
         return args.func(args)
     except UsageError as exc:
@@ -380,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("dltemplate: the run failed")
         return 1
+    finally:
+        threading.excepthook = thread_hook
+        if main_thread:  # the command is over: a late SIGTERM no longer raises into exit code
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from dltemplate.callbacks.base import Callback, Loop
@@ -18,6 +19,9 @@ class MaxTime(Callback):
     """
 
     def __init__(self, hours: float = 0.0, minutes: float = 0.0, seconds: float = 0.0) -> None:
+        for name, value in (("hours", hours), ("minutes", minutes), ("seconds", seconds)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value}: must be a finite number >= 0")
         self.budget = hours * 3600 + minutes * 60 + seconds
         if self.budget <= 0:
             raise ValueError("give a positive hours, minutes or seconds")

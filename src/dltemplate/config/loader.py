@@ -19,11 +19,81 @@ from typing import Any, Literal, Union
 import yaml
 
 from dltemplate.config.schema import Config
-from dltemplate.errors import ConfigError, did_you_mean
+from dltemplate.errors import ConfigError, did_you_mean, short_repr
+
+MAX_DEPTH = 64  # levels of nesting a config may have (a config needs a handful)
+MAX_VALUES = 100_000  # values a document may expand to through aliases (a bomb: billions)
+
+
+class RefusedYAML(yaml.MarkedYAMLError):
+    """YAML that parses but is refused: too deep, too large once its aliases are expanded, or a
+    mapping that names a key twice."""
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` as a string; this loader reads it as the float users mean."""
+    """A SafeLoader that reads ``1e-3`` as the float users mean (YAML 1.1 reads a string), and
+    refuses before building anything a document nested deeper than :data:`MAX_DEPTH`, one that
+    expands through aliases to more than :data:`MAX_VALUES` values, and a key given twice in one
+    mapping (the last would silently win)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Compose one node, counting how deep it lies (an alias adds no depth)."""
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise RefusedYAML(
+                    problem=f"nested more than {MAX_DEPTH} levels deep",
+                    problem_mark=self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        """The document's node graph, checked for its expanded size and repeated keys."""
+        node = super().get_single_node()
+        if node is not None:
+            sizes: dict[int, int] = {}
+            if _expanded_size(node, sizes, []) > MAX_VALUES:
+                raise RefusedYAML(
+                    problem=f"expands through its aliases (*name) to more than {MAX_VALUES:,} "
+                    "values",
+                    problem_mark=node.start_mark,
+                )
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: list[str]) -> int:
+    """How many values ``node`` stands for once aliases are expanded (each shared node counted
+    once per use, computed once); raises :class:`RefusedYAML` for a key given twice."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes, path) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name != "<<":
+                if name in seen:
+                    where = ".".join([*path, name])
+                    raise RefusedYAML(
+                        problem=f"key '{where}' is given twice (lines {seen[name] + 1} and "
+                        f"{key.start_mark.line + 1}); keep one",
+                        problem_mark=key.start_mark,
+                    )
+                seen[name] = key.start_mark.line
+            total += _expanded_size(key, sizes, path)
+            total += _expanded_size(value, sizes, [*path, str(name)])
+    sizes[id(node)] = total
+    return total
 
 
 _Loader.add_implicit_resolver(
@@ -66,7 +136,7 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
             value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if value not in choices:
             raise ConfigError(
-                f"{key}={value!r}: must be one of {', '.join(map(str, choices))}"
+                f"{key}={short_repr(value)}: must be one of {', '.join(map(str, choices))}"
                 + did_you_mean(str(value), map(str, choices))
             )
         return value
@@ -78,37 +148,49 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         names = " or ".join(_type_name(a) for a in typing.get_args(tp))
-        raise ConfigError(f"{key}={value!r}: expected {names}, got {type(value).__name__}")
+        raise ConfigError(
+            f"{key}={short_repr(value)}: expected {names}, got {type(value).__name__}"
+        )
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{key}={value!r}: expected null")
+            raise ConfigError(f"{key}={short_repr(value)}: expected null")
         return None
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r}: expected a list, got {type(value).__name__}")
+            raise ConfigError(
+                f"{key}={short_repr(value)}: expected a list, got {type(value).__name__}"
+            )
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(
+                f"{key}={short_repr(value)}: expected a mapping, got {type(value).__name__}"
+            )
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
+            raise ConfigError(f"{key}={short_repr(value)}: expected true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected an integer, got {type(value).__name__}")
+            raise ConfigError(
+                f"{key}={short_repr(value)}: expected an integer, got {type(value).__name__}"
+            )
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a number, got {type(value).__name__}")
+            raise ConfigError(
+                f"{key}={short_repr(value)}: expected a number, got {type(value).__name__}"
+            )
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # `name: 2024` is meant as text
         if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a string, got {type(value).__name__}")
+            raise ConfigError(
+                f"{key}={short_repr(value)}: expected a string, got {type(value).__name__}"
+            )
         return value
     raise TypeError(f"unsupported config type {tp} for {key}")
 
@@ -129,10 +211,31 @@ def config_keys() -> list[str]:
     return keys
 
 
+def check_depth(raw: Any, source: str, limit: int = MAX_DEPTH) -> None:
+    """A ConfigError naming the first key path nested deeper than ``limit`` levels (checked
+    without recursion: a hostile JSON file may nest 100,000 levels)."""
+    todo: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    seen: set[int] = set()
+    while todo:
+        value, where, depth = todo.pop()
+        if not isinstance(value, (dict, list)) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if depth >= limit:
+            raise ConfigError(
+                f"{source}: {where or 'the config'} is nested more than {limit} levels deep"
+            )
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, child in items:
+            path = f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+            todo.append((child, path.lstrip("."), depth + 1))
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a validated :class:`Config` from nested dicts; missing keys take their defaults."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    check_depth(raw, source)
     sections = _section_types()
     built = {}
     for name, values in raw.items():
@@ -180,7 +283,19 @@ def check_values(cfg: Config, source: str = "config") -> None:
             e.name,
             "must be a plain name (no path separator): it names files in the run directory",
         ),
+        (
+            len(e.name) <= MAX_NAME,
+            "experiment.name",
+            e.name,
+            f"too long ({len(e.name)} characters; at most {MAX_NAME}): it names files",
+        ),
         (t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1"),
+        (
+            math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
+            "trainer.early_stopping_min_delta",
+            t.early_stopping_min_delta,
+            "must be a finite number >= 0",
+        ),
         (d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1"),
         (
             d.eval_batch_size is None or d.eval_batch_size >= 1,
@@ -231,6 +346,12 @@ def check_values(cfg: Config, source: str = "config") -> None:
         ),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "must be 0 or more"),
         (d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be at least 1"),
+        (
+            d.timeout is None or (math.isfinite(d.timeout) and d.timeout > 0),
+            "data.timeout",
+            d.timeout,
+            "must be a finite number of seconds > 0 (or null: wait forever for a sample)",
+        ),
         (t.fast_dev_run >= 0, "trainer.fast_dev_run", t.fast_dev_run, "must be 0 (off) or more"),
         (
             t.overfit_batches >= 0,
@@ -241,7 +362,33 @@ def check_values(cfg: Config, source: str = "config") -> None:
     ]
     for ok, key, value, rule in rules:
         if not ok:
-            raise ConfigError(f"{source}: {key}={value!r}: {rule}")
+            raise ConfigError(f"{source}: {key}={short_repr(value)}: {rule}")
+    args = {f"{name}.args": getattr(cfg, name).args for name in SECTIONS_WITH_ARGS}
+    args["data.test_args"] = d.test_args or {}
+    for i, item in enumerate(cfg.callbacks):
+        args[f"callbacks[{i}] '{item.name}' args"] = item.args
+    for where, values in args.items():
+        for key, value in _numbers(values):
+            if not math.isfinite(value):
+                raise ConfigError(
+                    f"{source}: {where}.{key}={value!r}: must be a finite number (NaN and "
+                    "infinities are not accepted)"
+                )
+
+
+SECTIONS_WITH_ARGS = ("data", "model", "loss", "optimizer", "scheduler")
+MAX_NAME = 100  # characters of experiment.name: it names files (and a file name has 255 bytes)
+
+
+def _numbers(value: Any, key: str = "") -> list[tuple[str, float]]:
+    """Every float in ``value`` (nested mappings and lists), with its key path."""
+    if isinstance(value, float):
+        return [(key, value)]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _numbers(v, f"{key}.{k}".lstrip("."))]
+    if isinstance(value, (list, tuple)):
+        return [n for i, v in enumerate(value) for n in _numbers(v, f"{key}[{i}]")]
+    return []
 
 
 def _list_section(values: Any, cls: type, name: str, source: str) -> list[Any]:
@@ -307,6 +454,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': the key must be section.key, e.g. trainer.epochs=5")
     try:
         parsed = yaml_load(value) if value.strip() else None
+    except RefusedYAML as exc:
+        raise ConfigError(f"override '{short_repr(text)}'{_yaml_error(exc)}") from exc
     except yaml.YAMLError:
         parsed = value  # not YAML: take it as a string
     return path, parsed
@@ -328,6 +477,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# The keys that decide which samples fall in which split: a run's eval and resume keep them.
+SPLIT_KEYS = (
+    "experiment.seed",
+    "data.name",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.train_val_sample_rate",
+    "data.test_sample_rate",
+)
+
+
+def refuse_resplit(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """A ConfigError if the config ``now`` changes a key of :data:`SPLIT_KEYS` from the run's
+    ``saved`` config (both as dicts of sections): the data would be split anew, and the run's
+    test split would then hold samples it trained on."""
+    for key in SPLIT_KEYS:
+        section, name = key.split(".")
+        value = now.get(section, {}).get(name)
+        if saved.get(section, {}).get(name) != value:
+            raise ConfigError(
+                f"{where}: {key}={short_repr(value)} would split the data anew, so the run's "
+                f"test split would hold samples it trained on; {key} stays as the run was "
+                "trained (leave it out, or train a new run)"
+            )
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) config file into a dict; a missing or broken file is a ConfigError."""
     path = Path(path)
@@ -341,6 +516,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a text file (expected a YAML config)") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}{_yaml_error(exc)}") from exc
+    except RecursionError as exc:  # deeper than Python's parser goes, before our own check
+        raise ConfigError(f"{path}: nested too deep to read") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw.pop("_meta", None)  # versions saved beside the config in run directories
@@ -352,6 +529,8 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
     what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if isinstance(exc, RefusedYAML):
+        return f"{where}: refused: {what}"
     context = getattr(exc, "context", None)
     return f"{where}: not valid YAML: {what}" + (f" ({context})" if context else "")
 

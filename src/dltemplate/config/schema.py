@@ -49,6 +49,7 @@ class DataConfig:
     pin_memory: bool | None = None  # page-locked batches for a faster GPU copy; null: on CUDA
     persistent_workers: bool = True  # keep the workers between epochs (num_workers > 0)
     prefetch_factor: int = 2  # batches each worker reads ahead (num_workers > 0)
+    timeout: float | None = 300.0  # seconds one sample may take to read; null: wait forever
     # Per-sample transforms, names or {name, args} (registered or package.module:function):
     train_transform: list[Any] = field(default_factory=list)  # training samples
     eval_transform: list[Any] = field(default_factory=list)  # validation and test samples

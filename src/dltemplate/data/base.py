@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dltemplate.errors import ConfigError
+from dltemplate.errors import ConfigError, DataError, short_repr
 
 EVAL_EPOCH = -1  # the epoch in the per-sample seeds of evaluation (see data.samples)
 
@@ -178,6 +178,25 @@ def check_mode(mode: Any, label: str) -> None:
             f"{label}: mode={mode!r}: must be 'cache' (decode once into a mapped cache) or "
             "'files' (decode every epoch, in data.num_workers workers)"
         )
+
+
+def check_same_classes(train: list[str], test: list[str], label: str) -> None:
+    """DataError naming both class lists (and what only one of them has) when the test
+    split's classes are not the training set's, in the same order: labels would mean other
+    classes. ``label`` starts the message."""
+    if list(train) == list(test):
+        return
+    only_train = sorted(set(train) - set(test))
+    only_test = sorted(set(test) - set(train))
+    what = (
+        f"only in training {short_repr(only_train)}, only in test {short_repr(only_test)}"
+        if only_train or only_test
+        else "the same names, in another order or repeated (a label would mean another class)"
+    )
+    raise DataError(
+        f"{label}: the test split's classes differ from the training set's: {what}; "
+        f"training {short_repr(list(train))}, test {short_repr(list(test))}"
+    )
 
 
 def _take(n: int, rate: float, key: str) -> int:

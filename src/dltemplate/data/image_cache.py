@@ -15,16 +15,24 @@ arrays are read-only views of the files, their pages live in the OS page cache (
 process of a node that maps the same entry, and given back under memory pressure). The CRC32 is
 still checked, over the mapped bytes themselves. :func:`tensor_view` wraps such an array as a
 torch tensor without copying it.
+
+Where the cache lives (:func:`default_cache_dir`): outside the data, so that a read-only data
+folder works and no scanner of the data folder takes the cache for one more class. By default
+a per-user folder (``$DLTEMPLATE_CACHE``, else ``$XDG_CACHE_HOME/dltemplate``, else
+``~/.cache/dltemplate``) holds one sub-folder per data root, named after it and a hash of its
+resolved path; a dataset's ``cache_dir`` argument (``data.args.cache_dir``) is used as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -42,15 +50,47 @@ log = logging.getLogger("dltemplate")
 
 FORMAT_VERSION = 1  # of the meta and file layout; the caller's key covers how arrays are made
 _RESERVED = ("version", "key")  # meta fields of the cache itself, not the caller's
+CACHE_ENV = "DLTEMPLATE_CACHE"  # the folder of every dataset's cache folder, for this user
+
+
+def user_cache_base() -> Path:
+    """The per-user folder that holds a cache folder per data root: ``$DLTEMPLATE_CACHE``,
+    else ``$XDG_CACHE_HOME/dltemplate``, else ``~/.cache/dltemplate``."""
+    own = os.environ.get(CACHE_ENV, "")
+    if own:
+        return Path(own).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec says to ignore a relative one
+        return Path(xdg) / "dltemplate"
+    try:
+        return Path.home() / ".cache" / "dltemplate"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        return Path(tempfile.gettempdir()) / f"dltemplate-cache-{user}"
+
+
+def root_identity(root: Path) -> str:
+    """The resolved absolute path of a data root, as cache keys and folder names use it."""
+    return str(Path(root).resolve())
+
+
+def default_cache_dir(root: Path) -> Path:
+    """The cache folder of data root ``root`` when no ``cache_dir`` is given: a sub-folder of
+    :func:`user_cache_base` named after the root and a hash of its resolved path (two data
+    folders of the same name never share one)."""
+    resolved = root_identity(root)
+    digest = hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name = (Path(resolved).name or "root")[:40]
+    return user_cache_base() / f"{name}-{digest}"
 
 
 class CachedImageDataset(InMemoryDataset):
     """The arguments every dataset of image files shares (Carvana, image_folder): ``skip_bad``
-    (skip unreadable files with one warning instead of failing), ``cache_dir`` (default
-    ``<root>/.dltemplate_cache``: the decoded arrays), ``workers`` (processes of the first
-    decode; 0: up to 4, one per CPU; 1: this one) and ``mode`` (``cache``: decode once into
-    the mapped cache; ``files``: decode every sample when it is read, in the loader's
-    ``data.num_workers`` workers). ``label`` names the dataset in messages."""
+    (skip unreadable files with one warning instead of failing), ``cache_dir`` (the decoded
+    arrays; default :func:`default_cache_dir`, outside the data), ``workers`` (processes of
+    the first decode; 0: up to 4, one per CPU; 1: this one) and ``mode`` (``cache``: decode
+    once into the mapped cache; ``files``: decode every sample when it is read, in the
+    loader's ``data.num_workers`` workers). ``label`` names the dataset in messages."""
 
     label = "dataset"
 
@@ -71,7 +111,15 @@ class CachedImageDataset(InMemoryDataset):
             raise ConfigError(f"{self.label}: workers={workers!r}: must be 0 (automatic) or more")
         self.skip_bad, self.workers, self.mode = skip_bad, workers, mode
         self.root_path = Path(root or ".")
-        self.cache_dir = Path(cache_dir) if cache_dir else self.root_path / ".dltemplate_cache"
+        self.cache_dir = (
+            Path(cache_dir).expanduser() if cache_dir else default_cache_dir(self.root_path)
+        )
+
+    @property
+    def root_identity(self) -> str:
+        """The resolved data root, part of every cache key: two data folders never share an
+        entry, even in one ``cache_dir``."""
+        return root_identity(self.root_path)
 
 
 class Cached(NamedTuple):
@@ -145,7 +193,7 @@ class ArrayCache:
                 arrays[kind] = _allocate_npy(tmp, shape)
         except OSError as exc:
             log.info("%s: decoding in memory (%s)", self.label, exc)
-            self._discard_allocated()
+            self.discard()
             return {kind: np.empty(shape, np.uint8) for kind, shape in shapes.items()}
         self._allocated = {kind: (self._allocated_path(kind), a) for kind, a in arrays.items()}
         return arrays
@@ -154,7 +202,10 @@ class ArrayCache:
         # Not atomic_write's temporary name: a copy made by write() must not truncate it.
         return self.folder / f".{self.array_path(kind).name}.{os.getpid()}.decoding.tmp"
 
-    def _discard_allocated(self) -> None:
+    def discard(self) -> None:
+        """Remove the temporary files of :meth:`allocate` that :meth:`write` has not renamed
+        into place (arrays still mapped keep their data); safe to call more than once. Call it
+        in a ``finally`` around a cold pass, so that an error or Ctrl-C leaves no file behind."""
         for path, _ in getattr(self, "_allocated", {}).values():
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -197,14 +248,16 @@ class ArrayCache:
             atomic_write(self.meta_path, lambda f: f.write(text))  # last: it makes the entry valid
         except OSError as exc:
             log.warning(
-                "%s: cannot write the decode cache in %s (%s); continuing without it",
+                "%s: cannot write the decode cache in %s (%s); continuing without it "
+                "(data.args.cache_dir or %s can point it at a writable folder)",
                 self.label,
                 self.folder,
                 exc,
+                CACHE_ENV,
             )
             return
         finally:
-            self._discard_allocated()  # the ones not renamed (still mapped: their data lives)
+            self.discard()  # the ones not renamed (still mapped: their data lives)
         # Same family but another key: made stale by a change of the files.
         for old in self.folder.glob(f"{self.family}*"):
             if not old.name.startswith(self.stem):

@@ -30,8 +30,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dltemplate.data.base import DataInfo, TensorSplit
-from dltemplate.data.carvana.decode import PIL_ERRORS, Allocate, strict_truncation, worker_count
+from dltemplate.data.base import DataInfo, TensorSplit, check_same_classes
+from dltemplate.data.carvana.decode import (
+    BAD_IMAGE_ERRORS,
+    Allocate,
+    strict_truncation,
+    worker_count,
+)
 from dltemplate.data.image_cache import ArrayCache, Cached, CachedImageDataset, tensor_view
 from dltemplate.data.samples import SampleSplit
 from dltemplate.errors import ConfigError, DataError
@@ -44,8 +49,6 @@ TEST_FOLDER = "test"
 NAMED_IN_WARNING = 3  # bad files named in the skip_bad warning; the rest are counted
 # Fixed, not measured: a later evaluation must normalise as training did, even without a cache.
 MEAN_STD = 0.5
-# Errors of a bad file: PIL's, and its refusal of images too large to be safe to decode.
-BAD_IMAGE_ERRORS = (*PIL_ERRORS, Image.DecompressionBombError)
 
 
 @functools.cache
@@ -183,7 +186,8 @@ class ImageFolder(CachedImageDataset):
     """Images in class sub-folders of ``root``, resized to ``size`` (``[height, width]``),
     grey with ``grayscale`` or RGB; ``<root>/test/`` (same classes) is the test split if
     present. ``skip_bad`` skips unreadable images (with one warning) instead of failing.
-    ``cache_dir`` (default ``<root>/.dltemplate_cache``) holds the decoded arrays; ``workers``
+    ``cache_dir`` (default: a per-user folder outside the data, see
+    :func:`~dltemplate.data.image_cache.default_cache_dir`) holds the decoded arrays; ``workers``
     processes decode the first pass (0: up to 4, one per CPU; 1: in this process).
     ``mode``: ``cache`` (decode once into the cache, mapped) or ``files`` (decode every epoch,
     in the loader's ``data.num_workers`` workers; no cache is written). Mean and std are 0.5
@@ -234,15 +238,13 @@ class ImageFolder(CachedImageDataset):
         train = scan_classes(self.root_path, skip=(test_dir, self.cache_dir))
         if not test_dir.is_dir():
             return train, None
-        test = scan_classes(test_dir, min_classes=0)  # its classes are compared below
-        if test.classes != train.classes:
-            only_train = sorted(set(train.classes) - set(test.classes))
-            only_test = sorted(set(test.classes) - set(train.classes))
-            raise DataError(
-                f"image_folder: the classes of {test_dir} differ from those of "
-                f"{self.root_path}: only in training {only_train}, only in test {only_test}"
-            )
-        return train, test
+        try:
+            test_classes = [d.name for d in _visible_dirs(test_dir)]
+        except OSError as exc:
+            raise DataError(f"image_folder: cannot list {test_dir}: {exc}") from exc
+        # Compared before the test images are listed: a stray folder is named as such.
+        check_same_classes(train.classes, test_classes, f"image_folder: {test_dir}")
+        return train, scan_classes(test_dir, min_classes=0)
 
     def describe(self) -> DataInfo:
         """Shapes and class names from the folder names; decodes nothing."""
@@ -267,14 +269,17 @@ class ImageFolder(CachedImageDataset):
         cache = self._cache(files)
         decoded = self._read_cache(cache, len(files))
         cold = decoded is None
-        if decoded is None:
-            decoded = self._decode(files, cache)
-        if decoded.failed and not self.skip_bad:  # from the cache too: as decoding would say
-            raise DataError(f"{decoded.failed[0]}; skip_bad=True skips such files")
-        if cold:  # with skip_bad, failures are cached with the arrays
-            cache.write(
-                {"images": decoded.images}, {"kept": decoded.kept, "failed": decoded.failed}
-            )
+        try:
+            if decoded is None:
+                decoded = self._decode(files, cache)
+            if decoded.failed and not self.skip_bad:  # from the cache too: as decoding would say
+                raise DataError(f"{decoded.failed[0]}; skip_bad=True skips such files")
+            if cold:  # with skip_bad, failures are cached with the arrays
+                cache.write(
+                    {"images": decoded.images}, {"kept": decoded.kept, "failed": decoded.failed}
+                )
+        finally:
+            cache.discard()  # a bad file or Ctrl-C in the cold pass leaves no temporary file
         self._warn_skipped(decoded.failed, len(files))
         kept = np.array(decoded.kept, np.int64)
         n_train = int(np.searchsorted(kept, len(train.files)))  # kept is in file order
@@ -325,6 +330,7 @@ class ImageFolder(CachedImageDataset):
         blob = json.dumps(
             {
                 "version": DECODE_VERSION,
+                "root": self.root_identity,
                 "size": self.size,
                 "grayscale": self.grayscale,
                 "files": stamps,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from dltemplate.data.base import EVAL_EPOCH, Batch, TensorSplit
-from dltemplate.data.samples import SampleReader
+from dltemplate.data.samples import DEFAULT_TIMEOUT, SampleReader
 from dltemplate.errors import ConfigError
 
 
@@ -25,6 +25,7 @@ class ReadOptions:
     persistent_workers: bool = True
     prefetch_factor: int = 2
     transforms: list[Callable[[Any, Any], tuple[Any, Any]]] = field(default_factory=list)
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds one sample may take; None: no limit
 
 
 class IndexLoader:
@@ -76,6 +77,7 @@ class IndexLoader:
                 pin_memory=opts.pin_memory,
                 persistent_workers=opts.persistent_workers,
                 prefetch_factor=opts.prefetch_factor,
+                timeout=opts.timeout,
             )
 
     def set_epoch(self, epoch: int) -> None:

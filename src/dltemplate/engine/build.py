@@ -24,7 +24,7 @@ from dltemplate.engine.evaluation import Evaluation
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.sync_batchnorm import convert_sync_batchnorm
 from dltemplate.engine.task import Task
-from dltemplate.errors import ConfigError, did_you_mean
+from dltemplate.errors import ConfigError, did_you_mean, short_repr
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.optim import build_optimizer, build_scheduler, scheduler_interval
 
@@ -56,6 +56,7 @@ def build_components(
     info = task.data_info()
     with config_section("model", cfg.model.name, cfg.model.args):
         model = task.build_model(info).to(device)
+    task.check_model(model, info, device)  # its outputs fit the task, before any data is read
     if sync_batchnorm:
         model = convert_sync_batchnorm(model, device)
     with config_section("loss", cfg.loss.name, cfg.loss.args):
@@ -77,7 +78,10 @@ def config_section(section: str, name: str, args: dict[str, Any]) -> Iterator[No
         raise  # the device is too small, the config may be right: not exit status 2
     except (TypeError, ValueError, RuntimeError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise ConfigError(f"{section}.name={name} {section}.args={args}: {lines[0]}") from exc
+        said = lines[0] if len(lines[0]) <= 300 else lines[0][:297] + "..."  # never in full
+        raise ConfigError(
+            f"{section}.name={name} {section}.args={short_repr(args)}: {said}"
+        ) from exc
 
 
 def check_monitor(monitor: str, metrics: MetricCollection) -> None:
@@ -113,7 +117,9 @@ def read_options(cfg: Config, training: bool) -> ReadOptions:
     key = "data.train_transform" if training else "data.eval_transform"
     transforms = build_transforms(d.train_transform if training else d.eval_transform, key)
     pin = torch.cuda.is_available() if d.pin_memory is None else d.pin_memory
-    return ReadOptions(d.num_workers, pin, d.persistent_workers, d.prefetch_factor, transforms)
+    return ReadOptions(
+        d.num_workers, pin, d.persistent_workers, d.prefetch_factor, transforms, d.timeout
+    )
 
 
 def build_loaders(
@@ -129,6 +135,12 @@ def build_loaders(
     train_split, val_split = data.train, data.val
     if len(train_split) == 0:
         raise ConfigError("data: the training split is empty (check the sample rates)")
+    if len(val_split) == 0 and d.val_fraction > 0 and tc.overfit_batches == 0:
+        raise ConfigError(
+            f"data: the validation split is empty (train {len(train_split)}, val 0, test "
+            f"{len(data.test)} samples): data.val_fraction={d.val_fraction} leaves no sample (or "
+            "group) for it; raise it, or set it to 0 and monitor a train/ metric"
+        )
     fit, check = read_options(cfg, True), read_options(cfg, False)
     train = IndexLoader(train_split, d.batch_size, training=True, seed=seed, read=fit, **where)
     limits = [tc.limit_train_batches, tc.limit_val_batches, tc.limit_test_batches]

@@ -3,7 +3,7 @@
 A checkpoint holds only tensors and plain types; the model is saved unwrapped (no ``module.``
 or ``_orig_mod.`` prefixes), so it loads into a bare model on any device. Each checkpoint also
 carries a ``"digest"`` of its content, checked on load, so a damaged file is an error rather
-than a run silently resumed from wrong weights.
+than a run silently resumed from wrong weights; a file without a digest is refused too.
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def _file_signature(path: Path) -> tuple[Any, ...]:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a dltemplate checkpoint on the CPU; anything else is a CheckpointError naming it.
 
-    The content must match the checkpoint's digest (a damaged file is a CheckpointError);
-    checkpoints written before digests existed load unchecked.
+    The content must match the checkpoint's digest (a damaged file, or one without a digest,
+    is a CheckpointError).
     """
     global _handoff
     path = Path(path)
@@ -195,11 +195,13 @@ def _load_and_verify(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a dltemplate checkpoint (no '{FORMAT}' marker)")
     digest = state.get(DIGEST_KEY)
     if digest is None:
-        # An old checkpoint has no digest at all; a digest-like value under another key means
-        # the key's name itself was damaged.
+        # A digest-like value under another key means the key's name itself was damaged.
         if any(isinstance(v, str) and v.startswith(DIGEST_PREFIX) for v in state.values()):
             raise CheckpointError(_damaged(path))
-        return state
+        raise CheckpointError(
+            f"{path}: the checkpoint has no digest, so its content cannot be trusted (every "
+            "checkpoint dltemplate writes has one): it is not loaded"
+        )
     if not isinstance(digest, str) or digest != content_digest(state):
         raise CheckpointError(_damaged(path))
     return state

@@ -11,7 +11,6 @@ is written (atomic, with a digest) is :mod:`dltemplate.engine.checkpoint`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +35,10 @@ from dltemplate.engine.checkpoint import (
 from dltemplate.engine.loop_state import LoopState
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.restarts import restarted_run_dir
-from dltemplate.engine.rundir import remove_stale_temp_files
+from dltemplate.engine.rundir import RunLock, remove_stale_temp_files
 from dltemplate.engine.seeding import rng_state, set_rng_state
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped
-from dltemplate.errors import CheckpointError, NonFiniteLossError, UsageError
+from dltemplate.errors import CheckpointError, NonFiniteLossError, UsageError, short_repr
 from dltemplate.optim.stretch import StretchedSchedule, is_stretched_state, stretch_scheduler
 
 log = logging.getLogger("dltemplate")
@@ -144,19 +143,61 @@ def find_resume_point(resume: str | Path, model: nn.Module, is_main: bool) -> Re
     return ResumePoint(state, ckpt_path)
 
 
+def _count(minimum: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Each field's rule, said as the message says it: checked before anything is restored.
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, dict), "a mapping of tensors"),
+    "optimizer": (lambda v: isinstance(v, dict), "a mapping"),
+    "scheduler": (_optional(lambda v: isinstance(v, dict)), "a mapping or None"),
+    "schedule_total": (_count(0), "an integer >= 0"),
+    "scaler": (lambda v: isinstance(v, dict), "a mapping"),
+    "epoch": (_count(0), "an integer >= 0"),
+    "global_step": (_count(0), "an integer >= 0"),
+    "batch_in_epoch": (_count(0), "an integer >= 0"),
+    "world_size": (_count(1), "an integer >= 1"),
+    "train_progress": (lambda v: isinstance(v, list), "a list"),
+    "best_score": (_optional(_number), "a number or None"),
+    "best_epoch": (_optional(_count(1)), "an integer >= 1 or None"),
+    "stopped_by": (_optional(lambda v: isinstance(v, str)), "a string or None"),
+    "stop_reason": (_optional(lambda v: isinstance(v, str)), "a string or None"),
+    "rng": (lambda v: isinstance(v, list), "a list (one state per process)"),
+    "callbacks": (lambda v: isinstance(v, dict), "a mapping of states by callback key"),
+    "finished": (lambda v: isinstance(v, bool), "true or false"),
+    "config": (lambda v: isinstance(v, dict), "a mapping of sections"),
+}
+
+
 def check_training_state(state: dict[str, Any], path: Path) -> None:
-    """A CheckpointError naming ``path`` unless ``state`` holds every key of a training state."""
+    """A CheckpointError naming ``path`` unless ``state`` holds every key of a training state,
+    each of the right type and range (a hostile or damaged file is refused before anything is
+    restored or written)."""
     missing = [k for k in TRAINING_KEYS if k not in state]
-    if not missing:
-        return
-    if "model" in state and "optimizer" not in state:
-        why = "it holds evaluated weights only (an average such as ema's), no training state"
-    else:
-        why = f"it lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
-    raise CheckpointError(
-        f"{path}: cannot resume from this checkpoint: {why}; resume from the run directory "
-        "(its last or interrupt checkpoint), or evaluate this file with dltemplate eval"
-    )
+    if missing:
+        if "model" in state and "optimizer" not in state:
+            why = "it holds evaluated weights only (an average such as ema's), no training state"
+        else:
+            why = f"it lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+        raise CheckpointError(
+            f"{path}: cannot resume from this checkpoint: {why}; resume from the run directory "
+            "(its last or interrupt checkpoint), or evaluate this file with dltemplate eval"
+        )
+    for key, (ok, rule) in FIELD_RULES.items():
+        if not ok(state[key]):
+            raise CheckpointError(
+                f"{path}: cannot resume from this checkpoint: {key}={short_repr(state[key])} "
+                f"(must be {rule})"
+            )
 
 
 def stop_cause(exc: BaseException) -> str:
@@ -242,6 +283,7 @@ class RunState:
         self.snapshot, self.callbacks, self.dist = snapshot, callbacks, dist
         self.write = write and dist.is_main  # fast_dev_run writes nothing
         self.run_dir: Path | None = None
+        self.lock: RunLock | None = None  # held by rank 0 while it writes the run directory
         self.interrupt = Interrupt()
 
     # -- what a checkpoint holds -----------------------------------------------------------------
@@ -444,7 +486,8 @@ class RunState:
             schedule.total,
         )
 
-    def saved_test_metrics(self) -> dict[str, float]:
-        """The test metrics a finished run wrote (``{}`` if it did not test)."""
-        path = self.run_dir / "test_metrics.json" if self.run_dir is not None else None
-        return json.loads(path.read_text()) if path is not None and path.exists() else {}
+    def close(self) -> None:
+        """Let go of the run directory (another process may write it from now on)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

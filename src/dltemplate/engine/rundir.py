@@ -153,6 +153,61 @@ def package_version() -> str:
         return "unknown"
 
 
+def refuse_links(run_dir: Path) -> None:
+    """A UsageError naming the first symbolic link inside ``run_dir`` (its files, and the files
+    of ``summary/``): run directories are shared, and a link there would have a resume append
+    its log or TensorBoard events to whatever the link points at."""
+    for path in sorted(Path(run_dir).iterdir()):
+        inside = sorted(path.iterdir()) if path.is_dir() and not path.is_symlink() else []
+        for found in [path, *inside]:
+            if found.is_symlink():
+                raise UsageError(
+                    f"{found}: is a symbolic link; dltemplate never writes through a link in a "
+                    "run directory (replace it with the file itself, or copy the run)"
+                )
+
+
+class RunLock:
+    """The one writer of a run directory: an advisory lock (``fcntl.flock``) on ``<run>/.lock``,
+    held from the moment the run directory is opened until the run ends. The kernel releases it
+    when the holder dies (a kill, a crash, a preempted job), so a stale lock is simply taken over;
+    a live holder — another ``resume`` of the same run, a forgotten job — is named instead.
+    Where ``flock`` is missing (Windows) the lock is a no-op."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise UsageError naming the process that holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this system: one writer is the user's to keep
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(
+                f"{self.path.parent}: the run is being written by {holder}; one process writes "
+                "a run directory at a time (wait for it, or stop it, then resume)"
+            ) from None
+        me = f"pid {os.getpid()} on {platform.node()} since {datetime.datetime.now():%H:%M:%S}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go of the lock (the file stays: removing it could let two writers in)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
 def git_commit() -> str | None:
     """The project's git commit, when it runs from a git checkout."""
     try:
@@ -196,8 +251,10 @@ def read_saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = find_config(run_dir)
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError as exc:  # a hostile file: 100,000 nested lists
+        raise DataError(f"{path}: not a readable saved config (nested too deep)") from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable saved config ({exc})") from exc
+        raise DataError(f"{path}: not a readable saved config ({str(exc)[:200]})") from exc
     if not isinstance(saved, dict):
         raise DataError(f"{path}: not a saved config (expected a mapping of sections)")
     meta = saved.pop("_meta", {})
@@ -274,16 +331,24 @@ class MetricsTable:
         # the pid-named temp file lets remove_stale_temp_files tell a live writer's from a dead one
         atomic_write_text(self.path, buf.getvalue())
 
-    def plot(self, png: Path) -> threading.Thread:
-        """Redraw the curves into ``png`` in a background thread (returned, to join).
+    def plot(self, png: Path) -> threading.Thread | None:
+        """Redraw the curves into ``png`` in a background thread (returned, to join; None when
+        no thread could be started: then the picture is skipped, with one warning).
 
         Drawing takes a few tenths of a second; a thread lets the next epoch start meanwhile.
         """
         self.wait()
         rows = [dict(r) for r in self.rows]  # a snapshot: the table may grow while drawing
-        self._plotting = threading.Thread(target=_plot_quietly, args=(rows, png), daemon=True)
-        self._plotting.start()
-        return self._plotting
+        thread = threading.Thread(target=_plot_quietly, args=(rows, png), daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: a picture never stops training
+            if not getattr(self, "_said_no_thread", False):
+                logging.getLogger("dltemplate").warning("curves.png not drawn: %s", exc)
+                self._said_no_thread = True
+            return None
+        self._plotting = thread
+        return thread
 
     def wait(self) -> None:
         """Wait for a drawing in progress to finish."""

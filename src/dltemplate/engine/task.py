@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from dltemplate.config import Config
-from dltemplate.data.base import Batch, DataInfo, DataSplits, InMemoryDataset, make_splits
+from dltemplate.data.base import (
+    Batch,
+    DataInfo,
+    DataSplits,
+    InMemoryDataset,
+    check_same_classes,
+    make_splits,
+)
 from dltemplate.data.samples import MapStyleDataset, is_map_style
 from dltemplate.errors import ConfigError, DataError, UsageError
 from dltemplate.metrics.base import MetricCollection
@@ -97,6 +104,11 @@ class Task:
         }
         kwargs = {**accepted_kwargs(factory, offered), **self.cfg.model.args}
         return MODELS.build(self.cfg.model.name, "model.name", **kwargs)
+
+    def check_model(self, model: nn.Module, info: DataInfo, device: torch.device) -> None:
+        """Check the built model against the task before any data is read (raise ConfigError):
+        nothing by default; classification runs one forward pass and checks the logits'
+        width against the number of classes."""
 
     def build_loss(self) -> nn.Module:
         """The configured loss."""
@@ -241,7 +253,37 @@ def build_dataset(cfg: Config) -> InMemoryDataset | MapStyleDataset:
 
     dataset = build(d.args)
     test = None if d.test_args is None else build({**d.args, **d.test_args})
-    return MapStyleDataset(dataset, test, label, cfg.experiment.seed)
+    if test is not None:
+        _check_test_classes(dataset, test, label)
+    return MapStyleDataset(dataset, test, label, cfg.experiment.seed, cfg.data.timeout)
+
+
+def _class_list(dataset: Any) -> tuple[list[str] | None, int | None]:
+    """A map-style dataset's class names (``classes``) and class count (``len(classes)`` or
+    ``num_classes``), each None where it does not state it."""
+    try:
+        classes = getattr(dataset, "classes", None)
+        if classes is not None:
+            names = [str(c) for c in classes]
+            return names, len(names)
+        count = getattr(dataset, "num_classes", None)
+        return None, None if count is None else int(count)
+    except (TypeError, ValueError):
+        return None, None  # neither a list nor a count: describe() says what it can
+
+
+def _check_test_classes(dataset: Any, test: Any, label: str) -> None:
+    """DataError naming both lists (or counts) when the training set and its
+    ``data.test_args`` split state different classes (e.g. a stray folder in one of two
+    class-folder trees): every test label would be scored against another class."""
+    where = f"{label} with data.test_args"
+    (train_names, train_count), (test_names, test_count) = _class_list(dataset), _class_list(test)
+    if train_names is not None and test_names is not None:
+        check_same_classes(train_names, test_names, where)
+    elif train_count is not None and test_count is not None and train_count != test_count:
+        raise DataError(
+            f"{where}: the test split has {test_count} classes but the training set {train_count}"
+        )
 
 
 def make_task(cfg: Config) -> Task:

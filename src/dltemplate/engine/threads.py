@@ -27,6 +27,12 @@ def thread_count(requested: int | None, local_world_size: int = 1) -> int | None
     if requested is not None:
         if requested < 1:
             raise ConfigError(f"experiment.threads={requested}: must be at least 1 (or null)")
+        cores = available_cores()
+        if requested > cores:  # more threads than cores only waste time; 100,000 exhaust the OS
+            raise ConfigError(
+                f"experiment.threads={requested}: more than the {cores} cores this process may "
+                f"use; give at most {cores} (or null: torch's default)"
+            )
         return requested
     if local_world_size > 1:
         return max(1, available_cores() // local_world_size)

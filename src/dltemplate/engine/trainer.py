@@ -15,6 +15,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -404,14 +405,24 @@ class TrainerBase:
             return
         interrupt = self.run_state.interrupt
         log.error(
-            "run stopped by %s at epoch %d, step %d; %s; %s: dltemplate resume %s",
+            "run stopped by %s at epoch %d, step %d; %s; %s: %s",
             stop_cause(exc),
             self.state.epoch + 1,
             self.state.global_step,
             interrupt.note,
             "continue with" if interrupt.path else "resume continues from the newest checkpoint",
-            self.run_dir,
+            self.resume_command(),
         )
+
+    def resume_command(self) -> str:
+        """The command that continues this run exactly: under torchrun, with the same number of
+        processes (per node, and nodes), since the data order and random streams depend on it."""
+        if not self.dist.enabled:
+            return f"dltemplate resume {self.run_dir}"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        nodes = max(1, self.dist.world_size // per_node)
+        spread = f"--nnodes {nodes} " if nodes > 1 else ""
+        return f"torchrun {spread}--nproc_per_node {per_node} -m dltemplate resume {self.run_dir}"
 
     def _log_summary(self, seconds: float) -> None:
         """The last lines of a run: how long, the best epoch and its score, where things are."""
@@ -471,4 +482,5 @@ class TrainerBase:
         if isinstance(getattr(self, "train_model", None), DistributedDataParallel):
             self.train_model = self.eval_model
             gc.collect()
+        self.run_state.close()  # the run directory's lock: the last thing the run writes is done
         D.shutdown_distributed()

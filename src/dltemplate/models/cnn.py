@@ -21,6 +21,8 @@ class SmallCNN(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout}: must be in [0, 1)")
         channels = input_shape[0]
 
         def block(cin: int, cout: int) -> nn.Sequential:

@@ -23,6 +23,8 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:  # torch drops nothing for a negative rate, silently
+            raise ValueError(f"dropout={dropout}: must be in [0, 1)")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for h in hidden:

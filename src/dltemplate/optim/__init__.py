@@ -34,6 +34,8 @@ def step_lr(
     """Multiply the rate by ``gamma`` every ``step_size`` steps (default: a third of the run)."""
     if step_size is not None and step_size < 1:  # torch takes 0 and negatives, then misbehaves
         raise ValueError(f"step_size={step_size}: must be at least 1 (or left out)")
+    if not gamma > 0:  # 0 or less would zero the rate, or flip its sign
+        raise ValueError(f"gamma={gamma}: must be > 0")
     if step_size is None:
         step_size = max(1, total // 3)
     return lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
@@ -44,6 +46,8 @@ def cosine(
     optimizer: torch.optim.Optimizer, total: int, eta_min: float = 0.0
 ) -> lr_scheduler.CosineAnnealingLR:
     """Cosine decay from the base rate to ``eta_min`` over the whole run."""
+    if not eta_min >= 0:  # torch trains on with a negative rate
+        raise ValueError(f"eta_min={eta_min}: must be >= 0")
     return lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total), eta_min=eta_min)
 
 

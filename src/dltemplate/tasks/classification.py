@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.engine.task import Task
+from dltemplate.errors import ConfigError
 from dltemplate.metrics.classification import DEFAULT_TOP_K
+from dltemplate.models.heads import heads
 from dltemplate.registry import TASKS
 
 
@@ -34,6 +37,28 @@ class ClassificationTask(Task):
         else:  # x may be the dataset's own tensor: not in place
             x = (x - mean.view(shape)) / std.view(shape)
         return Batch(x, batch.targets.to(device, non_blocking=True), batch.global_size)
+
+    def check_model(self, model: nn.Module, info: DataInfo, device: torch.device) -> None:
+        """One forward pass of two blank inputs before any data is read: the model must give
+        ``(N, num_classes)`` logits (a library model left with its 1000-class head would fail
+        in the loss only after the run had started, leaving checkpoints that cannot resume)."""
+        inputs = torch.zeros((2, *info.input_shape), device=device)
+        batch = Batch(inputs, torch.zeros(2, dtype=torch.long, device=device), 2)
+        was_training = model.training
+        model.eval()  # no dropout draws, no BatchNorm statistics touched
+        try:
+            with torch.no_grad():
+                outputs = self.forward(model, batch)
+        finally:
+            model.train(was_training)
+        shapes = [tuple(o.shape) for o in heads(outputs)]
+        if any(shape != (2, info.num_classes) for shape in shapes):
+            raise ConfigError(
+                f"model.name={self.cfg.model.name}: for 2 inputs of shape "
+                f"{tuple(info.input_shape)} it returns {', '.join(map(str, shapes))}, but the data "
+                f"has {info.num_classes} classes: the model must return (N, {info.num_classes}) "
+                "logits (give a library model num_classes, or replace its head)"
+            )
 
     def describe_predictions(
         self, batch: Batch, outputs: torch.Tensor, info: DataInfo, limit: int = 10

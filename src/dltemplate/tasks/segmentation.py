@@ -8,16 +8,19 @@ TensorBoard at each validation, the seed's triplets with ``eval --viz``, and ``p
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from dltemplate.data.base import Batch, DataInfo, channel_stats
+from dltemplate.data.carvana.decode import BAD_IMAGE_ERRORS
 from dltemplate.engine.task import Task
 from dltemplate.errors import DataError
 from dltemplate.metrics.base import MetricCollection
@@ -36,6 +39,17 @@ def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
 def _mask_png(mask: torch.Tensor) -> np.ndarray:
     """A (1, H, W) 0/1 mask as an (H, W) uint8 picture, 0 or 255."""
     return (mask[0].cpu().numpy() > 0).astype(np.uint8) * 255
+
+
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn PIL's errors on a bad image file into a DataError naming it (exit status 2)."""
+    try:
+        yield
+    except BAD_IMAGE_ERRORS as exc:
+        kind = type(exc).__name__ if isinstance(exc, Image.DecompressionBombError) else ""
+        why = f"{kind}: {exc}" if kind else str(exc)
+        raise DataError(f"{path}: not a readable image ({why})") from exc
 
 
 @TASKS.register("segmentation")
@@ -139,18 +153,23 @@ class SegmentationTask(Task):
         device: torch.device,
         info: DataInfo,
     ) -> list[Path]:
-        """Predict a mask for each image at its own size; write ``<stem>_mask.png`` (0/255)."""
+        """Predict a mask for each image at its own size; write ``<stem>_mask.png`` (0/255).
+
+        Every image's header is read first, so that a file that is not an image, or one too
+        large to decode safely (PIL's decompression-bomb limit), stops with a DataError
+        naming it before anything is written; a file whose pixels turn out corrupt stops
+        the same way when it is reached."""
         model.eval()
+        for path in paths:
+            with _readable(path), Image.open(path):
+                pass  # the header: format and size (where PIL refuses a bomb)
         out_dir.mkdir(parents=True, exist_ok=True)
         height, width = info.input_shape[1:]
         written = []
         for path in paths:
-            try:
-                with Image.open(path) as img:
-                    img.load()
-                    original = img.convert("RGB")
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-                raise DataError(f"{path}: not a readable image ({exc})") from exc
+            with _readable(path), Image.open(path) as img:
+                img.load()
+                original = img.convert("RGB")
             resized = original.resize((width, height), Image.BILINEAR)
             x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)[None]
             batch = self.prepare_batch(Batch(x, torch.zeros(1), 1), device, info)

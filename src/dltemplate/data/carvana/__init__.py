@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from dltemplate.data.base import DataInfo, TensorSplit
 from dltemplate.data.carvana.decode import (
-    PIL_ERRORS,
+    BAD_IMAGE_ERRORS,
     Decoded,
     decode_all,
     decode_pair,
@@ -55,7 +55,8 @@ class Carvana(CachedImageDataset):
     ``scale`` resizes by a factor of the first image's size (``None``: keep it); ``size``
     (``[height, width]``) wins over it. ``hq`` reads ``train_hq/``. ``skip_bad`` skips pairs that
     are missing, corrupt or mismatched (with one warning) instead of failing. ``cache_dir``
-    (default ``<root>/.dltemplate_cache``) holds the decoded arrays; ``workers`` processes
+    holds the decoded arrays (default: a per-user folder outside the data, see
+    :func:`~dltemplate.data.image_cache.default_cache_dir`); ``workers`` processes
     decode the first pass (0: up to 4, one per CPU; 1: in this process). ``mode``: ``cache``
     (decode once into the cache, mapped) or ``files`` (decode every epoch, in the loader).
     """
@@ -123,15 +124,18 @@ class Carvana(CachedImageDataset):
         cache = self._cache(pairs, size)
         decoded = self._read_cache(cache, size)
         cold = decoded is None
-        if decoded is None:
-            decoded = self._decode(pairs, size, cache)
-        if decoded.failed and not self.skip_bad:  # from the cache too: as decoding would say
-            raise DataError(self.layout.with_hint(decoded.failed[0]))
-        if cold:  # with skip_bad, failures are cached with the arrays
-            cache.write(
-                {"images": decoded.images, "masks": decoded.masks},
-                {"names": decoded.names, "failed": decoded.failed},
-            )
+        try:
+            if decoded is None:
+                decoded = self._decode(pairs, size, cache)
+            if decoded.failed and not self.skip_bad:  # from the cache too: as decoding would say
+                raise DataError(self.layout.with_hint(decoded.failed[0]))
+            if cold:  # with skip_bad, failures are cached with the arrays
+                cache.write(
+                    {"images": decoded.images, "masks": decoded.masks},
+                    {"names": decoded.names, "failed": decoded.failed},
+                )
+        finally:
+            cache.discard()  # a bad file or Ctrl-C in the cold pass leaves no temporary file
         self.layout.warn_skipped(orphans + decoded.failed, len(pairs) + len(orphans))
         if not decoded.names:
             raise DataError(f"Carvana: no usable image/mask pair in {self.layout.image_dir}")
@@ -152,7 +156,7 @@ class Carvana(CachedImageDataset):
         for image, _ in pairs:
             try:
                 height, width = image_size(image)
-            except PIL_ERRORS as exc:
+            except BAD_IMAGE_ERRORS as exc:
                 if self.skip_bad:
                     continue  # load() reports it with the other bad pairs
                 message = f"{image}: unreadable or corrupt image ({exc})"
@@ -165,7 +169,15 @@ class Carvana(CachedImageDataset):
     def _cache(self, pairs: list[Pair], size: tuple[int, int]) -> ArrayCache:
         """The cache entry of these files decoded to ``size``."""
         files = self.layout.file_stamps(pairs)
-        blob = json.dumps({"version": DECODE_VERSION, "size": size, "hq": self.hq, "files": files})
+        blob = json.dumps(
+            {
+                "version": DECODE_VERSION,
+                "root": self.root_identity,
+                "size": size,
+                "hq": self.hq,
+                "files": files,
+            }
+        )
         key = hashlib.sha256(blob.encode()).hexdigest()
         # One family per flavour and size: they coexist, and a change of the files replaces one.
         family = f"carvana-{'hq' if self.hq else 'std'}-{size[0]}x{size[1]}-"

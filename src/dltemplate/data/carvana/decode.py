@@ -22,6 +22,8 @@ from dltemplate.data.carvana.layout import Pair
 from dltemplate.errors import DataError
 
 PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises on a corrupt file
+# Errors of a bad file: PIL's, and its refusal of images too large to be safe to decode.
+BAD_IMAGE_ERRORS = (*PIL_ERRORS, Image.DecompressionBombError)
 MAX_AUTO_WORKERS = 4  # workers=0 uses up to this many processes, one per CPU
 
 DecodeFn = Callable[[str | Path, str | Path, tuple[int, int]], tuple[np.ndarray, np.ndarray]]
@@ -41,7 +43,8 @@ def strict_truncation() -> Iterator[None]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` of an image, from its header alone; PIL_ERRORS when unreadable."""
+    """``(height, width)`` of an image, from its header alone; BAD_IMAGE_ERRORS when unreadable
+    (or too large to decode safely)."""
     with Image.open(path) as img:
         width, height = img.size
     return height, width
@@ -65,14 +68,14 @@ def decode_pair(
                 img.draft("RGB", (w, h))
                 img.load()
                 rgb = img.convert("RGB")
-        except PIL_ERRORS as exc:
+        except BAD_IMAGE_ERRORS as exc:
             raise DataError(f"{image_path}: unreadable or corrupt image ({exc})") from exc
         try:
             with Image.open(mask_path) as m:
                 m.load()
                 # Palette indices (P) are the labels themselves; other modes go through grey.
                 mask = np.asarray(m if m.mode in ("P", "L") else m.convert("L"))
-        except PIL_ERRORS as exc:
+        except BAD_IMAGE_ERRORS as exc:
             raise DataError(f"{mask_path}: unreadable or corrupt mask ({exc})") from exc
     mask_size = (mask.shape[1], mask.shape[0])
     if mask_size != original:
