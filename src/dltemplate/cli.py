@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -22,8 +21,9 @@ import yaml
 from dltemplate import api
 from dltemplate.assemble import build_evaluator, validate_names
 from dltemplate.config import Config, config_from_dict, config_keys, config_to_dict, load_config
-from dltemplate.config.loader import apply_overrides, read_yaml
+from dltemplate.config.loader import apply_overrides, notice_signal, read_yaml
 from dltemplate.config.trust import refuse_untrusted_code
+from dltemplate.engine import slurm
 from dltemplate.engine.build import config_section
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.rundir import latest_run_dir
@@ -38,10 +38,10 @@ from dltemplate.tools.count_params import count_parameters, format_counts
 log = logging.getLogger("dltemplate")
 
 
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
-    # Before training starts (loading data), SIGTERM stops like Ctrl-C; the trainer then takes
-    # both signals over and stops at the next step boundary.
-    raise RunStopped("SIGTERM", at_boundary=False)
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    # Before training starts (loading data), SIGTERM and the cluster's notice stop like Ctrl-C;
+    # the trainer then takes them over and stops at the next step boundary.
+    raise RunStopped(signal.Signals(signum).name, at_boundary=False)
 
 
 def _thread_failed(args: threading.ExceptHookArgs) -> None:
@@ -53,14 +53,29 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
     log.warning("background thread %s failed: %s: %s", name, args.exc_type.__name__, args.exc_value)
 
 
-def _catch_sigterm() -> None:
+def _catch_sigterm(notice: str | None = "SIGUSR1") -> None:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        signal.signal(signal.SIGTERM, _stop_on_signal)
+        if notice is not None:  # its default action would kill the process, checkpoint-less
+            signal.signal(notice_signal(notice), _stop_on_signal)
+
+
+def _stopped(name: str) -> int:
+    """The exit status of a run stopped by ``name`` (after its interrupt checkpoint); on the
+    cluster's notice, rank 0 first asks SLURM to requeue the job."""
+    if name in ("SIGINT", "SIGTERM") or not name.startswith("SIG"):
+        print(f"dltemplate: interrupted by {name}", file=sys.stderr)
+        return 130
+    if slurm.launch_rank() != 0:
+        return 130  # one process of the job requeues it
+    requeued, said = slurm.requeue()
+    print(f"dltemplate: stopped by {name} (a preemption notice); {said}", file=sys.stderr)
+    return 130 if requeued else slurm.EXIT_NOT_REQUEUED
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    _catch_sigterm()
+    _catch_sigterm(cfg.trainer.notice_signal)
     api.train(cfg)
     return 0
 
@@ -376,18 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         args.overrides = [*args.overrides, *rest]
     main_thread = threading.current_thread() is threading.main_thread()
-    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    caught = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # what a command may catch
+    handlers = {sig: signal.getsignal(sig) for sig in caught} if main_thread else {}
     thread_hook, threading.excepthook = threading.excepthook, _thread_failed
     try:
         return args.func(args)
     except UsageError as exc:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: once
+        if slurm.launch_rank() == 0:  # under torchrun or srun every rank fails alike: once
             print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        name = exc.signal_name if isinstance(exc, RunStopped) else "SIGINT"
-        print(f"dltemplate: interrupted by {name}", file=sys.stderr)
-        return 130
+        return _stopped(exc.signal_name if isinstance(exc, RunStopped) else "SIGINT")
     except (NonFiniteLossError, DiskFullError) as exc:  # failures that one line explains
         print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 1
@@ -399,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         threading.excepthook = thread_hook
-        if main_thread:  # the command is over: a late SIGTERM no longer raises into exit code
-            signal.signal(signal.SIGTERM, sigterm)
+        for sig, handler in handlers.items():  # the command is over: a late signal no longer
+            signal.signal(sig, handler)  # raises into the interpreter's exit
 
 
 if __name__ == "__main__":

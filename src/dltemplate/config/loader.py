@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import math
 import re
+import signal
 import types
 import typing
 from pathlib import Path
@@ -363,6 +364,12 @@ def check_values(cfg: Config, source: str = "config") -> None:
     for ok, key, value, rule in rules:
         if not ok:
             raise ConfigError(f"{source}: {key}={short_repr(value)}: {rule}")
+    if t.notice_signal is not None:
+        try:
+            notice_signal(t.notice_signal)
+        except ValueError as exc:
+            said = f"trainer.notice_signal={t.notice_signal!r}: {exc}"
+            raise ConfigError(f"{source}: {said}") from exc
     args = {f"{name}.args": getattr(cfg, name).args for name in SECTIONS_WITH_ARGS}
     args["data.test_args"] = d.test_args or {}
     for i, item in enumerate(cfg.callbacks):
@@ -374,6 +381,19 @@ def check_values(cfg: Config, source: str = "config") -> None:
                     f"{source}: {where}.{key}={value!r}: must be a finite number (NaN and "
                     "infinities are not accepted)"
                 )
+
+
+def notice_signal(name: str) -> signal.Signals:
+    """The signal ``trainer.notice_signal`` names (``SIGUSR1``, ``USR1``, ``SIGUSR2``...): one a
+    process may catch, and not SIGINT or SIGTERM, which stop a run without a requeue."""
+    full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+    try:
+        sig = signal.Signals[full]
+    except KeyError:
+        raise ValueError("not a signal name (e.g. SIGUSR1, SIGUSR2)") from None
+    if sig in (signal.SIGINT, signal.SIGTERM) or full in ("SIGKILL", "SIGSTOP"):
+        raise ValueError(f"{full} cannot be the notice (choose SIGUSR1 or SIGUSR2, say)")
+    return sig
 
 
 SECTIONS_WITH_ARGS = ("data", "model", "loss", "optimizer", "scheduler")

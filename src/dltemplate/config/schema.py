@@ -113,6 +113,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # read the loss every N optimizer steps: bar, log, TensorBoard
     progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: a bar only on a terminal
     save_on_exception: bool = True  # write <Model>_interrupt_ckpt.pth when a run stops
+    notice_signal: str | None = "SIGUSR1"  # preemption notice: stop, checkpoint, requeue (SLURM)
     stop_on_nan: bool = True  # a NaN/inf training loss stops the run before any checkpoint
     sync_batchnorm: bool = False  # BatchNorm statistics over all processes (DDP == 1 process)
     test_after_fit: bool = True  # evaluate the best checkpoint on the test split

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dltemplate.engine import slurm
+
 
 @dataclass
 class DistContext:
@@ -33,8 +35,30 @@ class DistContext:
         return self.world_size > 1
 
 
+def adopt_srun_ranks() -> None:
+    """For a task of ``srun --ntasks N`` without torchrun: set the variables torchrun would
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) from SLURM's, so that everything after reads one set of names."""
+    ranks = slurm.srun_ranks()
+    if ranks is None:
+        return
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get(
+        "SLURM_TASKS_PER_NODE", "1"
+    )
+    os.environ.update(
+        RANK=str(ranks.rank),
+        WORLD_SIZE=str(ranks.world_size),
+        LOCAL_RANK=str(ranks.local_rank),
+        LOCAL_WORLD_SIZE=per_node.split("(")[0].split(",")[0],
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", ranks.master_addr),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(ranks.master_port)),
+    )
+
+
 def init_distributed(use_cuda: bool) -> DistContext:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    """Join the process group that ``torchrun`` (or an ``srun`` step of several tasks)
+    describes in the environment, if any."""
+    adopt_srun_ranks()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()

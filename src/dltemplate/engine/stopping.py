@@ -35,17 +35,19 @@ class RunStopped(KeyboardInterrupt):
 
 
 class StopSignals:
-    """Within ``with StopSignals():``, SIGINT and SIGTERM set :attr:`requested` instead of
-    stopping; a second signal raises :class:`RunStopped` at once. Outside the main thread (where
-    Python cannot install handlers) it does nothing."""
+    """Within ``with StopSignals():``, SIGINT, SIGTERM and the cluster's ``notice`` signal (a
+    preemption notice, SIGUSR1 by default) set :attr:`requested` instead of stopping; a second
+    signal raises :class:`RunStopped` at once. Outside the main thread (where Python cannot
+    install handlers) it does nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, notice: signal.Signals | None = None) -> None:
         self.requested: str | None = None
+        self.handled = (*_HANDLED, *((notice,) if notice is not None else ()))
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in _HANDLED:
+            for sig in self.handled:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dltemplate.atomic import atomic_write_text
 from dltemplate.config import Config
+from dltemplate.config.loader import notice_signal
 from dltemplate.data.base import Batch, DataInfo, DataSplits
 from dltemplate.data.loader import IndexLoader
 from dltemplate.engine import distributed as D
@@ -125,7 +126,8 @@ class TrainerBase:
         self.run_dir: Path | None = parts.run_dir
         self.writer: Any = None  # TensorBoard, given by the tensorboard callback on rank 0
         self.averaged_model: nn.Module | None = None  # evaluated instead, if set (ema)
-        self.stop = StopSignals()
+        notice = cfg.trainer.notice_signal
+        self.stop = StopSignals(notice_signal(notice) if notice is not None else None)
         self._losses: list[tuple[torch.Tensor, int]] = []  # (loss, its step) not yet read
         self._last_window: list[MicroBatch] = []
 

@@ -1,0 +1,162 @@
+"""Issue #15: clusters. The preemption notice, requeueing, a requeued job finding its run, and
+ranks from SLURM's variables — here without a cluster (a stand-in ``scontrol`` records what it
+is asked); tests/test_slurm_cluster.py runs the same on a real one-node SLURM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import QUICK_DIGITS, REPO, load_ckpt, metric_rows, run_dirs
+
+from dltemplate.engine import slurm
+
+DEMO = REPO / "configs" / "digits_mlp.yaml"
+LAST, INTERRUPT = "Vanilla_last_ckpt.pth", "Vanilla_interrupt_ckpt.pth"
+NO_SLURM = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+
+
+# == what a job says of itself ====================================================================
+def test_the_job_to_requeue_is_the_array_task_not_the_array():
+    assert slurm.job_id({"SLURM_JOB_ID": "17"}) == "17"
+    array = {"SLURM_JOB_ID": "21", "SLURM_ARRAY_JOB_ID": "20", "SLURM_ARRAY_TASK_ID": "3"}
+    assert slurm.job_id(array) == "20_3" and slurm.job_key(array) == "20_3"
+    assert slurm.job_id({}) is None and slurm.restart_count({}) == 0
+    assert slurm.restart_count({"SLURM_RESTART_COUNT": "2"}) == 2
+
+
+@pytest.mark.parametrize(
+    ("nodes", "first"),
+    [("node07", "node07"), ("node[03-05,07],gpu1", "node03"), ("a1,a2", "a1"),
+     ("gpu[12]", "gpu12")],
+)  # fmt: skip
+def test_the_rendezvous_host_is_the_first_node(nodes, first):
+    assert slurm.first_host(nodes) == first
+
+
+def test_ranks_come_from_an_srun_step_not_from_the_batch_script():
+    step = {
+        "SLURM_JOB_ID": "1234",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+    }
+    ranks = slurm.srun_ranks(step)
+    assert (ranks.rank, ranks.world_size, ranks.local_rank) == (1, 2, 1)
+    assert ranks.master_addr == "n1" and ranks.master_port == 20_000 + 1234
+    assert slurm.srun_ranks({**step, "WORLD_SIZE": "2"}) is None  # torchrun's own win
+    batch = {k: v for k, v in step.items() if k != "SLURM_STEP_ID"}
+    assert slurm.srun_ranks(batch) is None  # the batch script is no task of a step
+    assert slurm.srun_ranks({**step, "SLURM_STEP_NUM_TASKS": "1"}) is None  # one process
+
+
+# == the notice, end to end (a stand-in scontrol) =================================================
+def fake_scontrol(folder: Path, code: int = 0) -> Path:
+    """An ``scontrol`` that appends its arguments to ``calls.txt`` and exits ``code``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/calls.txt"\nexit {code}\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder / "calls.txt"
+
+
+def start_training(out: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dltemplate", "train", str(DEMO), f"experiment.output_dir={out}",
+           *QUICK_DIGITS, "trainer.epochs=1000", *extra]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=out.parent, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def notice_after_an_epoch(proc: subprocess.Popen, sig: int = signal.SIGUSR1) -> str:
+    """Send the notice once the first epoch has ended; return everything the run said."""
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if "epoch 1/1000 train/" in line:
+            proc.send_signal(sig)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    return "".join(said) + rest
+
+
+def test_a_notice_stops_with_a_checkpoint_requeues_and_the_requeued_job_goes_on(tmp_path):
+    bin_dir = tmp_path / "bin"
+    calls = fake_scontrol(bin_dir)
+    env = {**NO_SLURM, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    out = tmp_path / "out"
+    proc = start_training(out, env)
+    said = notice_after_an_epoch(proc)
+    assert proc.returncode == 130, said[-2000:]
+    assert "Traceback" not in said
+    (run,) = run_dirs(out)
+    interrupt = load_ckpt(run / INTERRUPT)
+    assert interrupt["interrupted_by"] == "SIGUSR1" and interrupt["global_step"] >= 13
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert "stopped by SIGUSR1 (a preemption notice); job 4242 requeued" in said
+    assert (out / ".slurm_4242.json").exists()
+    # SLURM starts the same command again, now as restart 1: the run goes on in its directory
+    env["SLURM_RESTART_COUNT"] = "1"
+    again = subprocess.run(
+        [sys.executable, "-m", "dltemplate", "train", str(DEMO), f"experiment.output_dir={out}",
+         *QUICK_DIGITS, "trainer.epochs=3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert run_dirs(out) == [run]
+    assert f"resumed from {run / INTERRUPT} (stopped by SIGUSR1)" in (run / "train.log").read_text()
+    assert [int(r["epoch"]) for r in metric_rows(run)] == [1, 2, 3]
+    assert not (out / ".slurm_4242.json").exists()  # the run is complete: its marker goes
+
+
+def test_a_notice_without_scontrol_says_so_and_exits_75(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**NO_SLURM, "SLURM_JOB_ID": "77", "PATH": str(empty)}  # no scontrol to be found
+    out = tmp_path / "out"
+    proc = start_training(out, env)
+    said = notice_after_an_epoch(proc)
+    assert proc.returncode == slurm.EXIT_NOT_REQUEUED == 75, said[-2000:]
+    assert "scontrol is not on PATH (inside a container?): job 77 not requeued" in said
+    (run,) = run_dirs(out)
+    assert (run / INTERRUPT).exists()
+
+
+def test_the_notice_signal_is_a_setting_and_sigterm_keeps_its_meaning(tmp_path):
+    bin_dir = tmp_path / "bin"
+    calls = fake_scontrol(bin_dir)
+    env = {**NO_SLURM, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "5"}
+    out = tmp_path / "usr2"
+    proc = start_training(out, env, "trainer.notice_signal=USR2")
+    said = notice_after_an_epoch(proc, signal.SIGUSR2)
+    assert proc.returncode == 130 and "job 5 requeued" in said, said[-2000:]
+    out = tmp_path / "term"
+    proc = start_training(out, env)
+    said = notice_after_an_epoch(proc, signal.SIGTERM)
+    assert proc.returncode == 130 and "interrupted by SIGTERM" in said
+    assert calls.read_text().split() == ["requeue", "5"]  # SIGTERM stops; it never requeues
+
+
+def test_a_bad_notice_signal_is_a_config_error(cli, tmp_path, capsys):
+    for bad in ("SIGKILL", "SIGTERM", "NOPE"):
+        assert cli("train", DEMO, f"trainer.notice_signal={bad}") == 2
+        assert f"trainer.notice_signal='{bad}'" in capsys.readouterr().err
+
+
+def test_a_job_that_is_no_restart_starts_a_new_run(tmp_path):
+    env = {**NO_SLURM, "SLURM_JOB_ID": "9"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dltemplate", "train", str(DEMO), f"experiment.output_dir={out}",
+           *QUICK_DIGITS]  # fmt: skip
+    for _ in range(2):
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        time.sleep(1.1)  # run directories are named by the second
+    assert len(run_dirs(out)) == 2
