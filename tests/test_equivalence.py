@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -136,6 +137,31 @@ def test_two_processes_match_one_with_a_short_odd_last_batch(tmp_path):
         test = json.loads((run / "test_metrics.json").read_text())
         assert test["accuracy"] == metrics["accuracy"]
         assert test["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
+
+
+@pytest.mark.slow  # ~30 s: two torchrun agents, as scripts/slurm/multinode.sbatch starts them
+def test_two_nodes_of_one_process_match_one_process(tmp_path):
+    """``torchrun --nnodes 2`` (one agent per "node", c10d rendezvous on 127.0.0.1) with 16
+    samples each takes the same steps as 1 process x 32: same weights."""
+    common = [*SMALL, *PLAIN, *MLP, "trainer.epochs=2"]
+    one, _ = train_here(tmp_path / "one", *common, f"data.batch_size={B}")
+    out, port = tmp_path / "nodes", free_port()
+    agents = []
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
+               "-m", "dltemplate", "train", str(DEMO), *common, "data.batch_size=16",
+               f"experiment.output_dir={out}"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        agents.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    (run,) = run_dirs(out)
+    diff = max_diff(checkpoint(one.run_dir)["model"], checkpoint(run)["model"])
+    assert diff <= 1e-5, f"two nodes: max |dw| = {diff:.3g}"
 
 
 @pytest.mark.slow  # ~30 s; tests/test_samples.py checks the batches of 2 ranks == 1 in-process

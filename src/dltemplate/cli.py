@@ -68,6 +68,8 @@ def _stopped(name: str) -> int:
         return 130
     if slurm.launch_rank() != 0:
         return 130  # one process of the job requeues it
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue TERMs the job: we are done
     requeued, said = slurm.requeue()
     print(f"dltemplate: stopped by {name} (a preemption notice); {said}", file=sys.stderr)
     return 130 if requeued else slurm.EXIT_NOT_REQUEUED
