@@ -56,9 +56,9 @@ def register(monkeypatch, name: str, cls: type) -> None:
 LAYERS = [
     {"errors"},
     {"atomic", "registry", "config"},
-    {"data", "models", "optim", "metrics", "losses", "tools"},
+    {"data", "models", "optim", "metrics", "losses"},
     {"engine"},
-    {"callbacks", "tasks"},
+    {"callbacks", "tasks", "sweeps", "tools"},
     {"assemble"},
     {"api"},
     {"cli", "seed_args", "__main__", "__init__"},

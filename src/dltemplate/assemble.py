@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dltemplate.atomic import atomic_write_text
 from dltemplate.callbacks import build_callbacks
+from dltemplate.callbacks.sweep_trial import SweepTrial
 from dltemplate.config import Config, config_from_dict, config_to_dict
 from dltemplate.config.loader import apply_overrides, refuse_resplit
 from dltemplate.config.trust import refuse_untrusted_code
@@ -116,7 +117,7 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
     # What needs no data: a wrong config, callback argument or checkpoint fails here.
     sync_bn = tc.sync_batchnorm and dist.enabled
     parts = build_components(cfg, task, device, sync_batchnorm=sync_bn)
-    callbacks = build_callbacks(cfg)
+    callbacks = build_callbacks(cfg, added=[t for t in [SweepTrial.from_env()] if t is not None])
     for setup in callbacks.setup:
         setup(cfg, parts.model)
     restarted = restart_dir(cfg, dist)  # may set trainer.resume (a torchrun restart)

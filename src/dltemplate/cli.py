@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from dltemplate.errors import DataError, DiskFullError, NonFiniteLossError, Usag
 from dltemplate.registry import MODELS
 from dltemplate.tools.compare_configs import compare_configs, format_diff
 from dltemplate.tools.count_params import count_parameters, format_counts
+from dltemplate.tools.runs_table import format_csv, format_table, list_runs
 
 log = logging.getLogger("dltemplate")
 
@@ -68,6 +70,9 @@ def _stopped(name: str) -> int:
         return 130
     if slurm.launch_rank() != 0:
         return 130  # one process of the job requeues it
+    if os.environ.get("DLTEMPLATE_NO_REQUEUE"):  # a sweep's trial: its sweep requeues the job
+        print(f"dltemplate: stopped by {name}; not requeued (the sweep is)", file=sys.stderr)
+        return slurm.EXIT_NOT_REQUEUED
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue TERMs the job: we are done
     requeued, said = slurm.requeue()
@@ -148,6 +153,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     for path in written:
         print(path)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dltemplate.sweeps.runner import run_sweep  # imports optuna: only for sweeps
+
+    setup_logging()
+    run_sweep(args.target, trials=args.trials, jobs=args.jobs, storage=args.storage)
     return 0
 
 
@@ -240,6 +253,15 @@ def cmd_count(args: argparse.Namespace) -> int:
             model = task.build_model(info)
         title += f" on input {tuple(info.input_shape)}"
     print(format_counts(count_parameters(model), title))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    rows = list_runs(args.dirs, sort=args.sort, group_seeds=args.group_seeds)
+    if args.csv:
+        sys.stdout.write(format_csv(rows))
+    else:
+        print(format_table(rows))
     return 0
 
 
@@ -349,11 +371,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser(
+        "sweep",
+        help="search hyperparameters with Optuna: each trial an ordinary run",
+        description="Run the sweep SWEEP.yaml describes, or continue the one in SWEEP_DIR: "
+        "finished trials are kept, trials that were running resume in their run directories, "
+        "the rest run. See the README's 'Many runs'.",
+    )
+    p.add_argument("target", metavar="SWEEP.yaml|SWEEP_DIR")
+    p.add_argument("--trials", type=int, help="trials in all (default: the file's trials)")
+    p.add_argument("--jobs", type=int, help="trials at once on this machine (default: jobs)")
+    p.add_argument("--storage", help="a database URL shared by workers on several machines "
+                   "(default: a journal file in the sweep directory)")  # fmt: skip
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("count-params", help="trainable and total parameters per module")
     p.add_argument("config", help="YAML config, run directory or checkpoint")
     p.add_argument("overrides", **over)
     p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser(
+        "runs",
+        help="a table of the runs under folders: status, epochs, best and test metrics, "
+        "duration, the config keys that differ",
+        description="One row per run directory (a folder holding a config_*.json) in each DIR "
+        "or a few levels below it: its status (finished, stopped, running, failed, damaged), "
+        "epochs done, the best monitored value and its epoch, test metrics, duration and the "
+        "config keys that differ between the runs.",
+    )
+    p.add_argument("dirs", nargs="*", default=["./Results"], metavar="DIR",
+                   help="folders of runs, or run directories (default: ./Results)")  # fmt: skip
+    p.add_argument(
+        "--sort",
+        metavar="KEY",
+        help="sort by a column, ascending; --sort=-KEY descending (e.g. --sort=-test/accuracy)",
+    )
+    p.add_argument("--csv", action="store_true", help="write CSV (every column) to stdout")
+    p.add_argument(
+        "--group-seeds",
+        action="store_true",
+        help="one row for runs that differ only in experiment.seed: n, mean ± std",
+    )
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

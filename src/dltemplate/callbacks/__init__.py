@@ -11,6 +11,7 @@ from dltemplate.callbacks.freeze import Freeze
 from dltemplate.callbacks.grad_norm import GradNorm
 from dltemplate.callbacks.max_time import MaxTime
 from dltemplate.callbacks.metrics_table import MetricsTableCallback
+from dltemplate.callbacks.mlflow import MLflow  # imports mlflow only when built
 from dltemplate.callbacks.progress import Progress
 from dltemplate.callbacks.tensorboard import TensorBoard
 from dltemplate.config import Config
@@ -28,10 +29,11 @@ DEFAULT_CALLBACKS = (
 LAST_CALLBACKS = ("checkpoint",)
 
 
-def build_callbacks(cfg: Config) -> CallbackList:
+def build_callbacks(cfg: Config, added: list[Callback] | None = None) -> CallbackList:
     """The run's callbacks: the built-in ones (configured or turned off by naming them in
-    ``cfg.callbacks``), then the config's others in their order; a bad name or argument is a
-    ConfigError naming ``callbacks[i]``."""
+    ``cfg.callbacks``), then the config's others in their order, then ``added`` (built in code:
+    a sweep's trial reporter), before ``checkpoint``; a bad name or argument is a ConfigError
+    naming ``callbacks[i]``."""
     built_in = {*DEFAULT_CALLBACKS, *LAST_CALLBACKS}
     chosen: dict[str, tuple[str, dict, bool]] = {n: (n, {}, True) for n in built_in}
     extra = []
@@ -64,6 +66,8 @@ def build_callbacks(cfg: Config) -> CallbackList:
             )
         where[state_key] = key
         built.append(callback)
+    last = len(built) - (1 if order and order[-1][1] in LAST_CALLBACKS else 0)
+    built[last:last] = list(added or [])  # their stops recorded by the epoch's checkpoint
     return CallbackList(built)
 
 
@@ -79,6 +83,7 @@ __all__ = [
     "GradNorm",
     "Loop",
     "MaxTime",
+    "MLflow",
     "MetricsTableCallback",
     "Progress",
     "TensorBoard",
