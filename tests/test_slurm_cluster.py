@@ -8,6 +8,7 @@ skip, saying why, where no cluster answers.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -193,3 +194,46 @@ def test_the_multinode_script_stops_its_torchrun_workers_on_a_notice_and_ends_ex
     assert f"job {job} requeued" in said
     expected = reference(tmp_path, *RUN, "trainer.epochs=4", "data.batch_size=16", processes=2)
     assert_identical(run_results(run), expected, "multinode script")
+
+
+SWEEP = REPO / "scripts" / "slurm" / "sweep.sbatch"
+
+
+@pytest.mark.slow
+def test_a_sweep_job_array_is_preempted_requeued_and_ends_with_its_trials(tmp_path):
+    """Two sweep workers (a job array) share one study; a notice stops both, each requeues
+    itself, and the sweep ends with exactly its trials, each one run directory."""
+    import yaml
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "arr", "base": str(DEMO), "trials": 4, "sampler": "random",
+        "output_dir": str(tmp_path / "sweeps"),
+        "overrides": [*RUN, "trainer.epochs=4", "data.train_val_sample_rate=0.3", SLOW % 1.0],
+        "params": {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+    }))  # fmt: skip
+    done = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0-1", "--cpus-per-task=1",
+         str(SWEEP), str(sweep_file)],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    array = done.stdout.strip().split(";")[0]
+    tasks = [f"{array}_0", f"{array}_1"]
+    folder = tmp_path / "sweeps" / "arr"
+    try:
+        deadline = time.monotonic() + 300
+        while not list(folder.glob("trials/*/*/*_last_ckpt.pth")):
+            assert time.monotonic() < deadline, "no trial got going"
+            time.sleep(0.5)
+        signal_job(array, "USR1")
+        for task in tasks:
+            finish(task, timeout=900)
+    finally:
+        cancel(array)
+    rows = list(csv.DictReader(open(folder / "trials.csv")))
+    assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3]
+    assert {r["state"] for r in rows} == {"complete"}
+    for trial in (folder / "trials").iterdir():
+        assert len([p for p in trial.iterdir() if p.is_dir()]) == 1, trial
+    said = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert "requeued" in said
