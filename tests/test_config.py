@@ -236,5 +236,5 @@ def test_registry_register_build_and_bad_arguments():
     assert reg.build("double", x=4) == 8
     with pytest.raises(ConfigError, match="double"):
         reg.build("double", "widget.name", y=1)
-    with pytest.raises(ValueError, match="registered twice"):
-        reg.register("double")(lambda x: x)
+    reg.register("double")(lambda x: x)  # again (a notebook cell run twice): replaced
+    assert reg.build("double", x=4) == 4

@@ -167,10 +167,17 @@ def link_in_run(name: str) -> Callable[[Path, Path], list[str]]:
     return make
 
 
-def predict_out_is_a_file(home: Path, run: Path) -> list[str]:
+def predict_out_is_a_folder(home: Path, run: Path) -> list[str]:
     image = home / "x.png"
     image.write_bytes(b"")
-    return ["predict", str(run), str(image), "--out", str(write(home / "taken", "mine\n"))]
+    (home / "taken").mkdir()
+    return ["predict", str(run), str(image), "--out", str(home / "taken")]
+
+
+def predict_empty_image(home: Path, run: Path) -> list[str]:
+    image = home / "x.png"
+    image.write_bytes(b"")
+    return ["predict", str(run), str(image), "--out", str(write(home / "taken.json", "mine\n"))]
 
 
 CASES = [
@@ -285,7 +292,9 @@ CASES = [
         ["data.val_fraction", "split"],
     ),  # fmt: skip
     # == messages ==============================================================================
-    Case("predict --out naming a file", predict_out_is_a_file, ["--out", "taken", "not a folder"]),
+    # A classification run's --out is a JSON file (a segmentation run's, a folder).
+    Case("predict --out naming a folder", predict_out_is_a_folder, ["taken", "is a folder"]),
+    Case("predict on an empty file", predict_empty_image, ["x.png", "not a readable image"]),
 ]
 
 

@@ -362,6 +362,25 @@ def test_predict_on_a_decompression_bomb_is_one_line_and_writes_nothing(
     assert (tmp_path / "masks" / "photo_mask.png").exists()
 
 
+def test_segmentation_predict_writes_into_a_folder_and_takes_no_top_k(
+    cli, tmp_path, capsys, seg_run
+):
+    """--out is a folder for segmentation (classification: an optional JSON file)."""
+    good = tmp_path / "photo.jpg"
+    Image.new("RGB", (40, 30), (120, 80, 40)).save(good)
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    for extra, words in (
+        ([], ["--out", "give the folder"]),
+        (["--out", str(taken)], ["taken", "not a folder"]),
+        (["--out", str(tmp_path / "masks"), "--top-k", "2"], ["--top-k", "classification"]),
+    ):
+        assert cli("predict", seg_run, good, *extra) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert all(w in line for w in words), line
+    assert taken.read_text() == "mine\n" and not (tmp_path / "masks").exists()
+
+
 def test_a_decompression_bomb_in_carvana_is_one_line(cli, tmp_path, capsys, bomb):
     root = make_sample_carvana(tmp_path / "data", n=4, views=4, image_size=(64, 48))
     first = sorted((root / "train").glob("*.jpg"))[0]

@@ -60,7 +60,7 @@ LAYERS = [
     {"engine"},
     {"callbacks", "tasks", "sweeps", "tools"},
     {"assemble"},
-    {"api"},
+    {"api", "export"},
     {"cli", "seed_args", "__main__", "__init__"},
 ]
 

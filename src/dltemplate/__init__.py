@@ -1,8 +1,8 @@
 """dltemplate: a readable, config-driven PyTorch training template.
 
 The Python API (:mod:`dltemplate.api`) is available here: ``dltemplate.train``, ``resume``,
-``evaluate``, ``load_config``, ``validate`` and ``RunResult``. It is imported on first use, so
-``import dltemplate`` stays cheap (no torch).
+``evaluate``, ``load_config``, ``validate``, ``load_model`` and ``RunResult``. It is imported on
+first use, so ``import dltemplate`` stays cheap (no torch).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ try:  # one source of truth: the version in pyproject.toml, as installed
 except Exception:  # a source tree that was never installed
     __version__ = "unknown"
 
-_API = ("RunResult", "evaluate", "load_config", "resume", "train", "validate")
+_API = ("RunResult", "evaluate", "load_config", "load_model", "resume", "train", "validate")
 __all__ = ["__version__", *_API]
 
 

@@ -24,14 +24,18 @@ from dltemplate.config import load_config as _load_yaml
 from dltemplate.config.loader import apply_overrides
 from dltemplate.config.trust import refuse_untrusted_code
 from dltemplate.engine.checkpoint import find_checkpoint, keep_for_next_load, load_checkpoint
+from dltemplate.engine.given import use_objects
+from dltemplate.engine.inference import ON_CPU, InferenceModel, inference_model
 from dltemplate.engine.rundir import find_config, latest_run_dir, read_saved_config
 from dltemplate.errors import CheckpointError, UsageError
+from dltemplate.registry import refuse_objects_not_given
 
 __all__ = [
     "RunResult",
     "config_of_run",
     "evaluate",
     "load_config",
+    "load_model",
     "read_history",
     "resume",
     "run",
@@ -117,17 +121,29 @@ def validate(cfg: Config) -> Config:
 
 
 def train(
-    config: Config | str | Path | Mapping[str, Any], overrides: Sequence[str] | None = None
+    config: Config | str | Path | Mapping[str, Any],
+    overrides: Sequence[str] | None = None,
+    *,
+    dataset: Any | None = None,
+    test_dataset: Any | None = None,
+    model: Any | None = None,
 ) -> RunResult:
     """Train (and test) the run ``config`` describes: a Config, a YAML path or a dict, with
     ``overrides`` applied. ``trainer.resume`` (a run, a checkpoint or ``last``) continues a run.
+
+    ``dataset`` (a map-style torch Dataset, with ``test_dataset`` its own test split) and
+    ``model`` (an ``nn.Module``, or a class or function taking ``input_shape``/``num_classes``/
+    ``in_channels`` as it accepts) are objects built in code: they replace ``data.name`` and
+    ``data.args`` (``model.name`` and ``model.args``), and the saved config names them
+    ``<code ClassName>`` (see :mod:`dltemplate.engine.given`).
 
     Everything is checked before any work: a bad config raises before anything is written.
     """
     cfg = load_config(config, overrides)
     if cfg.trainer.resume == "last":
         cfg.trainer.resume = str(latest_run_dir(cfg.experiment.output_dir))
-    return run(cfg)
+    with use_objects(cfg, dataset, test_dataset, model):
+        return run(cfg)
 
 
 def resume(
@@ -135,18 +151,26 @@ def resume(
     overrides: Sequence[str] | None = None,
     *,
     trust_code: bool = False,
+    dataset: Any | None = None,
+    test_dataset: Any | None = None,
+    model: Any | None = None,
 ) -> RunResult:
     """Continue a stopped run in its own directory, from the config saved with it (plus
     ``overrides``, e.g. ``trainer.epochs=30`` to train longer). A finished run is not trained
     again: its result is returned as it is.
 
+    ``dataset``, ``test_dataset`` and ``model`` stand in for the run's own (as in
+    :func:`train`): a run trained on objects given in Python needs them again.
     The saved config may name only registered components unless ``trust_code`` (a
     ConfigError otherwise, before anything is imported; see :mod:`dltemplate.config.trust`).
     """
     raw, path = config_of_run(run_dir_or_checkpoint, keep_checkpoint=True, trust_code=trust_code)
     raw = apply_overrides(raw, list(overrides or []))
     raw.setdefault("trainer", {})["resume"] = str(path)
-    return run(config_from_dict(raw, f"{run_dir_or_checkpoint} (saved config)"))
+    cfg = config_from_dict(raw, f"{run_dir_or_checkpoint} (saved config)")
+    with use_objects(cfg, dataset, test_dataset, model, new_run=False):
+        refuse_objects_not_given(raw, f"{run_dir_or_checkpoint} (saved config)")
+        return run(cfg)
 
 
 def run(cfg: Config) -> RunResult:
@@ -167,21 +191,62 @@ def evaluate(
     viz_dir: str | Path | None = None,
     viz_freq: int = 50,
     trust_code: bool = False,
+    dataset: Any | None = None,
+    test_dataset: Any | None = None,
+    model: Any | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's best (else last) checkpoint, or a checkpoint file, on ``split`` with the
     config saved in it; return the report ``dltemplate eval`` writes (``metrics``, ``report``,
     ``samples``, ...). ``overrides`` may change what does not change the model (``data.root``).
     The saved config may name only registered components unless ``trust_code``.
+
+    ``dataset`` (``test_dataset``) and ``model`` stand in for the run's own: a run trained on
+    objects given in Python needs them again (``model`` only if its architecture came from
+    code: the weights always come from the checkpoint).
     """
     if split not in SPLITS:
         raise UsageError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
-    evaluator = build_evaluator(run_dir_or_checkpoint, list(overrides or []), trust_code)
-    return evaluator.run(
-        split,
-        limit=limit_batches,
-        viz_dir=Path(viz_dir) if viz_dir is not None else None,
-        viz_freq=viz_freq,
-    )
+    names = Config()
+    if dataset is not None or model is not None:  # given under the run's own names
+        raw, _ = config_of_run(run_dir_or_checkpoint, keep_checkpoint=True, trust_code=trust_code)
+        names = config_from_dict(apply_overrides(raw, list(overrides or [])), "saved config")
+    with use_objects(names, dataset, test_dataset, model, new_run=False):
+        evaluator = build_evaluator(run_dir_or_checkpoint, list(overrides or []), trust_code)
+        return evaluator.run(
+            split,
+            limit=limit_batches,
+            viz_dir=Path(viz_dir) if viz_dir is not None else None,
+            viz_freq=viz_freq,
+        )
+
+
+def load_model(
+    run_dir_or_checkpoint: str | Path,
+    *,
+    overrides: Sequence[str] | None = None,
+    trust_code: bool = False,
+    dataset: Any | None = None,
+    model: Any | None = None,
+) -> InferenceModel:
+    """A run's best (else last) checkpoint, or a checkpoint file, as a module that takes raw
+    inputs and returns probabilities, on the CPU, in eval mode: what ``dltemplate export``
+    writes (:class:`~dltemplate.engine.inference.InferenceModel`).
+
+    It takes float32 inputs in [0, 1], ``(N, *model.input_shape)`` (the dataset's
+    normalisation is inside), and returns class probabilities (classification) or mask
+    probabilities (segmentation); ``model.class_names`` and ``model.metadata`` say the rest.
+    ``overrides`` may change what does not change the model (``data.root``: the data's
+    description gives the input shape). The saved config may name only registered
+    components unless ``trust_code``. A run trained on objects given in Python needs them
+    again (``dataset`` for its shapes, ``model`` if its architecture came from code).
+    """
+    over = [*ON_CPU, *(overrides or [])]
+    names = Config()
+    if dataset is not None or model is not None:  # given under the run's own names
+        raw, _ = config_of_run(run_dir_or_checkpoint, keep_checkpoint=True, trust_code=trust_code)
+        names = config_from_dict(apply_overrides(raw, list(overrides or [])), "saved config")
+    with use_objects(names, dataset, None, model, new_run=False):
+        return inference_model(build_evaluator(run_dir_or_checkpoint, over, trust_code))
 
 
 def config_of_run(

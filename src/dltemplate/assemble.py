@@ -71,6 +71,7 @@ from dltemplate.registry import (
     SCHEDULERS,
     TASKS,
     import_path,
+    refuse_objects_not_given,
 )
 
 log = logging.getLogger("dltemplate")
@@ -349,6 +350,7 @@ def build_evaluator(
     state = load_checkpoint(path)
     refuse_untrusted_code(state["config"], str(path), trust_code)
     raw = apply_overrides(copy.deepcopy(state["config"]), list(overrides or []))
+    refuse_objects_not_given(raw, f"{path} (saved config)")  # eval RUN of objects given in code
     refuse_resplit(state["config"], raw, f"{path} (saved config)")
     cfg = config_from_dict(raw, f"{path} (saved config)")
     import_plugins(cfg)

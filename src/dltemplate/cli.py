@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import yaml
 
 from dltemplate import api
 from dltemplate.assemble import build_evaluator, validate_names
+from dltemplate.atomic import atomic_write_text
 from dltemplate.config import Config, config_from_dict, config_keys, config_to_dict, load_config
 from dltemplate.config.loader import apply_overrides, notice_signal, read_yaml
 from dltemplate.config.trust import refuse_untrusted_code
@@ -139,20 +141,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     setup_logging()
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(
-            f"--out {args.out}: exists and is not a folder (give a folder to write into)"
-        )
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
+    task, name = evaluator.task, evaluator.cfg.experiment.task
+    kind = task.predict_output  # records (classification) or files (segmentation's masks)
+    out = Path(args.out) if args.out is not None else None
+    if kind is None:
+        raise UsageError(f"task '{name}' does not support predict")
+    if kind == "files":
+        if out is None:
+            raise UsageError(f"--out: task '{name}' writes files; give the folder to write into")
+        if out.exists() and not out.is_dir():
+            raise UsageError(
+                f"--out {out}: exists and is not a folder (give a folder to write into)"
+            )
+        if args.top_k is not None:
+            raise UsageError(
+                f"--top-k: task '{name}' predicts no classes (it is for classification)"
+            )
+    elif out is not None and out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; task '{name}' writes one JSON file: name it")
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"no such image file: {', '.join(missing)}")
-    written = evaluator.task.predict_files(
-        evaluator.model, paths, Path(args.out), evaluator.device, evaluator.info
+    if out is not None and kind == "files":
+        for path in task.predict_files(evaluator.model, paths, out, evaluator.device,
+                                       evaluator.info):  # fmt: skip
+            print(path)
+        return 0
+    records = task.predict(
+        evaluator.model, paths, evaluator.device, evaluator.info, top_k=args.top_k or 1
     )
-    for path in written:
-        print(path)
+    if out is not None:  # every file was read: nothing is written before a bad one is found
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(records, indent=2))
+    for record in records:
+        print(_prediction_line(record))
+    if out is not None:
+        print(f"dltemplate: {len(records)} prediction(s) written to {out}", file=sys.stderr)
+    return 0
+
+
+def _prediction_line(record: Any) -> str:
+    """One file's predictions: ``file: cat 0.9731, dog 0.0200``; other records as ``key
+    value`` pairs."""
+    if not isinstance(record, dict):
+        return repr(record)
+    found = record.get("predictions")
+    if isinstance(found, list) and all(isinstance(p, dict) for p in found):
+        said = ", ".join(f"{p.get('class')} {_metric_value(p.get('probability'))}" for p in found)
+        return f"{record.get('file')}: {said}"
+    return ", ".join(f"{k} {v}" for k, v in record.items())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dltemplate.export import ExportError, export_model  # onnx only when asked for
+
+    setup_logging()
+    try:
+        result = export_model(
+            args.target, args.format, args.out, args.overrides, trust_code=args.trust_code
+        )
+    except ExportError as exc:  # a failure one line explains: exit status 1
+        print(f"dltemplate: error: {exc}", file=sys.stderr)
+        return 1
+    meta = result.metadata
+    print(f"wrote {result.path} ({result.format}) from {result.checkpoint}")
+    print(f"  input: {meta['input']}; output: {meta['output']}")
+    if result.note:
+        print(f"  {result.note}")
+    print(
+        f"  checked against PyTorch on {result.checked_on}: largest |difference| "
+        f"{result.max_difference:.3g} (tolerance {result.tolerance:g})"
+    )
     return 0
 
 
@@ -353,12 +414,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="predict on image files with a trained run")
+    p = sub.add_parser(
+        "predict",
+        help="predict on image files with a trained run (classes, or segmentation masks)",
+        description="Predict on image files with a run's best (else last) checkpoint; images "
+        "are decoded as the run's data was (its size, grey or RGB). Classification prints one "
+        "line per file, its most probable class and probability (--top-k K: the K best), and "
+        "with --out FILE.json writes them all as JSON. Segmentation writes <name>_mask.png at "
+        "each image's size into the --out folder. A bad file stops everything: exit status 2.",
+    )
     p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", required=True, help="folder for the predictions")
+    p.add_argument(
+        "--out",
+        help="classification: a JSON file for every file's predictions (optional); "
+        "segmentation: the folder for the masks (required)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="classification: the K most probable classes of each file (default 1)",
+    )
     p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_predict, overrides=[])
+
+    p = sub.add_parser(
+        "export",
+        help="write a run's model as ONNX or TorchScript: raw inputs in [0, 1] in, "
+        "probabilities out",
+        description="Write a run's model (its best, else last, checkpoint) as one ONNX or "
+        "TorchScript file that takes float32 inputs in [0, 1], N x C x H x W at the trained "
+        "size, normalises them inside and returns probabilities; check it against PyTorch on "
+        "a few test samples.",
+    )
+    p.add_argument("target", help="run directory (best, else last, checkpoint) or checkpoint")
+    p.add_argument("overrides", **over)
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument(
+        "--out", help="file to write (default: beside the checkpoint, <stem>.onnx or <stem>.pt)"
+    )
+    p.add_argument("--trust-code", **trust)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("make-sample-data", help="write a synthetic sample dataset")
     p.add_argument("dataset", choices=["carvana"])

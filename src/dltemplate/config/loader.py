@@ -21,6 +21,7 @@ import yaml
 
 from dltemplate.config.schema import Config
 from dltemplate.errors import ConfigError, did_you_mean, short_repr
+from dltemplate.registry import is_code_name
 
 MAX_DEPTH = 64  # levels of nesting a config may have (a config needs a handful)
 MAX_VALUES = 100_000  # values a document may expand to through aliases (a bomb: billions)
@@ -511,11 +512,15 @@ SPLIT_KEYS = (
 def refuse_resplit(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
     """A ConfigError if the config ``now`` changes a key of :data:`SPLIT_KEYS` from the run's
     ``saved`` config (both as dicts of sections): the data would be split anew, and the run's
-    test split would then hold samples it trained on."""
+    test split would then hold samples it trained on. A dataset given in Python (``data.name:
+    <code X>``) may be named otherwise now (``package.module:X``): the same data, by a name."""
     for key in SPLIT_KEYS:
         section, name = key.split(".")
         value = now.get(section, {}).get(name)
-        if saved.get(section, {}).get(name) != value:
+        was = saved.get(section, {}).get(name)
+        if key == "data.name" and is_code_name(was):
+            continue
+        if was != value:
             raise ConfigError(
                 f"{where}: {key}={short_repr(value)} would split the data anew, so the run's "
                 f"test split would hold samples it trained on; {key} stays as the run was "

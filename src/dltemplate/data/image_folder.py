@@ -78,6 +78,19 @@ def decode_image(path: str | Path, size: tuple[int, int], grayscale: bool) -> np
     return pixels[None].copy() if grayscale else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
+def check_image(path: str | Path) -> None:
+    """Read ``path``'s header (format and size) only: a DataError naming the file when it is
+    missing, not an image PIL can read, or too large to decode safely (PIL's decompression-bomb
+    limit), so that a bad file among many stops before any is decoded."""
+    try:
+        with strict_truncation(), Image.open(path):
+            pass
+    except BAD_IMAGE_ERRORS as exc:
+        bomb = isinstance(exc, Image.DecompressionBombError)
+        why = f"{type(exc).__name__}: {exc}" if bomb else str(exc)
+        raise DataError(f"{path}: not a readable image ({why})") from exc
+
+
 class Decoded(NamedTuple):
     """The decoded images that could be read, and a message for each that could not."""
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from dltemplate.atomic import atomic_write
 from dltemplate.errors import CheckpointError
+from dltemplate.registry import code_label
 
 FORMAT = "dltemplate-checkpoint-v1"
 KINDS = ("best", "last", "interrupt")
@@ -55,7 +56,7 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_name(model_name: str, kind: str) -> str:
     """The seed's file name: ``<Model>_<kind>_ckpt.pth``."""
-    safe = model_name.rsplit(":", 1)[-1].replace("/", "_")
+    safe = code_label(model_name).rsplit(":", 1)[-1].replace("/", "_")  # <code Net>: Net
     return f"{safe}_{kind}_ckpt.pth"
 
 

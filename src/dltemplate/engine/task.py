@@ -25,8 +25,10 @@ from dltemplate.data.base import (
     make_splits,
 )
 from dltemplate.data.samples import MapStyleDataset, is_map_style
+from dltemplate.engine.given import GivenDataset
 from dltemplate.errors import ConfigError, DataError, UsageError
 from dltemplate.metrics.base import MetricCollection
+from dltemplate.models.heads import merged_prediction
 from dltemplate.registry import DATASETS, LOSSES, METRICS, MODELS, TASKS, accepted_kwargs
 
 
@@ -173,6 +175,21 @@ class Task:
         """Feed one batch's outputs to the metrics (outputs are detached already)."""
         metrics.update(outputs.float(), batch.targets)
 
+    # -- a trained model on its own (load_model, export) -------------------------------------
+    def normalize_inputs(self, x: torch.Tensor, info: DataInfo) -> torch.Tensor:
+        """Float inputs ``(N, *input_shape)`` on the [0, 1] scale (uint8 data divided by 255,
+        as ``predict`` reads images) as the model eats them: unchanged by default.
+
+        :class:`~dltemplate.engine.inference.InferenceModel` runs it inside the module that
+        ``load_model`` returns and ``export`` writes; override it with :meth:`prepare_batch`.
+        """
+        return x
+
+    def predictions(self, outputs: Any) -> torch.Tensor:
+        """What a trained model reports for a batch (``load_model``, ``export``), from the
+        model's outputs: by default the one prediction of its heads, as it is."""
+        return merged_prediction(outputs)
+
     # -- reporting --------------------------------------------------------------------------
     def log_images(self, writer: Any, tag: str, batch: Batch, outputs: torch.Tensor, step: int):
         """Optional pictures for TensorBoard after validation (first batch); none by default."""
@@ -205,8 +222,33 @@ class Task:
         device: torch.device,
         info: DataInfo,
     ) -> list[Path]:
-        """Predict on files (``dltemplate predict``) and write the results into ``out_dir``."""
+        """Predict on files (``dltemplate predict``) and write the results into ``out_dir``
+        (segmentation: a mask per image); return the files written. Not supported by default;
+        a task overrides this hook or :meth:`predict`."""
         raise UsageError(f"task '{self.cfg.experiment.task}' does not support predict")
+
+    def predict(
+        self,
+        model: nn.Module,
+        paths: list[Path],
+        device: torch.device,
+        info: DataInfo,
+        top_k: int = 1,
+    ) -> list[dict[str, Any]]:
+        """Predict on files (``dltemplate predict``) and return one JSON-able record per file,
+        writing nothing: ``{"file": ..., "predictions": [{"class": ..., "probability": ...}]}``
+        (classification: the ``top_k`` most probable classes). The command line prints a line
+        per record and writes them all to ``--out FILE.json``. Not supported by default."""
+        raise UsageError(f"task '{self.cfg.experiment.task}' does not support predict")
+
+    @property
+    def predict_output(self) -> str | None:
+        """What ``dltemplate predict`` gets from this task: ``"records"`` (it overrides
+        :meth:`predict`; ``--out`` is an optional JSON file), ``"files"`` (it overrides
+        :meth:`predict_files`; ``--out`` is the folder to write into), or None."""
+        if type(self).predict is not Task.predict:
+            return "records"
+        return "files" if type(self).predict_files is not Task.predict_files else None
 
     def describe_predictions(
         self, batch: Batch, outputs: torch.Tensor, info: DataInfo, limit: int = 10
@@ -227,6 +269,8 @@ def build_dataset(cfg: Config) -> InMemoryDataset | MapStyleDataset:
     """The dataset ``data.name`` names, built with ``data.args`` (see :meth:`Task.dataset`)."""
     d = cfg.data
     factory = DATASETS.get(d.name, "data.name")
+    if isinstance(factory, GivenDataset):  # an object given in Python: data.args do not apply
+        return _given_dataset(cfg, factory)
     if isinstance(factory, type) and issubclass(factory, InMemoryDataset):
         if d.test_args is not None:
             raise ConfigError(
@@ -256,6 +300,24 @@ def build_dataset(cfg: Config) -> InMemoryDataset | MapStyleDataset:
     if test is not None:
         _check_test_classes(dataset, test, label)
     return MapStyleDataset(dataset, test, label, cfg.experiment.seed, cfg.data.timeout)
+
+
+def _given_dataset(cfg: Config, given: GivenDataset) -> InMemoryDataset | MapStyleDataset:
+    """The dataset given in Python (``dataset=``, ``test_dataset=``) as a dltemplate dataset.
+
+    A run tested on a test split of its own (``data.test_args`` not null) needs that split
+    given again: carved out of ``dataset=`` instead, its test samples would be others."""
+    label = f"data.name={cfg.data.name}"
+    if cfg.data.test_args is not None and given.test is None:
+        raise ConfigError(
+            f"{label}: the run was tested on a test split of its own (test_dataset=); pass "
+            "test_dataset= again, or its test split would be carved out of dataset= instead"
+        )
+    if isinstance(given.dataset, InMemoryDataset):
+        return given.dataset
+    if given.test is not None:
+        _check_test_classes(given.dataset, given.test, label)
+    return MapStyleDataset(given.dataset, given.test, label, cfg.experiment.seed, cfg.data.timeout)
 
 
 def _class_list(dataset: Any) -> tuple[list[str] | None, int | None]:

@@ -49,6 +49,7 @@ from dltemplate.errors import NonFiniteLossError
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.models.heads import detach_outputs
 from dltemplate.optim import is_plateau
+from dltemplate.registry import is_code_name
 
 log = logging.getLogger("dltemplate")
 
@@ -445,11 +446,18 @@ class TrainerBase:
             said,
         )
         checkpoints = sorted(p.name for p in self.run_dir.glob("*_ckpt.pth"))
+        names = {"dataset": self.cfg.data.name, "model": self.cfg.model.name}
+        given = [param for param, name in names.items() if is_code_name(name)]
+        how = (  # objects given in Python cannot be rebuilt by the command line
+            f"dltemplate.evaluate(run, {', '.join(f'{p}=...' for p in given)}) in Python"
+            if given
+            else f"dltemplate eval {self.run_dir}"
+        )
         log.info(
-            "run directory %s; checkpoints: %s; evaluate with: dltemplate eval %s",
+            "run directory %s; checkpoints: %s; evaluate with: %s",
             self.run_dir,
             ", ".join(checkpoints) or "none written",
-            self.run_dir,
+            how,
         )
 
     # == helpers ================================================================================

@@ -63,9 +63,17 @@ class SegmentationTask(Task):
     def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
         """Move uint8 images and masks to ``device``, then scale and normalise the images."""
         x = batch.inputs.to(device, non_blocking=True).float().div_(255.0)
-        mean, std = channel_stats(info, x.device)
         masks = batch.targets.to(device, non_blocking=True)
-        return Batch((x - mean) / std, masks, batch.global_size)
+        return Batch(self.normalize_inputs(x, info), masks, batch.global_size)
+
+    def normalize_inputs(self, x: torch.Tensor, info: DataInfo) -> torch.Tensor:
+        """Images on the [0, 1] scale minus the dataset's mean, over its std, per channel."""
+        mean, std = channel_stats(info, x.device)
+        return (x - mean) / std
+
+    def predictions(self, outputs: Any) -> torch.Tensor:
+        """Mask probabilities: the sigmoid of the per-pixel logits (the mean of the heads')."""
+        return torch.sigmoid(merged_prediction(outputs).float())
 
     def augment(self, batch: Batch, info: DataInfo) -> Batch:
         """Per image: a horizontal flip (half the time), a random order of the colour channels,
