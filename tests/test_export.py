@@ -254,3 +254,20 @@ def test_the_readme_example_of_using_a_trained_model_runs(tmp_path):
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "predicted" in done.stdout and "max |diff|" in done.stdout
+
+
+def test_the_quickstart_notebook_runs_top_to_bottom(tmp_path):
+    """notebooks/quickstart.ipynb, executed as Jupyter would, from a copy of the repository's
+    configs: it cannot rot."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    import shutil
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    notebook = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})  # fmt: skip
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert (tmp_path / "Results" / "quickstart").is_dir()
