@@ -11,8 +11,13 @@ import socket
 import subprocess
 from pathlib import Path
 
-import numpy as np
-import pytest
+# One torch (and BLAS) thread per test process, subprocesses included (they inherit the
+# environment), unless the caller set a count: on a busy machine, threads per core make every
+# process slower; under pytest-xdist each worker is one process. Before numpy and torch load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
