@@ -210,6 +210,7 @@ def mlp(dry: bool, box: float, out: Writer) -> None:
     ratios = [r["train_pass_ratio"] for r in res["rows"]]
     res["goal_met"] = len(ratios) == len(sizes["batch_sizes"]) and min(ratios) >= MLP_GOAL
     res["status"] = "ok"
+    out.write()
 
 
 # == section: UNet images/s per setting ==========================================================
@@ -322,6 +323,7 @@ def unet(dry: bool, box: float, out: Writer) -> None:
     res["best_speedup"] = round(max(fast) / base, 3) if base and fast else None
     res["goal_met"] = bool(res["best_speedup"] and res["best_speedup"] >= UNET_GOAL)
     res["status"] = "ok"
+    out.write()
 
 
 SECTIONS = {"cuda_tests": cuda_tests, "mlp": mlp, "unet": unet}

@@ -104,8 +104,7 @@ def test_a_failing_unet_setting_is_recorded_and_the_others_still_run(tmp_path, m
     monkeypatch.setattr(gpu, "UNET_SETTINGS", gpu.UNET_SETTINGS[:3])  # the eager ones: quick
     out = gpu.Writer(tmp_path / "unet.json", {})
     gpu.unet(True, 60.0, out)
-    saved = out.result
-    assert json.loads((tmp_path / "unet.json").read_text())["rows"] == saved["rows"]  # as it went
+    saved = json.loads((tmp_path / "unet.json").read_text())
     status = {r["setting"]: r["status"] for r in saved["rows"]}
     assert status == {"fp32_eager": "ok", "fp32_tf32": "ok", "bf16": "failed"}
     (failed,) = [r for r in saved["rows"] if r["status"] == "failed"]
