@@ -257,3 +257,20 @@ def test_bad_fast_settings_stop_with_one_line(cli, tmp_path, capsys, override, w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_small_cnn_pools_by_a_mean_equal_to_adaptive_average_pooling_bit_for_bit():
+    """SmallCNN's global pooling has a deterministic CUDA backward (AdaptiveAvgPool2d's has
+    none: experiment.deterministic stopped the run) and computes the same bits on the CPU."""
+    from dltemplate.models.cnn import GlobalAvgPool
+
+    gen = torch.Generator().manual_seed(0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(7, 8, 14, 14, generator=gen).contiguous(memory_format=layout)
+        x.requires_grad_(True)
+        ours, theirs = GlobalAvgPool()(x), torch.nn.AdaptiveAvgPool2d(1)(x)
+        grad = torch.randn(ours.shape, generator=gen)
+        assert torch.equal(ours, theirs)
+        (g_ours,) = torch.autograd.grad(ours, x, grad)
+        (g_theirs,) = torch.autograd.grad(theirs, x, grad)
+        assert torch.equal(g_ours, g_theirs)
