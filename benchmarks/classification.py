@@ -222,6 +222,7 @@ class CpuClock:
 def measure(args: argparse.Namespace, batch_size: int, out_dir: str, clock: CpuClock) -> dict:
     """Warm up each side once, then ``args.epochs`` interleaved (engine, floor) pairs."""
     trainer = make_trainer(batch_size, 1 + args.epochs, args.train_samples, out_dir)
+    data_device = str(trainer.data.train.source_inputs.device)  # data.device=auto: the GPU's
     try:
         floor = Floor(trainer)
         engine_epoch(trainer)  # warm-ups, untimed
@@ -262,6 +263,7 @@ def measure(args: argparse.Namespace, batch_size: int, out_dir: str, clock: CpuC
         "others": others,
         "bar_bytes": BAR_SINK.tell(),
         "floor_s": statistics.median(f for _, _, f, *_ in pairs),
+        "data_device": data_device,
     }
 
 

@@ -29,7 +29,7 @@ from dltemplate.callbacks.sweep_trial import SweepTrial
 from dltemplate.config import Config, config_from_dict, config_to_dict
 from dltemplate.config.loader import apply_overrides, refuse_resplit
 from dltemplate.config.trust import refuse_untrusted_code
-from dltemplate.data.base import DataSplits
+from dltemplate.data.base import DataSplits, TensorSplit
 from dltemplate.engine import distributed as D
 from dltemplate.engine.build import build_components, build_loaders, build_schedule
 from dltemplate.engine.checkpoint import keep_for_next_load, load_checkpoint
@@ -56,6 +56,13 @@ from dltemplate.engine.rundir import (
 )
 from dltemplate.engine.runlog import attach_log_file, setup_logging
 from dltemplate.engine.seeding import rank_seed, seed_everything
+from dltemplate.engine.speed import (
+    apply_backends,
+    check_speed_config,
+    is_channels_last,
+    place_data,
+    speed_summary,
+)
 from dltemplate.engine.stopping import BoundarySnapshot
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
@@ -112,6 +119,7 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
     setup_logging(None, dist.is_main)  # the file joins once the run directory exists
     local_rank = dist.local_rank if dist.enabled else None
     device, dp_ids = select_device(cfg.experiment.device, cfg.experiment.gpu_devices, local_rank)
+    check_speed_config(cfg, device)
     threads = apply_threads(cfg.experiment.threads, dist.enabled)
     seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
 
@@ -139,6 +147,8 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
     data = task.load_data()
     if dist.is_main and dist.enabled:
         D.barrier()
+    data = place_data(cfg.data.device, data, device)  # small in-memory data: on the GPU
+    fast = apply_backends(cfg, device, fixed_shapes=isinstance(data.train, TensorSplit))
     train_loader, val_loader, test_loader = build_loaders(cfg, data, dist.rank, dist.world_size)
     schedule = build_schedule(cfg, parts.model, epochs, len(train_loader))
     # Each process draws its own random numbers (dropout, augmentation), seeded from the seed
@@ -169,6 +179,10 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
     run_state.run_dir = run_dir
     if dist.is_main:
         log_run(cfg, dist, device, threads, parts.model, data, point is None, run_dir)
+        if device.type == "cuda":
+            fast["channels_last"] = is_channels_last(parts.model)
+            fast["fused_optimizer"] = bool(schedule.optimizer.defaults.get("fused"))
+            log.info("GPU settings: %s", speed_summary(fast))
     return cls(
         cfg,
         RunParts(

@@ -20,6 +20,10 @@ class ExperimentConfig:
     output_dir: str = "./Results"  # runs land in <output_dir>/<timestamp>/
     seed: int = 42  # seeds Python, NumPy, torch, data order and splits
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    tf32: bool | None = None  # TF32 matmuls/convolutions on GPUs that have them; null: on CUDA
+    # cuDNN autotuning (fastest kernels for fixed shapes); null: on CUDA for in-memory data,
+    # off with experiment.deterministic
+    cudnn_benchmark: bool | None = None
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     gpu_devices: list[int] | None = None  # the seed's GPU list; several -> DataParallel
     imports: list[str] = field(default_factory=list)  # modules to import (your registrations)
@@ -40,6 +44,9 @@ class DataConfig:
     train_val_sample_rate: float = 1.0  # the seed's sub-sampling of the training pool
     test_sample_rate: float = 1.0  # the seed's sub-sampling of the test split
     augment: bool = False  # random training-time augmentation, as the task defines it
+    # Where in-memory splits live: auto (the run's GPU when they fit in a quarter of its
+    # memory, else cpu) | cpu | cuda (the run's GPU, always); batches are then indexed there
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments
     # The dataset's own test split (map-style datasets): data.args with these on top,
     # e.g. {train: false}; null: a test split is carved out of the pool (test_fraction).
@@ -78,6 +85,7 @@ class OptimizerConfig:
     name: str = "adam"  # sgd | adam | adamw | package.module:Class
     lr: float = 1e-3
     weight_decay: float = 0.0
+    fused: bool | None = None  # one fused kernel per step (sgd, adam, adamw); null: on CUDA
     args: dict[str, Any] = field(default_factory=dict)  # e.g. momentum, betas
 
 
@@ -104,6 +112,7 @@ class TrainerConfig:
     early_stopping_patience: int | None = None  # epochs without improvement; None: off
     early_stopping_min_delta: float = 0.0  # smaller changes do not count as improvement
     compile: bool = False  # torch.compile the model
+    channels_last: bool | None = None  # NHWC weights for convolutions; null: on CUDA with conv
     metrics: list[str] = field(default_factory=list)  # extra metrics; the task adds its own
     fast_dev_run: int = 0  # N>0: 1 epoch of N batches per split, no checkpoints
     limit_train_batches: int | float | None = None  # int count, or fraction of an epoch

@@ -90,6 +90,8 @@ class TensorSplit:
 
     def gather(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of the samples at ``positions`` (a batch: a copy)."""
+        if positions.device != self.source_inputs.device:  # a split kept on the GPU
+            positions = positions.to(self.source_inputs.device)
         rows = positions if self.index is None else self.index[positions]
         return self.source_inputs[rows], self.source_targets[rows]
 
@@ -120,6 +122,27 @@ def concat_splits(parts: list[Any]) -> Any:
         )
     inputs = torch.cat([p.inputs for p in parts])
     return TensorSplit(inputs, torch.cat([p.targets for p in parts]), groups, names)
+
+
+def splits_to(data: DataSplits, device: torch.device) -> DataSplits:
+    """``data`` with its in-memory splits' tensors on ``device`` (a source shared by several
+    splits is copied once, and the splits stay views of it)."""
+    moved: dict[int, torch.Tensor] = {}
+
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        return moved[id(t)]
+
+    def split_to(s: TensorSplit) -> TensorSplit:
+        inputs, targets = to(s.source_inputs), to(s.source_targets)
+        return TensorSplit(inputs, targets, s.groups, s.names, to(s.index))  # type: ignore[arg-type]
+
+    return DataSplits(
+        split_to(data.train), split_to(data.val), split_to(data.test), data.info, data.notes
+    )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dltemplate.data.loader import IndexLoader, ReadOptions
 from dltemplate.data.transforms import build_transforms
 from dltemplate.engine.evaluation import Evaluation
 from dltemplate.engine.precision import Precision
+from dltemplate.engine.speed import apply_channels_last, resolve_channels_last
 from dltemplate.engine.sync_batchnorm import convert_sync_batchnorm
 from dltemplate.engine.task import Task
 from dltemplate.errors import ConfigError, did_you_mean, short_repr
@@ -56,6 +57,8 @@ def build_components(
     info = task.data_info()
     with config_section("model", cfg.model.name, cfg.model.args):
         model = task.build_model(info).to(device)
+    if resolve_channels_last(cfg.trainer.channels_last, model, device):
+        model = apply_channels_last(model)
     task.check_model(model, info, device)  # its outputs fit the task, before any data is read
     if sync_batchnorm:
         model = convert_sync_batchnorm(model, device)
@@ -179,7 +182,8 @@ class Schedule:
 def build_schedule(cfg: Config, model: nn.Module, epochs: int, batches_per_epoch: int) -> Schedule:
     """The optimizer over ``model``'s parameters and a scheduler sized for ``epochs``."""
     with config_section("optimizer", cfg.optimizer.name, cfg.optimizer.args):
-        optimizer = build_optimizer(cfg.optimizer, model.parameters())
+        device = next(model.parameters(), torch.empty(0)).device
+        optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
     steps_per_epoch = -(-batches_per_epoch // cfg.trainer.grad_accum_steps)
     per_step = scheduler_interval(cfg.scheduler) == "step"
     with config_section("scheduler", cfg.scheduler.name, cfg.scheduler.args):

@@ -8,6 +8,16 @@ from torch import nn
 from dltemplate.registry import MODELS
 
 
+class GlobalAvgPool(nn.Module):
+    """The mean of each channel over the picture, ``(N, C, 1, 1)``: AdaptiveAvgPool2d(1)'s
+    result, by a mean whose CUDA backward is deterministic (AdaptiveAvgPool2d's is not, and
+    ``experiment.deterministic`` would stop the run at its first backward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Average over height and width."""
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 @MODELS.register("SmallCNN")
 @MODELS.register("cnn")
 class SmallCNN(nn.Module):
@@ -40,7 +50,7 @@ class SmallCNN(nn.Module):
             block(channels, width),
             nn.MaxPool2d(2) if min(input_shape[1:]) >= 8 else nn.Identity(),
             block(width, 2 * width),
-            nn.AdaptiveAvgPool2d(1),
+            GlobalAvgPool(),
             nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, num_classes))

@@ -13,6 +13,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from dltemplate.config import OptimizerConfig, SchedulerConfig
+from dltemplate.errors import ConfigError
 from dltemplate.registry import OPTIMIZERS, SCHEDULERS, accepted_kwargs
 
 OPTIMIZERS.register("sgd")(torch.optim.SGD)
@@ -73,12 +74,38 @@ def onecycle(
 _STEPPED_PER_BATCH = {"onecycle"}  # schedulers whose natural interval is the optimizer step
 
 
+FUSED = ("sgd", "adam", "adamw")  # the built-in optimizers torch has a fused kernel for
+
+
+def fused_setting(cfg: OptimizerConfig, device: torch.device) -> bool | None:
+    """``optimizer.fused``: True/False to pass as ``fused=``, or None to leave torch's default.
+
+    null: fused on CUDA for sgd, adam and adamw (one kernel for all parameters instead of a few
+    per tensor; the same arithmetic on every step, so resumes stay exact), torch's default
+    elsewhere (the CPU computes as before). true for another optimizer: a ConfigError."""
+    if cfg.fused is None:
+        return True if device.type == "cuda" and cfg.name in FUSED else None
+    if cfg.fused and cfg.name not in FUSED:
+        raise ConfigError(
+            f"optimizer.fused=true: optimizer.name={cfg.name} has no fused kernel; "
+            f"use one of {', '.join(FUSED)}, or optimizer.fused=null"
+        )
+    return cfg.fused
+
+
 def build_optimizer(
-    cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]
+    cfg: OptimizerConfig,
+    params: Iterable[torch.nn.Parameter],
+    device: torch.device | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer named in ``cfg`` over ``params``."""
-    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.args}
-    return OPTIMIZERS.build(cfg.name, "optimizer.name", params=list(params), **kwargs)
+    """The optimizer named in ``cfg`` over ``params`` (on ``device``: default the CPU)."""
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    fused = fused_setting(cfg, device or torch.device("cpu"))
+    if fused or (fused is False and cfg.name in FUSED):  # others take no such argument
+        kwargs["fused"] = fused
+    return OPTIMIZERS.build(
+        cfg.name, "optimizer.name", params=list(params), **{**kwargs, **cfg.args}
+    )
 
 
 def scheduler_interval(cfg: SchedulerConfig) -> str:
