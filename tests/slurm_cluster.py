@@ -133,8 +133,13 @@ def requeue_now(job_id: int | str, restarts: int = 1, timeout: float = 90) -> No
         info = job_info(job_id)
         state, done = info.get("JobState", ""), int(info.get("Restarts", "0")) >= restarts
         if done and state == "PENDING":
-            _run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-            return
+            try:
+                _run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                return
+            except RuntimeError as err:  # it started between the look and the update
+                if "no longer pending" not in str(err):
+                    raise
+                continue
         if done and state == "RUNNING":
             return
         if state in FINAL_STATES:

@@ -160,6 +160,7 @@ def test_a_trial_the_pruner_stops_is_marked_pruned_and_its_run_says_why(tmp_path
 
 
 # == killed with trials in flight, continued ======================================================
+@pytest.mark.slow  # a campaign: ~10 processes
 def test_a_sweep_killed_with_trials_in_flight_continues_exactly(tmp_path):
     slow = "callbacks=[{name: 'slow_epochs:SlowEpochs', args: {seconds: 1.0}}]"
     path = sweep_file(tmp_path, trials=3, overrides=[*FAST, "trainer.epochs=4", slow])
@@ -197,6 +198,7 @@ def test_a_sweep_killed_with_trials_in_flight_continues_exactly(tmp_path):
         assert resumed == (trial.name in killed), trial
 
 
+@pytest.mark.slow  # a campaign: ~10 processes
 def test_a_tracked_sweep_nests_each_trial_under_one_parent_run(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     path = sweep_file(tmp_path, trials=2, overrides=[*FAST, "callbacks=[mlflow]"])
