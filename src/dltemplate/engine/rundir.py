@@ -21,8 +21,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from dltemplate.atomic import atomic_write, atomic_write_text
 from dltemplate.errors import ConfigError, DataError, UsageError
 
@@ -225,6 +223,8 @@ def git_commit() -> str | None:
 
 def save_config(run_dir: Path, name: str, config: dict[str, Any]) -> Path:
     """Write ``config_<name>_<timestamp>.json`` with the versions that produced the run."""
+    import torch  # here, not at the top: reading run directories (compare-configs) needs no torch
+
     meta = {
         "timestamp": run_dir.name,
         "python": platform.python_version(),
