@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -554,6 +555,19 @@ def _override_hint(rest: list[str]) -> str:
     return ""
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, put ``message`` in this process's error file: torchrun's failure report
+    then shows it as the root cause instead of a link to its documentation."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as fh:  # the format torch's own error handler writes
+            json.dump({"message": message, "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass  # the message was printed; the report only lacks it
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
@@ -577,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         if slurm.launch_rank() == 0:  # under torchrun or srun every rank fails alike: once
             print(f"dltemplate: error: {exc}", file=sys.stderr)
+        _tell_torchrun(f"dltemplate: error: {exc} (exit status 2)")
         return 2
     except KeyboardInterrupt as exc:
         return _stopped(getattr(exc, "signal_name", "SIGINT"))  # RunStopped names its signal
