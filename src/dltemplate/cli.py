@@ -77,9 +77,9 @@ def _stopped(name: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # a config error is said before torch loads
     from dltemplate import api
 
-    cfg = load_config(args.config, args.overrides)
     _catch_sigterm(cfg.trainer.notice_signal)
     api.train(cfg)
     return 0
