@@ -124,9 +124,10 @@ def test_a_base_file_is_read_as_safely_as_any_config(cli, tmp_path, capsys):
     ))  # fmt: skip
     assert cli("config", child) == 2
     assert str(parent) in one_line_error(capsys)
-    write(parent, "trainer: {epoch: 3}\n")  # a key typo in the base names the base file
+    write(parent, "trainer: {epoch: 3}\n")  # a key typo in a base names the base
     assert cli("config", child) == 2
-    assert "unknown key 'trainer.epoch'" in one_line_error(capsys)
+    err = one_line_error(capsys)
+    assert f"{parent}: unknown key 'trainer.epoch' (did you mean 'trainer.epochs'?)" in err
 
 
 def test_the_shipped_family_unetpp_builds_on_unet():

@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=OVERRIDE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="YAML config file")
+    p.add_argument("config", help="YAML config file (it may build on another: base: OTHER.yaml)")
     p.add_argument("overrides", **over)
     p.set_defaults(func=cmd_train)
 
@@ -483,9 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="number of image/mask pairs")
     p.set_defaults(func=cmd_sample_data)
 
-    p = sub.add_parser("compare-configs", help="print the keys that differ between two configs")
-    p.add_argument("a")
-    p.add_argument("b")
+    p = sub.add_parser(
+        "compare-configs",
+        help="print the keys that differ between two configs",
+        description="Resolve both configs (defaults filled in, bases merged) and print the keys "
+        "whose values differ. Each is a YAML config, a run's config_*.json, a run directory "
+        "(its saved config) or a checkpoint (the config inside it).",
+    )
+    p.add_argument("a", help="config file, run directory or checkpoint")
+    p.add_argument("b", help="config file, run directory or checkpoint")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

@@ -649,11 +649,35 @@ def read_config(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{chain[-1]}: base: {name}: {what} ({file}); give a config "
                               "file, relative to the one that names it")  # fmt: skip
         raw = read_yaml(file)
+        check_keys(raw, str(file))  # a typo in a base names the base, not the config using it
         layers.append(raw)
     merged: dict[str, Any] = {}
     for layer in reversed(layers):
         merged = merge_configs(merged, layer)
     return merged
+
+
+def check_keys(raw: dict[str, Any], source: str) -> None:
+    """A ConfigError naming ``source`` for the first section or key of ``raw`` that the schema
+    lacks (``base`` aside); values are not checked (a base may be completed by its child)."""
+    sections = _section_types()
+    for name, values in raw.items():
+        if name == "base":
+            continue
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown config section '{name}'{did_you_mean(name, sections)}; "
+                f"sections are {', '.join(sections)}"
+            )
+        if typing.get_origin(sections[name]) is list or not isinstance(values, dict):
+            continue  # checked whole by config_from_dict
+        hints = typing.get_type_hints(sections[name])
+        for key in values:
+            if key not in hints:
+                valid = [f"{name}.{k}" for k in hints]
+                raise ConfigError(
+                    f"{source}: unknown key '{name}.{key}'{did_you_mean(f'{name}.{key}', valid)}"
+                )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
