@@ -187,7 +187,7 @@ def test_the_eval_hint_carries_trust_code_when_the_run_needs_it(cli, tmp_path, c
     assert cli(*shlex.split(hint)[1:], "--limit-batches", "1") == 0  # the hint works as said
 
 
-def test_a_stop_during_the_final_test_says_so(cli, tmp_path, monkeypatch):
+def test_a_stop_during_the_final_test_says_so(cli, tmp_path, capsys):
     out = tmp_path / "out"
     undo = install("final_test", "sigint", 1)
     try:
@@ -201,6 +201,9 @@ def test_a_stop_during_the_final_test_says_so(cli, tmp_path, monkeypatch):
     assert "run stopped by SIGINT during the final test, step" in log
     assert "at epoch 3" not in log
     assert f"dltemplate resume {run} --trust-code" in log  # the resume hint needs it too
+    capsys.readouterr()
+    assert cli("runs", run, "--csv") == 0  # the table of runs quotes the line
+    assert "run stopped by SIGINT during the final test, step" in capsys.readouterr().out
 
 
 def warning_in_log(run: Path, start: str) -> str:

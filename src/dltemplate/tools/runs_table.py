@@ -117,7 +117,9 @@ _NUMBER_COLUMNS = ("epochs", "best_epoch", "duration")  # averaged by group_seed
 _LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 _SESSION = re.compile(r" INFO run \S+ (started: |resumed from |had no checkpoint yet)")
 _FINISHED = re.compile(r" INFO run \S+ finished: ")
-_STOPPED = re.compile(r" ERROR (run stopped by \S+ at epoch \d+, step \d+)")
+_STOPPED = re.compile(
+    r" ERROR (run stopped by \S+ (?:at epoch \d+|during the final test), step \d+)"
+)
 
 
 # == finding run directories ====================================================================
