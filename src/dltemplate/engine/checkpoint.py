@@ -14,7 +14,6 @@ import logging
 import numbers
 import os
 import shutil
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -191,13 +190,11 @@ def _not_saved_by_torch(path: Path) -> str | None:
     """Why ``path`` cannot be a file ``torch.save`` wrote (a zip archive, or an old-style pickle
     starting with its protocol byte), in a few words; None when it may be one."""
     try:
-        if zipfile.is_zipfile(path):
-            return None
         with open(path, "rb") as f:
             head = f.read(512)
     except OSError:
         return None  # torch.load says what is wrong with it
-    if head.startswith((b"\x80", b"PK")):  # a pickle, or a zip cut short: torch.load says
+    if head.startswith((b"\x80", b"PK")):  # a pickle or a zip, whole or not: torch.load says
         return None
     if not head:
         return "an empty file"
