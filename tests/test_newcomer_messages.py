@@ -289,3 +289,26 @@ def test_a_config_error_under_real_torchrun(tmp_path):
     said = "dltemplate: error: override 'trainer.epoch=3': unknown key 'trainer.epoch'"
     assert done.stderr.count(said) >= 2  # rank 0's line, and torchrun's root cause
     assert "To enable traceback see" not in done.stderr
+
+
+# == the seed's scripts =========================================================================
+@pytest.mark.parametrize("script", ["trainer_vanilla.py", "trainer_seg_on_carvana.py"])
+def test_the_seed_training_scripts_help_says_what_each_flag_sets(script):
+    done = subprocess.run(
+        [sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split("options:", 1)[1].split())  # unwrapped, past usage
+    for flag, key in [
+        ("--proj_name PROJ_NAME", "experiment.name"),
+        ("--model_type MODEL_TYPE", "model.name"),
+        ("--data_type DATA_TYPE", "data.name"),
+        ("--output_dir OUTPUT_DIR", "experiment.output_dir"),
+        ("--data_dir DATA_DIR", "data.root"),
+        ("--epochs EPOCHS", "trainer.epochs"),
+        ("--batch_size BATCH_SIZE", "data.batch_size"),
+        ("--lr LR", "optimizer.lr"),
+    ]:
+        after = text.split(flag, 1)[1]
+        assert after.lstrip().split(" --", 1)[0].find(f"({key})") >= 0, (flag, after[:120])
+    assert "(experiment.gpu_devices)" in text
