@@ -128,6 +128,9 @@ def test_killed_worker_restarts_into_the_same_run_with_identical_results(
     assert not list(out.glob(".torchrun_*"))  # the restart marker is gone once finished
     log = (run / "train.log").read_text()
     assert log.count("command: ") == 2  # both attempts wrote to this run directory
+    # ... each a command that runs the job again (not the path of dltemplate's __main__.py)
+    rerun = f"command: torchrun --nproc_per_node 2 --max_restarts 1 -m dltemplate train {DEMO} "
+    assert log.count(rerun) == 2
     if kill_after > STEPS_PER_EPOCH:  # from the checkpoint of epoch 1, not from scratch
         assert re.search(r"resumed from \S*_last_ckpt\.pth at epoch 2", log)
     else:

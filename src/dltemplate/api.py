@@ -80,7 +80,7 @@ def read_history(path: str | Path) -> list[dict[str, float]]:
         return []
     with open(path, newline="") as fh:
         return [
-            {k: _number(k, v) for k, v in row.items() if v not in ("", None)}
+            {k: _number(k, v) for k, v in row.items() if k is not None and v not in ("", None)}
             for row in csv.DictReader(fh)
         ]
 

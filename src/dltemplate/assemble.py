@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ from dltemplate.engine.rundir import (
     save_config,
     update_saved_config,
 )
-from dltemplate.engine.runlog import attach_log_file, setup_logging
+from dltemplate.engine.runlog import attach_log_file, rerun_command, setup_logging
 from dltemplate.engine.seeding import rank_seed, seed_everything
 from dltemplate.engine.speed import (
     apply_backends,
@@ -283,7 +282,7 @@ def log_run(
     run_dir: Path,
 ) -> None:
     """The run's first lines: the command, device, model and data; a new run's split.json."""
-    log.info("command: %s", " ".join(sys.argv))
+    log.info("command: %s", rerun_command())
     log.info(
         "device %s x %d process(es), %d CPU thread(s) each; model %s (%d parameters); "
         "train %d, val %d, test %d samples",

@@ -14,30 +14,20 @@ import os
 import signal
 import sys
 import threading
+import time
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dltemplate import api
-from dltemplate.assemble import build_evaluator, validate_names
-from dltemplate.atomic import atomic_write_text
+# Only what help, `config`, `compare-configs` and argument errors need is imported here: none
+# of it imports torch (a second or more). Each command imports the rest when it runs.
 from dltemplate.config import Config, config_from_dict, config_keys, config_to_dict, load_config
 from dltemplate.config.loader import apply_overrides, notice_signal, read_yaml
-from dltemplate.config.trust import refuse_untrusted_code
 from dltemplate.engine import slurm
-from dltemplate.engine.build import config_section
-from dltemplate.engine.evaluator import EvaluatorBase
-from dltemplate.engine.rundir import latest_run_dir
-from dltemplate.engine.runlog import setup_logging
-from dltemplate.engine.stopping import RunStopped
-from dltemplate.engine.task import make_task
 from dltemplate.errors import DataError, DiskFullError, NonFiniteLossError, UsageError
-from dltemplate.registry import MODELS
 from dltemplate.tools.compare_configs import compare_configs, format_diff
-from dltemplate.tools.count_params import count_parameters, format_counts
-from dltemplate.tools.runs_table import format_csv, format_table, list_runs
 
 log = logging.getLogger("dltemplate")
 
@@ -45,6 +35,8 @@ log = logging.getLogger("dltemplate")
 def _stop_on_signal(signum: int, frame: Any) -> None:
     # Before training starts (loading data), SIGTERM and the cluster's notice stop like Ctrl-C;
     # the trainer then takes them over and stops at the next step boundary.
+    from dltemplate.engine.stopping import RunStopped  # imported by _catch_sigterm already
+
     raise RunStopped(signal.Signals(signum).name, at_boundary=False)
 
 
@@ -58,6 +50,8 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
 
 
 def _catch_sigterm(notice: str | None = "SIGUSR1") -> None:
+    import dltemplate.engine.stopping  # noqa: F401  (now, not inside the signal handler)
+
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_signal)
         if notice is not None:  # its default action would kill the process, checkpoint-less
@@ -83,7 +77,9 @@ def _stopped(name: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a config error is said before torch loads
+    from dltemplate import api
+
     _catch_sigterm(cfg.trainer.notice_signal)
     api.train(cfg)
     return 0
@@ -102,6 +98,9 @@ def format_config(cfg: Config) -> str:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from dltemplate import api
+    from dltemplate.engine.rundir import latest_run_dir
+
     target = args.target
     if target == "last":
         target = str(latest_run_dir(args.output_dir))
@@ -111,6 +110,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dltemplate.assemble import build_evaluator
+    from dltemplate.engine.evaluator import EvaluatorBase
+    from dltemplate.engine.runlog import setup_logging
+
     if args.out and Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: is a folder; give the JSON report's file name")
     setup_logging()
@@ -140,6 +143,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from dltemplate.assemble import build_evaluator
+    from dltemplate.atomic import atomic_write_text
+    from dltemplate.engine.runlog import setup_logging
+
     setup_logging()
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     task, name = evaluator.task, evaluator.cfg.experiment.task
@@ -195,6 +202,7 @@ def _prediction_line(record: Any) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from dltemplate.engine.runlog import setup_logging
     from dltemplate.export import ExportError, export_model  # onnx only when asked for
 
     setup_logging()
@@ -218,6 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from dltemplate.engine.runlog import setup_logging
     from dltemplate.sweeps.runner import run_sweep  # imports optuna: only for sweeps
 
     setup_logging()
@@ -289,6 +298,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
+    from dltemplate import api
+    from dltemplate.assemble import validate_names
+    from dltemplate.config.trust import refuse_untrusted_code
+    from dltemplate.engine.build import config_section
+    from dltemplate.engine.task import make_task
+    from dltemplate.registry import MODELS
+    from dltemplate.tools.count_params import count_parameters, format_counts
+
     path = Path(args.config)
     if path.is_dir() or path.suffix in (".pth", ".pt"):
         raw, _ = api.config_of_run(path, trust_code=args.trust_code)
@@ -318,6 +335,8 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from dltemplate.tools.runs_table import format_csv, format_table, list_runs
+
     rows = list_runs(args.dirs, sort=args.sort, group_seeds=args.group_seeds)
     if args.csv:
         sys.stdout.write(format_csv(rows))
@@ -377,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=OVERRIDE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="YAML config file")
+    p.add_argument("config", help="YAML config file (it may build on another: base: OTHER.yaml)")
     p.add_argument("overrides", **over)
     p.set_defaults(func=cmd_train)
 
@@ -464,9 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="number of image/mask pairs")
     p.set_defaults(func=cmd_sample_data)
 
-    p = sub.add_parser("compare-configs", help="print the keys that differ between two configs")
-    p.add_argument("a")
-    p.add_argument("b")
+    p = sub.add_parser(
+        "compare-configs",
+        help="print the keys that differ between two configs",
+        description="Resolve both configs (defaults filled in, bases merged) and print the keys "
+        "whose values differ. Each is a YAML config, a run's config_*.json, a run directory "
+        "(its saved config) or a checkpoint (the config inside it).",
+    )
+    p.add_argument("a", help="config file, run directory or checkpoint")
+    p.add_argument("b", help="config file, run directory or checkpoint")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
@@ -536,6 +561,19 @@ def _override_hint(rest: list[str]) -> str:
     return ""
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, put ``message`` in this process's error file: torchrun's failure report
+    then shows it as the root cause instead of a link to its documentation."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as fh:  # the format torch's own error handler writes
+            json.dump({"message": message, "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass  # the message was printed; the report only lacks it
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
@@ -559,9 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         if slurm.launch_rank() == 0:  # under torchrun or srun every rank fails alike: once
             print(f"dltemplate: error: {exc}", file=sys.stderr)
+        _tell_torchrun(f"dltemplate: error: {exc} (exit status 2)")
         return 2
     except KeyboardInterrupt as exc:
-        return _stopped(exc.signal_name if isinstance(exc, RunStopped) else "SIGINT")
+        return _stopped(getattr(exc, "signal_name", "SIGINT"))  # RunStopped names its signal
     except (NonFiniteLossError, DiskFullError) as exc:  # failures that one line explains
         print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 1

@@ -18,17 +18,39 @@ def _seed_bool(text: str) -> bool:
 
 def seed_train_main(argv: list[str], default_config: Path) -> int:
     """``--proj_name --model_type --data_type --output_dir --gpu_devices --data_dir`` -> train."""
-    p = argparse.ArgumentParser(description="Train as the seed template did.")
-    p.add_argument("--proj_name", default=None)
-    p.add_argument("--model_type", default=None)
-    p.add_argument("--data_type", default=None)
-    p.add_argument("--output_dir", default=None)
-    p.add_argument("--gpu_devices", default=None, nargs="+", type=int)
-    p.add_argument("--data_dir", default=None)
+    p = argparse.ArgumentParser(
+        description="Train as the seed template did: each flag sets a key of the config "
+        f"(--config, default {default_config.name}); section.key=value arguments after the "
+        "flags override any other key. Runs 'dltemplate train'.",
+    )
+    p.add_argument("--proj_name", default=None, help="run name (experiment.name)")
+    p.add_argument(
+        "--model_type", default=None, help="model, a registered name (model.name), e.g. Vanilla"
+    )
+    p.add_argument(
+        "--data_type",
+        default=None,
+        help="dataset, a registered name (data.name), e.g. FashionMNIST",
+    )
+    p.add_argument(
+        "--output_dir",
+        default=None,
+        help="folder the run directory goes in (experiment.output_dir)",
+    )
+    p.add_argument(
+        "--gpu_devices",
+        default=None,
+        nargs="+",
+        type=int,
+        help="GPU ids, e.g. 0 1 (experiment.gpu_devices); several: DataParallel",
+    )
+    p.add_argument("--data_dir", default=None, help="folder holding the dataset (data.root)")
     p.add_argument("--config", default=str(default_config), help="base YAML config")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (trainer.epochs)")
+    p.add_argument(
+        "--batch_size", type=int, default=None, help="samples per batch (data.batch_size)"
+    )
+    p.add_argument("--lr", type=float, default=None, help="learning rate (optimizer.lr)")
     args, extra = p.parse_known_args(argv)
     mapping = {
         "experiment.name": args.proj_name,

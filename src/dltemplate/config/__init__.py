@@ -7,6 +7,7 @@ from dltemplate.config.loader import (
     config_to_dict,
     config_to_raw,
     load_config,
+    read_config,
     read_yaml,
 )
 from dltemplate.config.schema import (
@@ -37,5 +38,6 @@ __all__ = [
     "config_to_dict",
     "config_to_raw",
     "load_config",
+    "read_config",
     "read_yaml",
 ]

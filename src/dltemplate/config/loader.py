@@ -476,16 +476,58 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml_load(value) if value.strip() else None
     except RefusedYAML as exc:
-        raise ConfigError(f"override '{short_repr(text)}'{_yaml_error(exc)}") from exc
-    except yaml.YAMLError:
-        parsed = value  # not YAML: take it as a string
+        raise ConfigError(f"override '{_cut(text)}'{_yaml_error(exc)}") from exc
+    except yaml.YAMLError as exc:
+        opener = value.lstrip()[:1]
+        if opener not in _YAML_EXAMPLES and not any(c.isspace() for c in value):
+            return path, value  # a plain word YAML cannot read (`@home`): taken as a string
+        # `[128` or `{a: 1` unbalanced (the shell may have split it at a space): never a string
+        why = _yaml_error(exc).split("not valid YAML: ", 1)[-1]
+        if opener in _YAML_EXAMPLES:
+            hint = (
+                "if it holds spaces, quote the whole override so that the shell passes it as "
+                f'one argument, e.g. "{key.strip()}={_YAML_EXAMPLES[opener]}"'
+            )
+        else:
+            hint = f"""text with spaces and colons needs YAML quotes, e.g. '{key.strip()}="..."'"""
+        raise ConfigError(f"override '{_cut(text)}': not valid YAML ({why}); {hint}") from exc
     return path, parsed
 
 
+def _cut(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters (with ``...``) for a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# A value starting so is meant as YAML, not as text; the example a message shows for each.
+_YAML_EXAMPLES = {"[": "[128, 64]", "{": "{a: 1, b: 2}", '"': '"a b"', "'": "'a b'"}
+
+
+def check_override_key(text: str, path: list[str]) -> None:
+    """A ConfigError if the override ``text`` (key path ``path``) names a section or key the
+    schema lacks: the message names the override, so the typo is not blamed on the file."""
+    sections = _section_types()
+    where = f"override '{_cut(text)}'"
+    if path[0] not in sections:
+        raise ConfigError(
+            f"{where}: unknown config section '{path[0]}'{did_you_mean(path[0], sections)}; "
+            f"sections are {', '.join(sections)}"
+        )
+    cls = sections[path[0]]
+    if typing.get_origin(cls) is list:
+        return
+    hints = typing.get_type_hints(cls)
+    if path[1] not in hints:
+        key, valid = ".".join(path[:2]), [f"{path[0]}.{k}" for k in hints]
+        raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a nested dict (deeper paths go into ``args``)."""
+    """Apply ``section.key=value`` overrides to a nested dict (deeper paths go into ``args``);
+    an override naming an unknown section or key is a ConfigError naming the override."""
     for text in overrides:
         path, value = parse_override(text)
+        check_override_key(text, path)
         node = raw
         for part in path[:-1]:
             child = node.get(part)
@@ -560,8 +602,87 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {what}" + (f" ({context})" if context else "")
 
 
+def base_path(name: str, folder: Path) -> Path:
+    """A ``base:`` path as a file in ``folder`` wrote it (a config's or a sweep file's):
+    absolute as it is, else relative to ``folder``, not to the working directory."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def merge_configs(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``, key by key: mappings merge to any depth; a list, a scalar or
+    ``null`` in ``child`` replaces what ``base`` holds. Neither argument is changed."""
+    merged = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Read a config file and, when it names ``base: OTHER.yaml`` (relative to itself), the
+    configs it builds on, to any depth: each file's keys override its base's (see
+    :func:`merge_configs`). The result holds no ``base`` key. A cycle of bases, or a base that
+    is missing or broken, is a ConfigError naming the files."""
+    chain: list[Path] = []
+    file = Path(path)
+    raw = read_yaml(file)
+    layers = [raw]
+    while "base" in raw:
+        chain.append(file)
+        name = raw.pop("base")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(
+                f"{file}: base={short_repr(name)}: expected the path of the config this one "
+                "builds on (relative to this file)"
+            )
+        file = base_path(name, file.parent)
+        seen = [c.resolve() for c in chain]
+        if file.resolve() in seen:
+            cycle = " -> ".join(str(c) for c in chain[seen.index(file.resolve()) :])
+            raise ConfigError(f"{chain[-1]}: base: configs build on each other in a cycle: "
+                              f"{cycle} -> {file}")  # fmt: skip
+        if not file.is_file():
+            what = "is a folder" if file.is_dir() else "not found"
+            raise ConfigError(f"{chain[-1]}: base: {name}: {what} ({file}); give a config "
+                              "file, relative to the one that names it")  # fmt: skip
+        raw = read_yaml(file)
+        check_keys(raw, str(file))  # a typo in a base names the base, not the config using it
+        layers.append(raw)
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged = merge_configs(merged, layer)
+    return merged
+
+
+def check_keys(raw: dict[str, Any], source: str) -> None:
+    """A ConfigError naming ``source`` for the first section or key of ``raw`` that the schema
+    lacks (``base`` aside); values are not checked (a base may be completed by its child)."""
+    sections = _section_types()
+    for name, values in raw.items():
+        if name == "base":
+            continue
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown config section '{name}'{did_you_mean(name, sections)}; "
+                f"sections are {', '.join(sections)}"
+            )
+        if typing.get_origin(sections[name]) is list or not isinstance(values, dict):
+            continue  # checked whole by config_from_dict
+        hints = typing.get_type_hints(sections[name])
+        for key in values:
+            if key not in hints:
+                valid = [f"{name}.{k}" for k in hints]
+                raise ConfigError(
+                    f"{source}: unknown key '{name}.{key}'{did_you_mean(f'{name}.{key}', valid)}"
+                )
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (YAML or JSON, or nothing), apply ``overrides`` and validate the result."""
-    raw = read_yaml(path) if path is not None else {}
+    """Read ``path`` (YAML or JSON, or nothing; with the configs it builds on through
+    ``base:``), apply ``overrides`` and validate the result."""
+    raw = read_config(path) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
     return config_from_dict(raw, str(path) if path is not None else "config")

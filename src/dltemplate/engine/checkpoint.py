@@ -8,6 +8,7 @@ than a run silently resumed from wrong weights; a file without a digest is refus
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import numbers
@@ -185,7 +186,36 @@ def keep_for_next_load(path: str | Path, state: dict[str, Any]) -> None:
     _handoff = (_file_signature(Path(path)), state)
 
 
+def _not_saved_by_torch(path: Path) -> str | None:
+    """Why ``path`` cannot be a file ``torch.save`` wrote (a zip archive, or an old-style pickle
+    starting with its protocol byte), in a few words; None when it may be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None  # torch.load says what is wrong with it
+    if head.startswith((b"\x80", b"PK")):  # a pickle or a zip, whole or not: torch.load says
+        return None
+    if not head:
+        return "an empty file"
+    try:  # final=False: the 512 bytes may end inside a character
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "not a file torch.save wrote"
+    guess = " (a YAML config? train and config take those)" if path.suffix in _YAML else ""
+    return f"a text file{guess}, not a file torch.save wrote"
+
+
+_YAML = (".yaml", ".yml", ".json")
+
+
 def _load_and_verify(path: Path) -> dict[str, Any]:
+    why = _not_saved_by_torch(path)
+    if why is not None:
+        raise CheckpointError(
+            f"{path} is not a dltemplate checkpoint: {why}; give a run directory or a "
+            "checkpoint in it (<Model>_best_ckpt.pth, <Model>_last_ckpt.pth)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds on foreign files (KeyError, IndexError...)

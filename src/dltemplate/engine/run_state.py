@@ -39,6 +39,7 @@ from dltemplate.engine.rundir import RunLock, remove_stale_temp_files
 from dltemplate.engine.seeding import rng_state, set_rng_state
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped
 from dltemplate.errors import CheckpointError, NonFiniteLossError, UsageError, short_repr
+from dltemplate.optim import is_plateau
 from dltemplate.optim.stretch import StretchedSchedule, is_stretched_state, stretch_scheduler
 
 log = logging.getLogger("dltemplate")
@@ -468,23 +469,53 @@ class RunState:
 
     def _train_longer(self, old_total: int) -> None:
         """A resume asking for more epochs stretches what was left of the schedule over the new
-        length (see :mod:`dltemplate.optim.stretch`): no jump, no stepping past its end."""
+        length (see :mod:`dltemplate.optim.stretch`): no jump, no stepping past its end. A
+        schedule that had ended holds its final rate, and one asked for fewer epochs is cut
+        where it stands: both are said in a warning."""
         schedule = self.schedule
-        if schedule.scheduler is None or schedule.total <= old_total:
-            return
+        if schedule.scheduler is None or is_plateau(schedule.scheduler):
+            return  # no schedule, or one without a length
         done = self.loop.global_step if schedule.per_step else self.loop.epoch
+        if schedule.total < old_total:
+            log.warning(
+                "training shorter: the run now ends at scheduler step %d of the %d its "
+                "learning-rate schedule was planned for; the schedule is not compressed but cut "
+                "where it stands, so the rate never reaches its planned final value",
+                schedule.total,
+                old_total,
+            )
+            return
+        if schedule.total == old_total:
+            return
+        if done >= old_total:  # nothing left to stretch: the final rate is held
+            lr = float(schedule.optimizer.param_groups[0]["lr"])
+            eta_min = getattr(schedule.scheduler, "eta_min", None)
+            named = f" (scheduler.args.eta_min={eta_min:g})" if eta_min is not None else ""
+            advice = (
+                "at that rate the model does not change: to train further, train a new run "
+                "with the larger trainer.epochs (its schedule then spans them all), or give "
+                "runs you mean to extend a non-zero scheduler.args.eta_min"
+                if lr <= 1e-12
+                else "the schedule is not restarted"
+            )
+            log.warning(
+                "training longer: the learning-rate schedule had already ended (scheduler step "
+                "%d of %d), so the added steps %d-%d keep its final learning rate %g%s; %s",
+                done, old_total, old_total, schedule.total, lr, named, advice,
+            )  # fmt: skip
         schedule.scheduler = stretch_scheduler(
             schedule.scheduler, schedule.optimizer, done=done, old_total=old_total,
             new_total=schedule.total,
         )  # fmt: skip
-        log.info(
-            "training longer: the rest of the learning-rate schedule (scheduler steps %d-%d) is "
-            "stretched over steps %d-%d",
-            done,
-            old_total,
-            done,
-            schedule.total,
-        )
+        if done < old_total:
+            log.info(
+                "training longer: the rest of the learning-rate schedule (scheduler steps "
+                "%d-%d) is stretched over steps %d-%d",
+                done,
+                old_total,
+                done,
+                schedule.total,
+            )
 
     def close(self) -> None:
         """Let go of the run directory (another process may write it from now on)."""

@@ -21,10 +21,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from dltemplate.atomic import atomic_write, atomic_write_text
-from dltemplate.errors import ConfigError, DataError, UsageError
+from dltemplate.errors import ConfigError, DataError, UsageError, short_repr
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -225,6 +223,8 @@ def git_commit() -> str | None:
 
 def save_config(run_dir: Path, name: str, config: dict[str, Any]) -> Path:
     """Write ``config_<name>_<timestamp>.json`` with the versions that produced the run."""
+    import torch  # here, not at the top: reading run directories (compare-configs) needs no torch
+
     meta = {
         "timestamp": run_dir.name,
         "python": platform.python_version(),
@@ -295,20 +295,12 @@ class MetricsTable:
     def read(path: Path) -> list[dict[str, Any]]:
         """The rows of an existing ``metrics.csv``; a garbled one is a DataError naming it."""
         try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                rows = [dict(r) for r in reader]
-                columns = reader.fieldnames or []
-            if columns and "epoch" not in columns:
-                raise KeyError("no 'epoch' column")
-            for row in rows:
-                int(float(row["epoch"]))
-        except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+            return metrics_rows(path)
+        except ValueError as exc:
             raise DataError(
-                f"{path}: not a metrics table written by dltemplate ({type(exc).__name__}: "
-                f"{exc}); move it away to resume without it"
+                f"{path}: not a metrics table written by dltemplate ({exc}); move it away to "
+                "resume without it"
             ) from exc
-        return rows
 
     def truncate(self, epoch: int) -> None:
         """Keep only rows of epochs before ``epoch`` (1-based), e.g. when resuming."""
@@ -355,6 +347,39 @@ class MetricsTable:
         if getattr(self, "_plotting", None) is not None:
             self._plotting.join()
             self._plotting = None
+
+
+def metrics_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``metrics.csv`` as text; a ValueError saying in a few words why the file
+    is not a metrics table (unreadable, no ``epoch`` column, a ragged row, a cell that is not a
+    number)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = [dict(r) for r in reader]
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    if columns and "epoch" not in columns:
+        raise ValueError("no 'epoch' column")
+    for number, row in enumerate(rows, start=1):
+        _check_row(row, number, len(columns))
+    return rows
+
+
+def _check_row(row: dict[str, Any], number: int, width: int) -> None:
+    """A ValueError saying what is wrong with the ``metrics.csv`` row ``number`` (fields more
+    or fewer than the header's ``width``, or a cell that is not a number), if anything is."""
+    if None in row or None in row.values():  # csv.DictReader's marks of a ragged row
+        count = width + len(row.get(None) or []) - list(row.values()).count(None)
+        raise ValueError(f"row {number} has {count} fields, the header {width}")
+    for key, text in row.items():
+        try:
+            float(text) if text != "" else None
+        except ValueError:
+            raise ValueError(f"row {number}: {key}={short_repr(text)} is not a number") from None
+    if row["epoch"] == "":
+        raise ValueError(f"row {number}: the epoch is missing")
 
 
 def _plot_quietly(rows: list[dict[str, Any]], png: Path) -> None:

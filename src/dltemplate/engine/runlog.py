@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from tqdm import tqdm
@@ -134,3 +137,34 @@ def format_duration(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def rerun_command(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The command line that started this process, as one that runs it again: ``python -m
+    dltemplate`` for the package's ``__main__.py`` (which is what ``sys.argv[0]`` holds under
+    ``python -m`` and torchrun), and under torchrun the ``torchrun`` call that started every
+    process, rebuilt from its environment (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+    ``TORCHELASTIC_MAX_RESTARTS``)."""
+    argv = list(sys.argv if argv is None else argv)
+    env = os.environ if env is None else env
+    program, args = (argv[0] if argv else "dltemplate"), argv[1:]
+    path = Path(program)
+    is_main = path.name == "__main__.py" and path.parent.name == "dltemplate"
+    torchrun = "TORCHELASTIC_RUN_ID" in env
+    if is_main or (torchrun and path.name == "dltemplate"):
+        start = ["-m", "dltemplate"] if torchrun else ["python", "-m", "dltemplate"]
+    elif path.suffix == ".py":  # a script (the seed's trainer_vanilla.py): run by Python
+        start = [program] if torchrun else ["python", program]
+    else:
+        start = [program]
+    if torchrun:
+        world = int(env.get("WORLD_SIZE", "1"))
+        per_node = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+        launcher = ["torchrun"]
+        if world > per_node:
+            launcher += ["--nnodes", str(max(1, world // per_node))]
+        launcher += ["--nproc_per_node", str(per_node)]
+        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            launcher += ["--max_restarts", env["TORCHELASTIC_MAX_RESTARTS"]]
+        start = launcher + start
+    return shlex.join([*start, *args])

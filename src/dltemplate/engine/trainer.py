@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dltemplate.atomic import atomic_write_text
 from dltemplate.config import Config
-from dltemplate.config.loader import notice_signal
+from dltemplate.config.loader import config_to_dict, notice_signal
+from dltemplate.config.trust import code_references
 from dltemplate.data.base import Batch, DataInfo, DataSplits
 from dltemplate.data.loader import IndexLoader
 from dltemplate.engine import distributed as D
@@ -407,11 +408,13 @@ class TrainerBase:
         if self.run_dir is None or not self.dist.is_main:
             return
         interrupt = self.run_state.interrupt
+        state = self.state  # its epoch counts those done: the test comes after the last one
+        where = "during the final test" if state.phase == "test" else f"at epoch {state.epoch + 1}"
         log.error(
-            "run stopped by %s at epoch %d, step %d; %s; %s: %s",
+            "run stopped by %s %s, step %d; %s; %s: %s",
             stop_cause(exc),
-            self.state.epoch + 1,
-            self.state.global_step,
+            where,
+            state.global_step,
             interrupt.note,
             "continue with" if interrupt.path else "resume continues from the newest checkpoint",
             self.resume_command(),
@@ -420,12 +423,21 @@ class TrainerBase:
     def resume_command(self) -> str:
         """The command that continues this run exactly: under torchrun, with the same number of
         processes (per node, and nodes), since the data order and random streams depend on it."""
+        trust = self._trust_flag()
         if not self.dist.enabled:
-            return f"dltemplate resume {self.run_dir}"
+            return f"dltemplate resume {self.run_dir}{trust}"
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
         nodes = max(1, self.dist.world_size // per_node)
         spread = f"--nnodes {nodes} " if nodes > 1 else ""
-        return f"torchrun {spread}--nproc_per_node {per_node} -m dltemplate resume {self.run_dir}"
+        return (
+            f"torchrun {spread}--nproc_per_node {per_node} -m dltemplate resume "
+            f"{self.run_dir}{trust}"
+        )
+
+    def _trust_flag(self) -> str:
+        """`` --trust-code`` when the run's config names code to import (which a run directory
+        only runs when trusted), else ``""``."""
+        return " --trust-code" if any(code_references(config_to_dict(self.cfg))) else ""
 
     def _log_summary(self, seconds: float) -> None:
         """The last lines of a run: how long, the best epoch and its score, where things are."""
@@ -446,17 +458,21 @@ class TrainerBase:
             said,
         )
         checkpoints = sorted(p.name for p in self.run_dir.glob("*_ckpt.pth"))
+        if not checkpoints:  # fast_dev_run writes none: there is nothing to evaluate
+            why = " (trainer.fast_dev_run)" if self.cfg.trainer.fast_dev_run else ""
+            log.info("run directory %s; no checkpoint written%s", self.run_dir, why)
+            return
         names = {"dataset": self.cfg.data.name, "model": self.cfg.model.name}
         given = [param for param, name in names.items() if is_code_name(name)]
         how = (  # objects given in Python cannot be rebuilt by the command line
             f"dltemplate.evaluate(run, {', '.join(f'{p}=...' for p in given)}) in Python"
             if given
-            else f"dltemplate eval {self.run_dir}"
+            else f"dltemplate eval {self.run_dir}{self._trust_flag()}"
         )
         log.info(
             "run directory %s; checkpoints: %s; evaluate with: %s",
             self.run_dir,
-            ", ".join(checkpoints) or "none written",
+            ", ".join(checkpoints),
             how,
         )
 

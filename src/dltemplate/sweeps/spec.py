@@ -33,7 +33,13 @@ from typing import Any, Literal
 import yaml
 
 from dltemplate.config import Config, config_from_dict
-from dltemplate.config.loader import apply_overrides, check_value, read_yaml
+from dltemplate.config.loader import (
+    apply_overrides,
+    base_path,
+    check_value,
+    read_config,
+    read_yaml,
+)
 from dltemplate.errors import ConfigError, did_you_mean, short_repr
 
 
@@ -104,8 +110,7 @@ def sweep_from_dict(raw: dict[str, Any], source: str, relative_to: Path) -> Swee
         raise ConfigError(f"{source}: params: give at least one config key to search")
     params = {key: _param(key, value, source) for key, value in raw["params"].items()}
     spec = SweepSpec(**values, params=params)
-    base = Path(spec.base)
-    spec.base = str((base if base.is_absolute() else relative_to / base).resolve())
+    spec.base = str(base_path(spec.base, relative_to).resolve())
     _check(spec, source)
     return spec
 
@@ -185,8 +190,12 @@ def _check(spec: SweepSpec, source: str) -> None:
 
 def base_config(spec: SweepSpec, source: str) -> Config:
     """The base run config with the sweep's overrides (no searched values)."""
-    raw = read_yaml(spec.base)
-    return config_from_dict(apply_overrides(raw, list(spec.overrides)), f"{source}: base")
+    raw = read_config(spec.base)
+    try:
+        apply_overrides(raw, list(spec.overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: overrides: {exc}") from exc
+    return config_from_dict(raw, f"{source}: base")
 
 
 def param_override(key: str, value: Any) -> str:
@@ -199,7 +208,7 @@ def param_override(key: str, value: Any) -> str:
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], source: str = "sweep") -> Config:
     """The config a trial with ``params`` runs (checked)."""
-    raw = read_yaml(spec.base)
+    raw = read_config(spec.base)
     overrides = [*spec.overrides, *(param_override(k, v) for k, v in params.items())]
     return config_from_dict(apply_overrides(raw, overrides), f"{source}: trial")
 

@@ -1,8 +1,10 @@
 """The seed's configuration comparator: which keys differ between two configs.
 
-Both are resolved first (read, checked and completed with every default, as ``train`` would
-run them), so a key left at its default in one file and written out in the other is no
-difference; only free-form ``args`` mappings can hold a key that one side lacks.
+Each side is a config file (YAML, or a run's saved JSON), a run directory (its saved config) or
+a checkpoint (the config inside it). Both are resolved first (read, checked and completed with
+every default, as ``train`` would run them), so a key left at its default in one file and
+written out in the other is no difference; only free-form ``args`` mappings can hold a key that
+one side lacks.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dltemplate.config.loader import config_to_dict, load_config
+from dltemplate.config.loader import config_from_dict, config_to_dict, load_config
+from dltemplate.engine.rundir import find_config, read_saved_config
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -25,8 +28,20 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+
 def resolved(path: str | Path) -> dict[str, Any]:
-    """The config at ``path`` (YAML or a run's JSON) as nested dicts, defaults filled in."""
+    """The config at ``path`` (YAML or a run's JSON, a run directory or a checkpoint) as nested
+    dicts, defaults filled in. Nothing is imported or built from it, so no trust is needed."""
+    path = Path(path)
+    if path.is_dir():
+        raw = read_saved_config(path)[0]
+        return config_to_dict(config_from_dict(raw, str(find_config(path))))
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        from dltemplate.engine.checkpoint import load_checkpoint  # torch: only for checkpoints
+
+        return config_to_dict(config_from_dict(load_checkpoint(path)["config"], str(path)))
     return config_to_dict(load_config(path))
 
 

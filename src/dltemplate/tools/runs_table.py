@@ -91,6 +91,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dltemplate.engine.rundir import metrics_rows
 from dltemplate.errors import UsageError, did_you_mean
 from dltemplate.tools.compare_configs import flatten
 
@@ -116,7 +117,9 @@ _NUMBER_COLUMNS = ("epochs", "best_epoch", "duration")  # averaged by group_seed
 _LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 _SESSION = re.compile(r" INFO run \S+ (started: |resumed from |had no checkpoint yet)")
 _FINISHED = re.compile(r" INFO run \S+ finished: ")
-_STOPPED = re.compile(r" ERROR (run stopped by \S+ at epoch \d+, step \d+)")
+_STOPPED = re.compile(
+    r" ERROR (run stopped by \S+ (?:at epoch \d+|during the final test), step \d+)"
+)
 
 
 # == finding run directories ====================================================================
@@ -213,18 +216,10 @@ def _read_metrics(run_dir: Path, problems: list[str]) -> list[dict[str, str]]:
     if not path.exists():
         return []
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = [dict(r) for r in reader]
-            columns = reader.fieldnames or []
-        if columns and "epoch" not in columns:
-            raise KeyError("no 'epoch' column")
-        for row in rows:
-            int(float(row["epoch"]))
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
-        problems.append(f"metrics.csv: not a metrics table ({type(exc).__name__}: {exc})")
+        return metrics_rows(path)  # the check resume makes: ragged rows, text for numbers
+    except ValueError as exc:
+        problems.append(f"metrics.csv: not a metrics table ({exc})")
         return []
-    return rows
 
 
 def _read_test(run_dir: Path, problems: list[str]) -> dict[str, float] | None:

@@ -1,0 +1,154 @@
+"""Configs that build on configs: ``base: OTHER.yaml`` (relative to the file), to any depth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_dirs
+
+from dltemplate.config import load_config
+from dltemplate.config.loader import merge_configs
+from dltemplate.errors import ConfigError
+from dltemplate.sweeps.spec import load_sweep, trial_config
+
+DEMO = REPO / "configs" / "digits_mlp.yaml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def family(tmp_path: Path) -> Path:
+    """Three generations in three folders: each base path is relative to the file naming it."""
+    write(
+        tmp_path / "shared" / "grand.yaml",
+        "experiment: {name: Grand, seed: 7}\n"
+        "model: {name: Vanilla, args: {hidden: [64, 64], dropout: 0.1}}\n"
+        "optimizer: {name: adam, lr: 0.01}\n"
+        "callbacks: [grad_norm]\n",
+    )
+    write(
+        tmp_path / "family" / "base.yaml",
+        "base: ../shared/grand.yaml\n"
+        "data: {name: digits, batch_size: 16}\n"
+        "model: {args: {hidden: [32]}}\n",
+    )
+    return write(
+        tmp_path / "family" / "runs" / "child.yaml",
+        "base: ../base.yaml\nexperiment: {name: Child}\noptimizer: {lr: 0.003}\ncallbacks: []\n",
+    )
+
+
+def test_a_config_overrides_its_bases_key_by_key_to_any_depth(family, monkeypatch):
+    monkeypatch.chdir(family.parents[2])  # not the files' folder: bases are relative to files
+    cfg = load_config(family.relative_to(family.parents[2]))
+    assert cfg.experiment.name == "Child" and cfg.experiment.seed == 7  # child, grandparent
+    assert cfg.data.name == "digits" and cfg.data.batch_size == 16  # parent
+    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == 0.003  # merged section
+    # mappings merge to any depth; a list is replaced whole, not merged item by item
+    assert cfg.model.args == {"hidden": [32], "dropout": 0.1}
+    assert cfg.callbacks == []
+    # overrides still come last
+    assert load_config(family, ["optimizer.lr=0.5"]).optimizer.lr == 0.5
+
+
+def test_merge_replaces_lists_and_scalars_and_leaves_its_inputs_alone():
+    base = {"a": {"b": [1, 2], "c": {"d": 1, "e": 2}}, "f": 1}
+    child = {"a": {"b": [3], "c": {"e": None}}, "g": 2}
+    assert merge_configs(base, child) == {"a": {"b": [3], "c": {"d": 1, "e": None}}, "f": 1, "g": 2}
+    assert base == {"a": {"b": [1, 2], "c": {"d": 1, "e": 2}}, "f": 1}
+
+
+def test_config_prints_the_resolved_config_and_a_run_saves_it(cli, family, capsys, tmp_path):
+    assert cli("config", family) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "base" not in printed
+    assert printed["model"]["args"] == {"hidden": [32], "dropout": 0.1}
+    assert printed["experiment"]["name"] == "Child" and printed["optimizer"]["lr"] == 0.003
+
+    out = tmp_path / "out"
+    assert cli("train", family, f"experiment.output_dir={out}", "trainer.fast_dev_run=1",
+               "trainer.progress_bar=off") == 0  # fmt: skip
+    (run,) = run_dirs(out)
+    (saved_file,) = run.glob("config_*.json")
+    saved = json.loads(saved_file.read_text())
+    assert "base" not in saved
+    assert saved["model"]["args"] == {"hidden": [32], "dropout": 0.1}
+    assert (saved["experiment"]["seed"], saved["data"]["batch_size"]) == (7, 16)
+
+
+def test_a_cycle_of_bases_is_one_line_naming_the_files(cli, tmp_path, capsys):
+    a = write(tmp_path / "a.yaml", "base: sub/b.yaml\ntrainer: {epochs: 2}\n")
+    b = write(tmp_path / "sub" / "b.yaml", "base: ../a.yaml\n")
+    assert cli("config", a) == 2
+    err = one_line_error(capsys)
+    assert "cycle" in err and str(a) in err and str(b) in err
+    write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_a_missing_or_wrong_base_names_the_file_that_asked_for_it(cli, tmp_path, capsys):
+    child = write(tmp_path / "exp" / "child.yaml", "base: parent.yaml\n")
+    assert cli("train", child) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"dltemplate: error: {child}: base: parent.yaml: not found")
+    assert str(tmp_path / "exp" / "parent.yaml") in err  # where it looked
+    for value in ("[a.yaml]", "''", "3"):
+        write(child, f"base: {value}\n")
+        assert cli("config", child) == 2
+        assert f"{child}: base=" in one_line_error(capsys)
+
+
+def test_a_base_file_is_read_as_safely_as_any_config(cli, tmp_path, capsys):
+    parent = write(tmp_path / "parent.yaml", "trainer:\n  epochs: 2\n  epochs: 3\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\n")
+    assert cli("config", child) == 2
+    err = one_line_error(capsys)
+    assert str(parent) in err and "given twice" in err
+    write(parent, "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdef", "bcdefg")
+    ))  # fmt: skip
+    assert cli("config", child) == 2
+    assert str(parent) in one_line_error(capsys)
+    write(parent, "trainer: {epoch: 3}\n")  # a key typo in a base names the base
+    assert cli("config", child) == 2
+    err = one_line_error(capsys)
+    assert f"{parent}: unknown key 'trainer.epoch' (did you mean 'trainer.epochs'?)" in err
+
+
+def test_the_shipped_family_unetpp_builds_on_unet():
+    base_file, child_file = (
+        REPO / "configs" / "unet_carvana.yaml",
+        REPO / "configs" / "unetpp_carvana.yaml",
+    )
+    assert yaml.safe_load(child_file.read_text())["base"] == base_file.name
+    base, child = load_config(base_file), load_config(child_file)
+    assert (child.model.name, child.model.args["depth"]) == ("UNet++", 3)
+    assert child.model.args["base_width"] == base.model.args["base_width"]  # merged, not replaced
+    assert (child.data, child.loss, child.trainer) == (base.data, base.loss, base.trainer)
+
+
+def test_a_sweep_over_a_config_with_a_base(tmp_path):
+    write(tmp_path / "configs" / "base.yaml", f"base: {DEMO}\ntrainer: {{epochs: 2}}\n")
+    sweep = write(
+        tmp_path / "sweep.yaml",
+        "name: s\nbase: configs/base.yaml\nparams:\n"
+        "  optimizer.lr: {type: float, low: 0.001, high: 0.1, log: true}\n",
+    )
+    spec = load_sweep(sweep)
+    cfg = trial_config(spec, {"optimizer.lr": 0.01})
+    assert (cfg.trainer.epochs, cfg.optimizer.lr, cfg.data.name) == (2, 0.01, "digits")
