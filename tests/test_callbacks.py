@@ -83,7 +83,7 @@ def no_curves(monkeypatch):
     """curves.png is not what these tests look at; drawing it is half of a tiny run."""
     from dltemplate.engine import rundir
 
-    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+    monkeypatch.setattr(rundir, "plot_curves", lambda *a, **k: None)
 
 
 # == probes: small callbacks that look at the trainer, registered for one test only ===========
@@ -167,7 +167,7 @@ def readme_reference(tmp_path_factory) -> Path:
     _write_readme_callbacks(home)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(home)
-        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda rows, png: None)
+        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda *a, **k: None)
         out = home / "out"
         assert main([*readme_command(README_COMMAND), *SMALL, f"experiment.output_dir={out}"]) == 0
     (run,) = run_dirs(out)
@@ -290,7 +290,7 @@ def plain_reference(tmp_path_factory) -> dict[str, object]:
     """The small run without callbacks, never stopped."""
     out = tmp_path_factory.mktemp("plain_reference")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda rows, png: None)
+        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda *a, **k: None)
         assert main(["train", str(DEMO), *SMALL, f"experiment.output_dir={out}"]) == 0
     (run,) = run_dirs(out)
     return results(run)
