@@ -384,9 +384,7 @@ def plot_curves(
 def best_epoch(rows: list[dict[str, Any]], monitor: str, mode: str = "max") -> int | None:
     """The epoch whose ``monitor`` value is best (``mode`` ``max`` or ``min``; the first of
     equals, as the checkpoint callback keeps it); None when no row has the column."""
-    points = [
-        (float(r[monitor]), int(float(r["epoch"]))) for r in rows if r.get(monitor, "") != ""
-    ]
+    points = [(float(r[monitor]), int(float(r["epoch"]))) for r in rows if r.get(monitor, "") != ""]
     if not points:
         return None
     sign = -1.0 if mode == "max" else 1.0
