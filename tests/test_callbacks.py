@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_identical, readme_block, run_dirs
+from conftest import REPO, assert_identical, metric_rows, readme_block, run_dirs
 from conftest import run_results as results
 
 from dltemplate.callbacks import EVENTS, Callback, CallbackList, GradNorm
@@ -83,7 +83,7 @@ def no_curves(monkeypatch):
     """curves.png is not what these tests look at; drawing it is half of a tiny run."""
     from dltemplate.engine import rundir
 
-    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+    monkeypatch.setattr(rundir, "plot_curves", lambda *a, **k: None)
 
 
 # == probes: small callbacks that look at the trainer, registered for one test only ===========
@@ -167,7 +167,7 @@ def readme_reference(tmp_path_factory) -> Path:
     _write_readme_callbacks(home)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(home)
-        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda rows, png: None)
+        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda *a, **k: None)
         out = home / "out"
         assert main([*readme_command(README_COMMAND), *SMALL, f"experiment.output_dir={out}"]) == 0
     (run,) = run_dirs(out)
@@ -256,6 +256,38 @@ def test_grad_norm_reports_the_norm_before_clipping(cli, tmp_path, probes):
         assert update == pytest.approx(lr * 0.01, rel=1e-3), step
 
 
+# == tensorboard ==============================================================================
+def test_tensorboard_logs_the_hyperparameters_with_the_final_metrics(cli, tmp_path):
+    """TensorBoard's HPARAMS view reads these: the config flattened, and the metric tags to
+    show beside it, each of which holds its final value as a scalar of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = tmp_path / "out"
+    args = [f"experiment.output_dir={out}", *SMALL, "optimizer.lr=0.0123", "model.args.hidden=[32]"]
+    assert cli("train", DEMO, *args) == 0
+    (run,) = run_dirs(out)
+    acc = EventAccumulator(str(run / "summary"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["optimizer.lr"].number_value == pytest.approx(0.0123)
+    assert hp["trainer.epochs"].number_value == 2
+    assert hp["model.name"].string_value == "Vanilla"
+    assert hp["model.args.hidden"].string_value == "[32]"  # a list, as JSON text
+    assert hp["trainer.monitor"].string_value == "val/accuracy"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    tags = {m.name.tag for m in experiment.experiment.metric_infos}
+    assert {"test/accuracy", "val/accuracy", "train/loss", "best/val/accuracy"} <= tags
+    for tag in tags:  # each has its final value where the view looks for it
+        assert acc.Scalars(tag), tag
+    test_metrics = json.loads((run / "test_metrics.json").read_text())
+    assert acc.Scalars("test/accuracy")[-1].value == pytest.approx(test_metrics["accuracy"])
+    best = max(float(r["val/accuracy"]) for r in metric_rows(run))
+    assert acc.Scalars("best/val/accuracy")[-1].value == pytest.approx(best)
+
+
 # == freeze ===================================================================================
 def test_freeze_keeps_a_layer_for_the_first_epoch_then_trains_it(cli, tmp_path, probes):
     # Vanilla with hidden=[32]: net.0 Flatten, net.1 Linear(64, 32), net.2 ReLU, net.3 Linear.
@@ -290,7 +322,7 @@ def plain_reference(tmp_path_factory) -> dict[str, object]:
     """The small run without callbacks, never stopped."""
     out = tmp_path_factory.mktemp("plain_reference")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda rows, png: None)
+        mp.setattr("dltemplate.engine.rundir.plot_curves", lambda *a, **k: None)
         assert main(["train", str(DEMO), *SMALL, f"experiment.output_dir={out}"]) == 0
     (run,) = run_dirs(out)
     return results(run)

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import REPO, mapped_file, readme_block, run_dirs
 from PIL import Image
+from shapes import write_shapes
 
 from dltemplate.data import image_folder
 from dltemplate.data.image_cache import default_cache_dir
@@ -258,6 +260,52 @@ def test_config_trains_a_cnn_on_a_generated_folder(cli, tmp_path):
     assert "no official test split: 12 samples set aside by seed" in log  # 60 images, 0.2
     assert "accuracy" in json.loads((run / "test_metrics.json").read_text())
     assert list(default_cache_dir(root).glob("*.images.npy"))  # decoded once, for next time
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_the_starter_model_sees_the_whole_picture_from_each_output(size):
+    """The image-folder config's model: every input pixel reaches every position of the map
+    that is averaged (SmallCNN, pooled once, saw about 14 pixels there, and learnt shapes of
+    random colour slowly: 0.36 test accuracy after 8 epochs on 3 x 60 of them)."""
+    from dltemplate.models.cnn import ImageCNN, SmallCNN
+    from dltemplate.registry import MODELS
+
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["model"]["name"] == "ImageCNN" and MODELS.get("ImageCNN") is ImageCNN
+
+    def seen_by_a_corner(model: torch.nn.Module) -> float:
+        x = torch.randn(1, 3, size, size, requires_grad=True)
+        pooled_map = model.eval().features[:-2](x)  # before the global average pool
+        pooled_map[0, :, 0, 0].sum().backward()  # one corner position of the map
+        return float((x.grad.abs().sum(1)[0] > 0).float().mean())
+
+    assert seen_by_a_corner(ImageCNN((3, size, size), num_classes=3, width=4)) > 0.9
+    assert seen_by_a_corner(SmallCNN((3, size, size), num_classes=3, width=4)) < 0.1
+    assert ImageCNN((3, size, size), 3, width=4).features[:-2](torch.zeros(1, 3, size, size)).shape[
+        -2:
+    ] == (4, 4)
+
+
+@pytest.mark.slow
+def test_the_starter_config_learns_shapes_far_better_than_smallcnn_did(cli, tmp_path):
+    """The measurement behind the config: 3 x 60 generated shapes (random size, colour and
+    place; 32x32 PNGs), tested on 3 x 30 others, 10 epochs, seeds 42, 1 and 2. Measured: the
+    config 0.40 / 0.87 / 0.84 (mean 0.70), SmallCNN as the config had it 0.41 / 0.32 / 0.31
+    (mean 0.35). Far from perfect: one seed in three still learns slowly."""
+    root = write_shapes(tmp_path / "shapes", per_class=60, size=32)
+    write_shapes(root / "test", per_class=30, size=32, seed=1)
+    old = ["model.name=SmallCNN", "model.args.width=32", "data.batch_size=32", "optimizer.lr=0.003"]
+    mean = {}
+    for name, overrides in (("ImageCNN", []), ("SmallCNN", old)):
+        accuracies = []
+        for seed in (42, 1, 2):
+            out = tmp_path / name / str(seed)
+            args = [f"data.root={root}", f"experiment.output_dir={out}", f"experiment.seed={seed}"]
+            assert cli("train", CONFIG, *args, "experiment.threads=1", *overrides) == 0
+            (run,) = run_dirs(out)
+            accuracies.append(json.loads((run / "test_metrics.json").read_text())["accuracy"])
+        mean[name] = sum(accuracies) / 3
+    assert mean["ImageCNN"] >= 0.6 and mean["ImageCNN"] >= mean["SmallCNN"] + 0.2, mean
 
 
 def test_the_readme_command_runs_on_a_folder_laid_out_as_shown(cli, tmp_path):

@@ -41,7 +41,7 @@ MAP_STYLE = [
 def no_curves(monkeypatch):
     from dltemplate.engine import rundir
 
-    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+    monkeypatch.setattr(rundir, "plot_curves", lambda *a, **k: None)
 
 
 def train(cli, tmp_path: Path, name: str, *extra: str) -> dict[str, object]:

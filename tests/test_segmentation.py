@@ -72,7 +72,18 @@ def test_tensorboard_gets_an_image_truth_prediction_grid(unet_run):
     assert first.width == 3 * 120 and first.height % 80 == 0  # image | truth | prediction
 
 
-def test_eval_viz_writes_triplets_of_the_run_test_cars(cli, unet_run, tmp_path, capsys):
+def test_eval_viz_writes_triplets_and_overlays_of_the_run_test_cars(
+    cli, unet_run, tmp_path, capsys, monkeypatch
+):
+    from dltemplate.tasks import segmentation
+
+    captions, draw = [], segmentation.overlay
+
+    def spy(image, pred, caption):
+        captions.append(caption)
+        return draw(image, pred, caption)
+
+    monkeypatch.setattr(segmentation, "overlay", spy)
     viz = tmp_path / "viz"
     assert cli("eval", unet_run, "--viz", "--viz-dir", viz, "--viz-freq", "3") == 0
     out = capsys.readouterr().out
@@ -80,21 +91,53 @@ def test_eval_viz_writes_triplets_of_the_run_test_cars(cli, unet_run, tmp_path, 
     report = json.loads((unet_run / "eval_test.json").read_text())
     test_cars = json.loads((unet_run / "split.json").read_text())["test"]
     assert report["num_samples"] == 8 * len(test_cars)
-    assert report["pictures"]["count"] == len(range(0, report["num_samples"], 3))
-    for kind in ("image", "mask", "pred"):
+    drawn = len(range(0, report["num_samples"], 3))
+    assert report["pictures"]["count"] == 4 * drawn  # files, as the message says
+    assert f"{4 * drawn} pictures written to {viz}" in out
+    for kind in ("image", "mask", "pred", "overlay"):
         files = sorted(viz.glob(f"*_{kind}.png"))
-        assert len(files) == report["pictures"]["count"]
+        assert len(files) == drawn
     mask = np.asarray(Image.open(viz / "00000_mask.png"))
     assert set(np.unique(mask)) <= {0, 255}
+    # each overlay: the image under a caption strip, red where predicted, captioned with the
+    # test photo's file name and its dice
+    for n, caption in zip(range(0, report["num_samples"], 3), captions):
+        image = np.asarray(Image.open(viz / f"{n:05d}_image.png")).astype(int)
+        pred = np.asarray(Image.open(viz / f"{n:05d}_pred.png")) > 0
+        truth = np.asarray(Image.open(viz / f"{n:05d}_mask.png")) > 0
+        picture = np.asarray(Image.open(viz / f"{n:05d}_overlay.png")).astype(int)
+        below = picture[picture.shape[0] - image.shape[0] :]  # under the caption
+        assert below.shape == image.shape
+        assert (below[~pred] == image[~pred]).all()
+        red = np.array([255, 40, 40])  # predicted pixels: tinted red, or the red outline
+        tinted = (np.abs(below - (0.55 * image + 0.45 * red)) <= 1).all(-1)
+        assert pred.any() and (tinted | (below == red).all(-1))[pred].all()
+        name, dice = caption.split("  dice ")
+        assert car_id(Path(name).stem) in test_cars
+        want = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert float(dice) == pytest.approx(want, abs=1e-3)
+    assert len(captions) == drawn and len({c.split()[0] for c in captions}) == drawn
 
 
-def test_eval_names_the_file_of_each_sample_and_counts_one_picture(
+def test_eval_viz_by_default_draws_several_samples_of_a_small_test_split(
+    cli, unet_run, tmp_path, capsys
+):
+    viz = tmp_path / "viz"
+    assert cli("eval", unet_run, "--viz", "--viz-dir", viz) == 0
+    report = json.loads((unet_run / "eval_test.json").read_text())
+    assert report["num_samples"] == 8  # one test car: every 50th would draw one sample
+    assert len(list(viz.glob("*_overlay.png"))) == 8
+    assert report["pictures"]["count"] == len(list(viz.iterdir())) == 32
+
+
+def test_eval_names_the_file_of_each_sample_and_counts_picture_files(
     cli, unet_run, carvana, tmp_path, capsys
 ):
     viz = tmp_path / "viz"
     assert cli("eval", unet_run, "--viz", "--viz-dir", viz, "--viz-freq", "1000") == 0
     out = capsys.readouterr().out
-    assert f"1 picture written to {viz}" in out
+    assert f"4 pictures written to {viz}" in out  # one sample: a triplet and its overlay
+    assert len(list(viz.iterdir())) == 4
     report = json.loads((unet_run / "eval_test.json").read_text())
     test_cars = set(json.loads((unet_run / "split.json").read_text())["test"])
     files = [sample["file"] for sample in report["samples"]]
@@ -104,17 +147,34 @@ def test_eval_names_the_file_of_each_sample_and_counts_one_picture(
         assert f"file {name}, dice {sample['dice']}" in out
 
 
-def test_predict_writes_masks_at_each_image_size(cli, unet_run, carvana, tmp_path):
+def test_predict_writes_masks_and_overlays_at_each_image_size(
+    cli, unet_run, carvana, tmp_path, capsys
+):
     image = next((carvana / "train").glob("*.jpg"))
     other = tmp_path / "other.png"
     Image.open(image).resize((200, 150)).save(other)
     assert cli("predict", unet_run, image, other, "--out", tmp_path / "pred") == 0
-    first = Image.open(tmp_path / "pred" / f"{image.stem}_mask.png")
+    pred_dir = tmp_path / "pred"
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(p) for p in pred_dir.iterdir())
+    assert len(printed) == 4
+    first = Image.open(pred_dir / f"{image.stem}_mask.png")
     assert first.size == Image.open(image).size
-    assert Image.open(tmp_path / "pred" / "other_mask.png").size == (200, 150)
+    assert Image.open(pred_dir / "other_mask.png").size == (200, 150)
     truth = np.asarray(Image.open(carvana / "train_masks" / f"{image.stem}_mask.gif")) > 0
     pred = np.asarray(first) > 0
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.6
+    from dltemplate.tasks.segmentation import CAPTION_LINE
+
+    picture = np.asarray(Image.open(pred_dir / f"{image.stem}_overlay.png")).astype(int)
+    photo = np.asarray(Image.open(image).convert("RGB")).astype(int)
+    below = picture[CAPTION_LINE:]  # one caption line: the picture is wide enough
+    assert below.shape == photo.shape
+    assert (below[~pred] == photo[~pred]).all()
+    red = np.array([255, 40, 40])  # predicted pixels: tinted red, or the red outline
+    tinted = (np.abs(below - (0.55 * photo + 0.45 * red)) <= 1).all(-1)
+    assert (tinted | (below == red).all(-1))[pred].all()
+    assert Image.open(pred_dir / "other_overlay.png").size == (200, 150 + CAPTION_LINE)
 
 
 def test_predict_on_a_broken_image_exits_2(cli, unet_run, tmp_path, capsys):

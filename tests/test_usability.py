@@ -44,7 +44,7 @@ def test_curves_have_integer_epoch_ticks_and_nothing_clipped(names, epochs):
     fig.draw(renderer)
     box = fig.bbox
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert len(panels) == len(names)
+    assert [ax.get_title() for ax in panels] == [*sorted(names), "learning rate"]
     for ax in panels:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
@@ -55,6 +55,57 @@ def test_curves_have_integer_epoch_ticks_and_nothing_clipped(names, epochs):
         for extent in (ax.xaxis.label.get_window_extent(renderer), ax.get_tightbbox(renderer)):
             assert box.x0 <= extent.x0 and extent.x1 <= box.x1, (ax.get_title(), extent)
             assert box.y0 <= extent.y0 and extent.y1 <= box.y1, (ax.get_title(), extent)
+
+
+def test_curves_have_a_title_y_labels_a_learning_rate_panel_and_the_best_epoch():
+    rows = [
+        {"epoch": str(e), "lr": str(lr), "train/loss": str(1 / e), "val/loss": str(v),
+         "train/accuracy": "0.5", "val/accuracy": str(a)}
+        for e, lr, v, a in [(1, 0.1, 0.9, 0.5), (2, 0.05, 0.4, 0.8), (3, 0.01, 0.6, 0.8)]
+    ]  # fmt: skip
+    fig = curves_figure(rows, title="20260101_120000", monitor="val/accuracy", mode="max")
+    assert fig.get_suptitle() == "20260101_120000"
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert {t: ax.get_ylabel() for t, ax in panels.items()} == {
+        "accuracy": "accuracy", "loss": "loss", "learning rate": "learning rate"}  # fmt: skip
+    lr_line = panels["learning rate"].get_lines()[0]
+    assert list(lr_line.get_xdata()) == [1, 2, 3]
+    assert list(lr_line.get_ydata()) == [0.1, 0.05, 0.01]
+
+    def stars(ax):
+        return [(list(ln.get_xdata()), list(ln.get_ydata()), ln.get_label())
+                for ln in ax.get_lines() if ln.get_marker() == "*"]  # fmt: skip
+
+    # the first of equal best accuracies (epoch 2), as the checkpoint keeps it
+    assert stars(panels["accuracy"]) == [([2], [0.8], "best: epoch 2")]
+    assert stars(panels["loss"]) == []
+    for ax in panels.values():  # the best epoch shown on every panel
+        assert [2, 2] in [list(ln.get_xdata()) for ln in ax.get_lines()]
+    # min mode: epoch 2 has the lowest validation loss
+    fig = curves_figure(rows, monitor="val/loss", mode="min")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert stars(panels["loss"]) == [([2], [0.4], "best: epoch 2")] and not fig.get_suptitle()
+
+
+def test_a_run_draws_its_curves_titled_with_its_name_and_its_monitor_marked(
+    cli, tmp_path, monkeypatch
+):
+    from dltemplate.engine import rundir
+
+    drawn = []
+
+    def spy(rows, **kwargs):
+        drawn.append(kwargs)
+        return curves_figure(rows, **kwargs)
+
+    monkeypatch.setattr(rundir, "curves_figure", spy)
+    out = tmp_path / "out"
+    args = [*SMALL_DIGITS, f"experiment.output_dir={out}", "trainer.monitor=val/loss",
+            "trainer.monitor_mode=min"]  # fmt: skip
+    assert cli("train", *args) == 0
+    (run,) = run_dirs(out)
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert drawn[-1] == {"title": run.name, "monitor": "val/loss", "mode": "min"}
 
 
 def test_train_help_explains_overrides_with_examples_that_work(capsys, monkeypatch):
@@ -117,7 +168,7 @@ def no_curves(monkeypatch):
     """curves.png is not what these tests look at."""
     from dltemplate.engine import rundir
 
-    monkeypatch.setattr(rundir, "plot_curves", lambda rows, png: None)
+    monkeypatch.setattr(rundir, "plot_curves", lambda *a, **k: None)
 
 
 @pytest.mark.parametrize("way", ["sigint", "sigterm"])

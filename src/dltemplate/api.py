@@ -189,7 +189,7 @@ def evaluate(
     *,
     limit_batches: int | None = None,
     viz_dir: str | Path | None = None,
-    viz_freq: int = 50,
+    viz_freq: int | None = None,
     trust_code: bool = False,
     dataset: Any | None = None,
     test_dataset: Any | None = None,

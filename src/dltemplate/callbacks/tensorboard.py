@@ -2,18 +2,48 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 
 from dltemplate.callbacks.base import Callback, Loop
+from dltemplate.config import Config, config_to_dict
 from dltemplate.registry import CALLBACKS
+
+
+def hyperparameters(cfg: Config) -> dict[str, bool | int | float | str]:
+    """The config flattened to ``section.key`` (``model.args.width``) -> a value TensorBoard's
+    HPARAMS view takes: numbers, booleans and strings as they are, anything else (a list, None)
+    as its JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = json.dumps(value, default=str)
+
+    walk("", config_to_dict(cfg))
+    return flat
 
 
 @CALLBACKS.register("tensorboard")
 class TensorBoard(Callback):
     """On rank 0: ``train/loss_step`` and ``train/lr`` whenever the trainer reads the loss
     (every ``trainer.log_every_n_steps`` optimizer steps), every ``train/`` and ``val/`` metric
-    and ``lr`` per epoch, ``test/`` metrics at the end. It opens ``trainer.writer``, which other
-    callbacks and the task's ``log_images`` write to (None when this callback is off)."""
+    and ``lr`` per epoch, ``test/`` metrics at the end, and when the run finishes its
+    hyperparameters (the config, flattened by :func:`hyperparameters`) with the final metrics
+    (the last epoch's ``train/``, ``val/``, the best ``trainer.monitor`` as ``best/<monitor>``,
+    ``test/``), so that TensorBoard's HPARAMS view compares runs. It opens ``trainer.writer``,
+    which other callbacks and the task's ``log_images`` write to (None when this callback is
+    off)."""
+
+    def __init__(self) -> None:
+        self.final: dict[str, float] = {}  # the metrics the hyperparameters are logged with
 
     def on_fit_start(self, trainer: Loop) -> None:
         """Open the writer. A resumed run hides the events a stopped one logged after its
@@ -40,6 +70,7 @@ class TensorBoard(Callback):
         for key, value in row.items():
             if "/" in key:
                 trainer.writer.add_scalar(key, value, row["epoch"])
+                self.final[key] = float(value)
         trainer.writer.add_scalar("lr", row["lr"], row["epoch"])
         trainer.writer.flush()
 
@@ -48,10 +79,29 @@ class TensorBoard(Callback):
         if trainer.writer is not None:
             for key, value in metrics.items():
                 trainer.writer.add_scalar(f"test/{key}", value, trainer.state.epoch)
+                self.final[f"test/{key}"] = float(value)
 
     def on_fit_end(self, trainer: Loop) -> None:
-        """Close the writer."""
+        """Log the hyperparameters with the final metrics, then close the writer."""
+        if trainer.writer is not None:
+            self._log_hparams(trainer)
         self._close(trainer)
+
+    def _log_hparams(self, trainer: Loop) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        best = trainer.state.best
+        metrics = dict(self.final)
+        if best.score is not None:
+            metrics[f"best/{trainer.cfg.trainer.monitor}"] = float(best.score)
+            trainer.writer.add_scalar(
+                f"best/{trainer.cfg.trainer.monitor}", best.score, trainer.state.epoch
+            )
+        # The three summaries SummaryWriter.add_hparams writes, but into this run's own event
+        # file: add_hparams would open a sub-run and log each metric again at step 0.
+        for summary in hparams(hyperparameters(trainer.cfg), metrics):
+            trainer.writer.file_writer.add_summary(summary)
+        trainer.writer.flush()
 
     def on_exception(self, trainer: Loop, exc: BaseException) -> None:
         """Close the writer (what was written stays)."""

@@ -59,11 +59,12 @@ class EvaluatorBase:
         split: str = "test",
         limit: int | None = None,
         viz_dir: Path | None = None,
-        viz_freq: int = 50,
+        viz_freq: int | None = None,
     ) -> dict[str, Any]:
         """Evaluate on ``split``; return metrics, the full metric report and sample predictions.
 
-        With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder.
+        With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder
+        (None: :func:`default_viz_freq` of the split's size); the report counts the files.
         """
         data = self.task.load_data()
         evaluated = self._same_groups_as_the_run(data, split)
@@ -77,15 +78,18 @@ class EvaluatorBase:
             read=read_options(self.cfg, training=False),
         )
         samples: list[dict[str, Any]] = []
-        seen = [0, 0]  # samples so far, pictures written
+        seen = [0, 0]  # samples so far, picture files written
+        every = viz_freq if viz_freq is not None else default_viz_freq(len(evaluated))
+        names = evaluated.names
 
         def per_batch(i: int, batch: Batch, outputs: torch.Tensor) -> None:
             if i == 0:
                 described = self.task.describe_predictions(batch, outputs, self.info)
                 samples.extend(_with_names(described, evaluated.names))
             if viz_dir is not None:
+                batch_names = names[seen[0] : seen[0] + len(batch.targets)] if names else None
                 seen[1] += self.task.save_visuals(
-                    batch, outputs, seen[0], viz_dir, viz_freq, self.info
+                    batch, outputs, seen[0], viz_dir, every, self.info, names=batch_names
                 )
             seen[0] += len(batch.targets)
 
@@ -133,6 +137,12 @@ class EvaluatorBase:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(report, indent=2, default=_jsonable))
         return path
+
+
+def default_viz_freq(num_samples: int) -> int:
+    """``eval --viz`` without ``--viz-freq``: every 50th sample, as the seed drew, but close
+    enough on a small split for about 8 samples to be drawn."""
+    return max(1, min(50, num_samples // 8))
 
 
 def _with_names(samples: list[Any], names: list[str] | None) -> list[Any]:

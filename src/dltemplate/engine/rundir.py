@@ -323,15 +323,20 @@ class MetricsTable:
         # the pid-named temp file lets remove_stale_temp_files tell a live writer's from a dead one
         atomic_write_text(self.path, buf.getvalue())
 
-    def plot(self, png: Path) -> threading.Thread | None:
+    def plot(
+        self, png: Path, monitor: str | None = None, mode: str = "max"
+    ) -> threading.Thread | None:
         """Redraw the curves into ``png`` in a background thread (returned, to join; None when
-        no thread could be started: then the picture is skipped, with one warning).
+        no thread could be started: then the picture is skipped, with one warning); ``monitor``
+        and ``mode`` mark the best epoch (see :func:`curves_figure`).
 
         Drawing takes a few tenths of a second; a thread lets the next epoch start meanwhile.
         """
         self.wait()
         rows = [dict(r) for r in self.rows]  # a snapshot: the table may grow while drawing
-        thread = threading.Thread(target=_plot_quietly, args=(rows, png), daemon=True)
+        thread = threading.Thread(
+            target=_plot_quietly, args=(rows, png, monitor, mode), daemon=True
+        )
         try:
             thread.start()
         except RuntimeError as exc:  # no thread to be had: a picture never stops training
@@ -382,25 +387,46 @@ def _check_row(row: dict[str, Any], number: int, width: int) -> None:
         raise ValueError(f"row {number}: the epoch is missing")
 
 
-def _plot_quietly(rows: list[dict[str, Any]], png: Path) -> None:
+def _plot_quietly(rows: list[dict[str, Any]], png: Path, monitor: str | None, mode: str) -> None:
     # A picture is not worth a traceback from a thread (a full disk is reported by the run).
     try:
-        plot_curves(rows, png)
+        plot_curves(rows, png, monitor=monitor, mode=mode)
     except Exception as exc:
         logging.getLogger("dltemplate").warning("curves.png not drawn: %s", exc)
 
 
-def plot_curves(rows: list[dict[str, Any]], png: Path) -> None:
-    """Draw each metric of ``rows`` (train and val on one panel) against the epoch into ``png``."""
+def plot_curves(
+    rows: list[dict[str, Any]], png: Path, *, monitor: str | None = None, mode: str = "max"
+) -> None:
+    """Draw the curves of ``rows`` (see :func:`curves_figure`) into ``png``, titled with the
+    name of the folder that holds it (the run directory)."""
     if not rows:
         return
-    fig = curves_figure(rows)
+    fig = curves_figure(rows, title=png.resolve().parent.name, monitor=monitor, mode=mode)
     atomic_write(png, lambda fh: fig.savefig(fh, dpi=72, format="png"))
 
 
-def curves_figure(rows: list[dict[str, Any]]) -> Figure:
-    """The figure :func:`plot_curves` saves: one panel per metric, three panels a row, integer
-    epoch ticks; margins sized for the number of rows, so that no label is clipped."""
+def best_epoch(rows: list[dict[str, Any]], monitor: str, mode: str = "max") -> int | None:
+    """The epoch whose ``monitor`` value is best (``mode`` ``max`` or ``min``; the first of
+    equals, as the checkpoint callback keeps it); None when no row has the column."""
+    points = [(float(r[monitor]), int(float(r["epoch"]))) for r in rows if r.get(monitor, "") != ""]
+    if not points:
+        return None
+    sign = -1.0 if mode == "max" else 1.0
+    return min(points, key=lambda p: (sign * p[0], p[1]))[1]
+
+
+def curves_figure(
+    rows: list[dict[str, Any]],
+    title: str | None = None,
+    monitor: str | None = None,
+    mode: str = "max",
+) -> Figure:
+    """The figure :func:`plot_curves` saves: one panel per metric (train and val), y label the
+    metric's name, then a panel of the learning rate; three panels a row, integer epoch ticks.
+    ``title`` heads the figure; with ``monitor`` (e.g. ``val/accuracy``) a star marks its best
+    epoch and a dotted line shows that epoch on every panel. Margins are sized for the number
+    of rows, so that no label is clipped."""
     # The object API, not pyplot: no global state, so drawing off the main thread is safe.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -408,21 +434,27 @@ def curves_figure(rows: list[dict[str, Any]]) -> Figure:
 
     names = sorted({k.split("/", 1)[1] for k in rows[0] if "/" in k}) if rows else []
     epochs = [int(float(r["epoch"])) for r in rows]
-    cols = min(3, max(1, len(names)))
-    nrows = max(1, -(-len(names) // cols))
-    width, height = 4.5 * cols, 3.2 * nrows
+    has_lr = any(r.get("lr", "") != "" for r in rows)
+    panels = len(names) + has_lr
+    cols = min(3, max(1, panels))
+    nrows = max(1, -(-panels // cols))
+    top = 0.35 + 0.3 * bool(title)  # inches above the panels: the panel titles, the run name
+    width, height = 4.5 * cols, 3.2 * nrows + 0.3 * bool(title)
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     # A fixed layout (tight_layout would draw the whole figure once more), with margins in
     # inches: the tick labels, the x label and the title fit whatever the number of rows.
     fig.subplots_adjust(
-        left=0.7 / width,
+        left=0.8 / width,
         right=1 - 0.15 / width,
         bottom=0.6 / height,
-        top=1 - 0.35 / height,
-        wspace=0.3,
+        top=1 - top / height,
+        wspace=0.35,
         hspace=0.45,
     )
+    if title:
+        fig.suptitle(title, fontsize=11, y=1 - 0.08 / height, va="top")
+    best = best_epoch(rows, monitor, mode) if monitor else None
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         for split in ("train", "val"):
@@ -430,10 +462,25 @@ def curves_figure(rows: list[dict[str, Any]]) -> Figure:
             pts = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, "") != ""]
             if pts:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=split)
+            if best is not None and key == monitor:
+                value = dict(pts)[best]
+                ax.plot([best], [value], marker="*", markersize=13, color="crimson",
+                        linestyle="none", label=f"best: epoch {best}")  # fmt: skip
         ax.set_title(name, fontsize=10)
+        ax.set_ylabel(name)
+    if has_lr:
+        ax = list(axes.flat)[len(names)]
+        pts = [(e, float(r["lr"])) for e, r in zip(epochs, rows) if r.get("lr", "") != ""]
+        ax.plot(*zip(*pts), marker="o", markersize=3, color="tab:green", label="lr")
+        ax.set_title("learning rate", fontsize=10)
+        ax.set_ylabel("learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in list(axes.flat)[:panels]:
+        if best is not None:
+            ax.axvline(best, color="crimson", linestyle=":", linewidth=1)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(names) :]:
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     return fig

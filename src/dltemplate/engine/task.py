@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +204,11 @@ class Task:
         out_dir: Path,
         every: int,
         info: DataInfo,
+        names: Sequence[str] | None = None,
     ) -> int:
         """Write pictures of samples ``first_index + i`` where that index is a multiple of
-        ``every`` (``eval --viz``); return how many were written. None by default."""
+        ``every`` (``eval --viz``; ``names`` are the batch's samples' names, e.g. their files,
+        when the dataset names them); return how many files were written. None by default."""
         return 0
 
     @property

@@ -1,4 +1,5 @@
-"""A small convolutional classifier: two conv blocks and a linear head."""
+"""Convolutional classifiers: ``SmallCNN`` (two conv blocks, for 28x28 and smaller) and
+``ImageCNN`` (a block per scale down to 4x4, the image-folder starter)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3), keepdim=True)
 
 
+def block(cin: int, cout: int) -> nn.Sequential:
+    """Two conv(3x3)-BN-ReLU at one scale."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
 @MODELS.register("SmallCNN")
 @MODELS.register("cnn")
 class SmallCNN(nn.Module):
@@ -35,16 +48,6 @@ class SmallCNN(nn.Module):
             raise ValueError(f"dropout={dropout}: must be in [0, 1)")
         channels = input_shape[0]
 
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-            )
-
         # Pool only while the map is large enough, so 8x8 digits and 28x28 images both work.
         self.features = nn.Sequential(
             block(channels, width),
@@ -54,6 +57,44 @@ class SmallCNN(nn.Module):
             nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of shape (N, num_classes)."""
+        return self.head(self.features(x))
+
+
+@MODELS.register("ImageCNN")
+class ImageCNN(nn.Module):
+    """The image-folder starter: a conv block per scale, halving the map (max-pool) until
+    it is 4 to 7 pixels on a side, then global average pool, dropout, linear.
+
+    Widths double per scale up to ``4 * width``. Downsampling until the map is small gives
+    each output the whole picture to look at (at 64x64: 5 blocks, 64 -> 4); ``SmallCNN``
+    pools once, so there each output sees about 14 pixels and shapes are learnt slowly.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (3, 64, 64),
+        num_classes: int = 10,
+        width: int = 32,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout}: must be in [0, 1)")
+        if width < 1:
+            raise ValueError(f"width={width}: must be at least 1")
+        side = min(input_shape[1:])
+        layers: list[nn.Module] = [block(input_shape[0], width)]
+        cin = width
+        while side // 2 >= 4:
+            side //= 2
+            cout = min(2 * cin, 4 * width)
+            layers += [nn.MaxPool2d(2), block(cin, cout)]
+            cin = cout
+        self.features = nn.Sequential(*layers, GlobalAvgPool(), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of shape (N, num_classes)."""

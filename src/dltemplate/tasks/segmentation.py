@@ -3,20 +3,22 @@
 Models may return several heads (UNet++ deep supervision) as a list while training; the losses
 average their per-head values and everything else sees the mean of the heads
 (:mod:`dltemplate.models.heads`). Pictures: an image / ground truth / prediction grid in
-TensorBoard at each validation, the seed's triplets with ``eval --viz``, and ``predict``.
+TensorBoard at each validation; with ``eval --viz`` the seed's triplets and an overlay (the
+prediction over the image, captioned with the file name and dice); with ``predict`` the mask
+and an overlay.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 
 from dltemplate.data.base import Batch, DataInfo, channel_stats
@@ -39,6 +41,34 @@ def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
 def _mask_png(mask: torch.Tensor) -> np.ndarray:
     """A (1, H, W) 0/1 mask as an (H, W) uint8 picture, 0 or 255."""
     return (mask[0].cpu().numpy() > 0).astype(np.uint8) * 255
+
+
+OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)  # the predicted pixels, tinted red
+CAPTION_LINE = 14  # pixels per caption line, in a strip above the picture: it hides no pixel
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, caption: str) -> Image.Image:
+    """The (H, W, 3) uint8 ``image`` with the (H, W) boolean ``pred`` tinted red over it and
+    its outline drawn, under a strip holding ``caption`` (its parts, split at double spaces,
+    on lines of their own when the picture is too narrow for one)."""
+    pixels = image.astype(np.float32)
+    pixels[pred] = 0.55 * pixels[pred] + 0.45 * OVERLAY_COLOUR
+    inner = pred.copy()  # the outline: predicted pixels with a neighbour that is not
+    inner[1:, :] &= pred[:-1, :]
+    inner[:-1, :] &= pred[1:, :]
+    inner[:, 1:] &= pred[:, :-1]
+    inner[:, :-1] &= pred[:, 1:]
+    pixels[pred & ~inner] = OVERLAY_COLOUR
+    height, width = pred.shape
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [caption] if draw.textlength(caption) + 4 <= width else caption.split("  ")
+    strip = CAPTION_LINE * len(lines)
+    picture = Image.new("RGB", (width, height + strip), (0, 0, 0))
+    picture.paste(Image.fromarray(pixels.round().astype(np.uint8)), (0, strip))
+    draw = ImageDraw.Draw(picture)
+    for k, line in enumerate(lines):
+        draw.text((2, 1 + CAPTION_LINE * k), line, fill=(255, 255, 255))
+    return picture
 
 
 @contextlib.contextmanager
@@ -127,20 +157,26 @@ class SegmentationTask(Task):
         out_dir: Path,
         every: int,
         info: DataInfo,
+        names: Sequence[str] | None = None,
     ) -> int:
-        """The seed's triplets: ``<n>_image.png``, ``<n>_mask.png``, ``<n>_pred.png``."""
-        pred = (merged_prediction(outputs) > 0).byte()
+        """The seed's triplets, ``<n>_image.png``, ``<n>_mask.png``, ``<n>_pred.png``, and
+        ``<n>_overlay.png``: the prediction over the image, captioned with the file name (from
+        ``names``, else the index) and the dice. Returns the number of files written."""
+        pred = merged_prediction(outputs) > 0
+        dice = dice_coefficient(pred, batch.targets > 0, dtype=torch.float64)
         written = 0
         for i in range(len(batch.targets)):
             n = first_index + i
             if n % max(1, every):
                 continue
-            Image.fromarray(_to_uint8_image(batch.inputs[i], info)).save(
-                out_dir / f"{n:05d}_image.png"
-            )
+            image = _to_uint8_image(batch.inputs[i], info)
+            Image.fromarray(image).save(out_dir / f"{n:05d}_image.png")
             Image.fromarray(_mask_png(batch.targets[i])).save(out_dir / f"{n:05d}_mask.png")
-            Image.fromarray(_mask_png(pred[i])).save(out_dir / f"{n:05d}_pred.png")
-            written += 1
+            Image.fromarray(_mask_png(pred[i].byte())).save(out_dir / f"{n:05d}_pred.png")
+            name = names[i] if names is not None else f"sample {n}"
+            caption = f"{name}  dice {float(dice[i]):.3f}"
+            overlay(image, pred[i, 0].cpu().numpy(), caption).save(out_dir / f"{n:05d}_overlay.png")
+            written += 4
         return written
 
     def describe_predictions(
@@ -161,7 +197,8 @@ class SegmentationTask(Task):
         device: torch.device,
         info: DataInfo,
     ) -> list[Path]:
-        """Predict a mask for each image at its own size; write ``<stem>_mask.png`` (0/255).
+        """Predict a mask for each image at its own size; write ``<stem>_mask.png`` (0/255)
+        and ``<stem>_overlay.png`` (the mask over the image, captioned with the file name).
 
         Every image's header is read first, so that a file that is not an image, or one too
         large to decode safely (PIL's decompression-bomb limit), stops with a DataError
@@ -183,8 +220,10 @@ class SegmentationTask(Task):
             batch = self.prepare_batch(Batch(x, torch.zeros(1), 1), device, info)
             logits = merged_prediction(self.forward(model, batch))
             full = F.interpolate(logits.float(), size=original.size[::-1], mode="bilinear")
-            mask = (full[0, 0] > 0).byte().cpu().numpy() * 255
+            pred = (full[0, 0] > 0).cpu().numpy()
             target = out_dir / f"{Path(path).stem}_mask.png"
-            Image.fromarray(mask).save(target)
-            written.append(target)
+            Image.fromarray(pred.astype(np.uint8) * 255).save(target)
+            picture = overlay(np.asarray(original), pred, Path(path).name)
+            picture.save(out_dir / f"{Path(path).stem}_overlay.png")
+            written += [target, out_dir / f"{Path(path).stem}_overlay.png"]
         return written
