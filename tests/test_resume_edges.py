@@ -210,7 +210,7 @@ def test_resume_last_picks_the_newest_run_not_the_last_written(cli, tmp_path, mo
     assert (first / INTERRUPT).exists() and ckpt(second / LAST)["finished"] is True
 
     assert cli("eval", first) == 0  # writes into the first run: now the most recently modified
-    assert (first / "eval_test.json").exists()
+    assert (first / "eval_test_best.json").exists()
     assert first.stat().st_mtime_ns >= second.stat().st_mtime_ns
     first_before, second_before = snapshot(first), snapshot(second)
 
@@ -245,7 +245,7 @@ def test_a_damaged_checkpoint_is_refused_by_eval_and_skipped_by_resume(
     assert cli("eval", interrupt) == 2
     err = capsys.readouterr().err
     assert str(interrupt) in err and "damaged" in err
-    assert not (run / "eval_test.json").exists()
+    assert not (run / "eval_test_interrupt.json").exists()
 
     assert cli("resume", run) == 0
     log = (run / "train.log").read_text()

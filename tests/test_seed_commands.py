@@ -37,7 +37,7 @@ def test_trainer_vanilla_and_eval_vanilla(fashion_root, tmp_path):
     assert "accuracy" in ev.stdout and "confusion matrix" in ev.stdout
     assert re.search(r"label '(T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|Sneaker|Bag"
                      r"|Ankle boot)'", ev.stdout)  # fmt: skip
-    assert (run / "eval_test.json").exists()
+    assert (run / "eval_test_best.json").exists()
 
 
 def test_readme_documents_every_config_key():

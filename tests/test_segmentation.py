@@ -77,7 +77,7 @@ def test_eval_viz_writes_triplets_of_the_run_test_cars(cli, unet_run, tmp_path, 
     assert cli("eval", unet_run, "--viz", "--viz-dir", viz, "--viz-freq", "3") == 0
     out = capsys.readouterr().out
     assert "dice" in out and "iou" in out
-    report = json.loads((unet_run / "eval_test.json").read_text())
+    report = json.loads((unet_run / "eval_test_best.json").read_text())
     test_cars = json.loads((unet_run / "split.json").read_text())["test"]
     assert report["num_samples"] == 8 * len(test_cars)
     assert report["pictures"]["count"] == len(range(0, report["num_samples"], 3))
@@ -95,7 +95,7 @@ def test_eval_names_the_file_of_each_sample_and_counts_one_picture(
     assert cli("eval", unet_run, "--viz", "--viz-dir", viz, "--viz-freq", "1000") == 0
     out = capsys.readouterr().out
     assert f"1 picture written to {viz}" in out
-    report = json.loads((unet_run / "eval_test.json").read_text())
+    report = json.loads((unet_run / "eval_test_best.json").read_text())
     test_cars = set(json.loads((unet_run / "split.json").read_text())["test"])
     files = [sample["file"] for sample in report["samples"]]
     assert files and len(set(files)) == len(files)

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from dltemplate.callbacks.base import Callback, Loop
-from dltemplate.engine.runlog import EpochProgress, use_progress_bar
+from dltemplate.progress import EpochProgress, use_progress_bar
 from dltemplate.registry import CALLBACKS
 
 log = logging.getLogger("dltemplate")

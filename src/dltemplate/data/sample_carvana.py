@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from dltemplate.errors import UsageError
+from dltemplate.progress import track
 
 README_NAME = "SYNTHETIC_README.txt"  # written last: a folder with it holds a whole set
 README_TEXT = """\
@@ -287,7 +288,7 @@ def _write_sample(out: Path, n: int, views: int, size: tuple[int, int], seed: in
         new = rng.bytes(6).hex()
         if new not in ids:
             ids.append(new)
-    for c, car_id in enumerate(ids):
+    for c, car_id in track(enumerate(ids), cars, f"drawing {n} image/mask pairs", "cars"):
         car = _random_car(rng)
         for view in range(min(views, n - c * views)):
             image, mask = _draw_view(car, view, views, size, rng)

@@ -128,7 +128,9 @@ class TrainerBase:
         self.writer: Any = None  # TensorBoard, given by the tensorboard callback on rank 0
         self.averaged_model: nn.Module | None = None  # evaluated instead, if set (ema)
         notice = cfg.trainer.notice_signal
-        self.stop = StopSignals(notice_signal(notice) if notice is not None else None)
+        self.stop = StopSignals(
+            notice_signal(notice) if notice is not None else None, say=self.dist.is_main
+        )
         self._losses: list[tuple[torch.Tensor, int]] = []  # (loss, its step) not yet read
         self._last_window: list[MicroBatch] = []
 

@@ -27,7 +27,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resolved(path: str | Path) -> dict[str, Any]:
     """The config at ``path`` (YAML or a run's JSON) as nested dicts, defaults filled in."""
-    return config_to_dict(load_config(path))
+    return config_to_dict(load_config(path, name_run=False))
 
 
 def compare_configs(a: str | Path, b: str | Path) -> list[tuple[str, Any, Any]]:
