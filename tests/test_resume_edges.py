@@ -373,6 +373,8 @@ def test_the_log_names_the_signal_that_stopped_the_run(cli, tmp_path):
     for sig in signals:
         assert procs[sig].returncode == 130, tails.get(sig)
         assert f"interrupted by {sig.name}" in tails[sig]
+        said = tails[sig].find(f"dltemplate: {sig.name}: stopping after this step")
+        assert 0 <= said < tails[sig].index("checkpoint saved to"), tails[sig]  # said first
         (run,) = run_dirs(tmp_path / sig.name)
         state = ckpt(run / INTERRUPT)
         assert state["global_step"] == state["epoch"] * spe + state["batch_in_epoch"]

@@ -117,6 +117,13 @@ def test_predict_writes_masks_at_each_image_size(cli, unet_run, carvana, tmp_pat
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.6
 
 
+def test_predict_without_out_writes_masks_inside_the_run(cli, unet_run, carvana, tmp_path):
+    image = next((carvana / "train").glob("*.jpg"))
+    assert cli("predict", unet_run, image) == 0
+    assert (unet_run / "predictions" / f"{image.stem}_mask.png").is_file()
+    assert not (tmp_path / "predictions").exists() and not (tmp_path / "masks").exists()
+
+
 def test_predict_on_a_broken_image_exits_2(cli, unet_run, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")

@@ -406,9 +406,9 @@ def notice_signal(name: str) -> signal.Signals:
 
 SECTIONS_WITH_ARGS = ("data", "model", "loss", "optimizer", "scheduler")
 MAX_NAME = 100  # characters of experiment.name: it names files (and a file name has 255 bytes)
-MAX_RUN_NAME = 80  # characters of experiment.run_name: with the timestamp, a folder's name
+MAX_RUN_NAME = 100  # characters of experiment.run_name: with the timestamp, a folder's name
 RUN_NAME = re.compile(rf"[A-Za-z0-9_=+,@-][A-Za-z0-9._=+,@-]{{0,{MAX_RUN_NAME - 1}}}")
-DEFAULT_RUN_NAME = 60  # characters of a run name made from the config and overrides
+DEFAULT_RUN_NAME = 80  # characters of a run name made from the config and overrides
 # Overrides that say where or how a run goes, not what it is: left out of its default name.
 UNNAMED_KEYS = frozenset(
     {
