@@ -36,7 +36,7 @@ def test_a_default_run_name_is_the_config_and_the_overrides_short_and_folder_saf
         "digits_mlp.yaml", ["loss.args={label_smoothing: 0.1}", "data.augment=true"]
     )
     assert short == "digits_mlp_loss=label_smoothing=0.1_augment=true"
-    assert default_run_name("a.yaml", ["experiment.name=a b/c"]) == "a_name=a-b-c"
+    assert default_run_name("a.yaml", ["experiment.name=a b/c"]) == "a_experiment=a-b-c"
     assert default_run_name(None, []) is None
     many = default_run_name("digits_mlp.yaml", [f"model.args.w{i}={i}" for i in range(30)])
     assert len(many) <= 80 and many.startswith("digits_mlp_w0=0_w1=1")

@@ -257,7 +257,7 @@ def test_a_damaged_checkpoint_is_refused_by_eval_and_skipped_by_resume(
     assert max_diff(last, full / LAST) <= 1e-6
 
     damaged = sorted(run.glob("*_ckpt.pth"))
-    assert {p.name for p in damaged} == {BEST, LAST, INTERRUPT}
+    assert {p.name for p in damaged} == {BEST, LAST}  # the stale interrupt one: removed at finish
     for path in damaged:
         if path != interrupt:
             flip_middle(path)

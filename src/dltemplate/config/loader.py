@@ -427,8 +427,9 @@ UNNAMED_KEYS = frozenset(
 
 def default_run_name(path: str | Path | None, overrides: list[str]) -> str | None:
     """A short, folder-safe name for a run of the config file ``path`` with ``overrides``:
-    the file's stem, then ``key=value`` for each override (the key's last part; floats to 4
-    significant digits), e.g. ``digits_mlp_lr=0.01_hidden=128,64``; at most
+    the file's stem, then ``key=value`` for each override (the key's last part, the section
+    for a ``name``; floats to 4 significant digits), e.g. ``digits_mlp_lr=0.01_hidden=128,64``
+    or ``unet_carvana_model=UNet++``; at most
     :data:`DEFAULT_RUN_NAME` characters; None when there is nothing to name it by."""
     parts = [Path(path).stem] if path is not None else []
     for text in overrides:
@@ -436,6 +437,8 @@ def default_run_name(path: str | Path | None, overrides: list[str]) -> str | Non
         if key.strip() in UNNAMED_KEYS:
             continue
         words = [w for w in key.strip().split(".") if w != "args"]  # loss.args={...}: loss
+        if len(words) > 1 and words[-1] == "name":  # model.name=UNet: model=UNet
+            words.pop()
         parts.append(f"{words[-1] if words else 'args'}={_short_value(value)}")
     parts = [re.sub(r"[^A-Za-z0-9._=+,@-]+", "-", part) for part in parts]
     name = ""
