@@ -82,6 +82,9 @@ def test_training_and_eval_print_lines_by_time_without_a_loss_read(
     log = (run / "train.log").read_text()
     assert re.search(r"epoch 1/1 \[1/13\] 7%, [\d.]+ samples/s", log), log
     assert re.search(r"epoch 1/1 \[13/13\] 100%, ", log)
+    assert re.search(r"validation \[1/1\] 100%, [\d.]+ batches/s", log)  # 43 samples: 1 batch
+    assert re.search(r"test \[1/6\] 16%, [\d.]+ batches/s", log)  # 359 samples, 64 a batch
+    assert re.search(r"test \[6/6\] 100%, ", log)
     capsys.readouterr()
     assert cli("eval", run, "data.eval_batch_size=100") == 0  # 359 test samples: 4 batches
     err = capsys.readouterr().err

@@ -109,6 +109,7 @@ def test_checkpoint_kind_names_the_report():
     assert checkpoint_kind("run/My_Net_last_ckpt.pth") == "last"
     assert checkpoint_kind("Vanilla_interrupt_ckpt.pth") == "interrupt"
     assert checkpoint_kind("UNet_best_epoch007_ckpt.pth") == "best_epoch007"
+    assert checkpoint_kind("UNet_epoch010_ckpt.pth") == "epoch010"
     assert checkpoint_kind("weights v2.pth") == "weights-v2"
 
 

@@ -61,12 +61,13 @@ def checkpoint_name(model_name: str, kind: str) -> str:
     return f"{safe}_{kind}_ckpt.pth"
 
 
-_KIND = re.compile(r".*?_(best_epoch\d+|best|last|interrupt)_ckpt")
+_KIND = re.compile(r".*?_(best_epoch\d+|epoch\d+|best|last|interrupt)_ckpt")
 
 
 def checkpoint_kind(path: str | Path) -> str:
     """Which of a run's checkpoints ``path`` is: ``best``, ``last``, ``interrupt``,
-    ``best_epoch007`` (from ``<Model>_<kind>_ckpt.pth``); another file: its stem, folder-safe."""
+    ``best_epoch007``, ``epoch010`` (from ``<Model>_<kind>_ckpt.pth``); another file: its stem,
+    folder-safe."""
     stem = Path(path).name.removesuffix(".pth").removesuffix(".pt")
     match = _KIND.fullmatch(stem)
     if match is not None:

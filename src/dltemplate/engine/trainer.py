@@ -307,9 +307,13 @@ class TrainerBase:
     def evaluate(self, loader: IndexLoader, split: str) -> dict[str, float]:
         """Mean loss and metrics over ``loader``, each sample counted once across processes."""
 
+        batches = len(loader)
+
         def each_batch(i: int, batch: Batch, outputs: Any) -> None:
             if i == 0 and self.writer is not None:
                 self.task.log_images(self.writer, split, batch, outputs, self.state.global_step)
+            for fn in self.callbacks.on_eval_batch_end:
+                fn(self, split, i, batches)
             # One process can stop between batches; several agree at the next step boundary.
             if self.stop.requested and not self.dist.enabled:
                 raise RunStopped(self.stop.requested, at_boundary=True)
