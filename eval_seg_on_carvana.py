@@ -1,7 +1,8 @@
 """The seed's segmentation evaluation command, a thin wrapper over ``dltemplate eval``.
 
-    python eval_seg_on_carvana.py --model_path <run>/UNet_best_ckpt.pth --save_path ./test_viz/ \
-        --data_dir ./Dataset/Carvana --model_type UNet --data_type Carvana --viz True
+    python eval_seg_on_carvana.py --model_path <run>/UNet_best_ckpt.pth \
+        --save_path <run>/test_viz/ --data_dir ./Dataset/Carvana --model_type UNet \
+        --data_type Carvana --viz True
 
 Prints dice and IoU on the run's test cars; with ``--viz True`` writes the triplets
 (image, mask, prediction as PNG) of every 50th sample (``--viz_freq``) into ``--save_path``.

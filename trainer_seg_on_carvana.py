@@ -1,8 +1,11 @@
 """The seed's segmentation training command, a thin wrapper over ``dltemplate train``.
 
     python trainer_seg_on_carvana.py --proj_name SegOnCarvana --model_type UNet \
-        --data_type Carvana --output_dir Dataset/Carvana/ --gpu_devices 0 \
+        --data_type Carvana --output_dir ./Results/SegOnCarvana/ --gpu_devices 0 \
         --data_dir ./Dataset/Carvana/
+
+An ``--output_dir`` inside ``--data_dir`` (the seed's own command said ``Dataset/Carvana/``) is
+moved to ``./Results/<proj_name>/``, with a note: runs never land among the data.
 
 ``--model_type UNet++`` (or ``NestedUNet``) trains UNet++. Extra ``section.key=value``
 arguments are passed through as config overrides.

@@ -143,7 +143,7 @@ def test_a_regression_task_trains_and_evaluates(cli, config, tmp_path, capsys):
     sample_lines = [line for line in out.splitlines() if line.startswith("  x0 ")]
     assert len(sample_lines) == 10
     assert ", predicted " in sample_lines[0] and ", target " in sample_lines[0]
-    report = json.loads((run / "eval_test.json").read_text())
+    report = json.loads((run / "eval_test_best.json").read_text())
     assert report["num_samples"] == 48  # 20 % of 240 set aside by seed
     assert set(report["samples"][0]) == {"x0", "predicted", "target"}
     test = json.loads((run / "test_metrics.json").read_text())

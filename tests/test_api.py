@@ -73,7 +73,7 @@ def test_evaluate_from_python_equals_what_the_cli_writes(yaml_run, cli, capsys):
     report = dltemplate.evaluate(yaml_run.run_dir)
     assert report["metrics"]["accuracy"] == pytest.approx(yaml_run.test_metrics["accuracy"])
     assert cli("eval", yaml_run.run_dir) == 0
-    assert as_json(report) == json.loads((yaml_run.run_dir / "eval_test.json").read_text())
+    assert as_json(report) == json.loads((yaml_run.run_dir / "eval_test_best.json").read_text())
 
     checkpoint = yaml_run.run_dir / "Vanilla_last_ckpt.pth"
     val = dltemplate.evaluate(checkpoint, split="val", overrides=["data.eval_batch_size=7"])
@@ -214,5 +214,5 @@ def test_the_readme_regression_task_runs_with_the_cli(cli, tmp_path, capsys):
     assert commands[1][0] == "eval" and cli("eval", run, *commands[1][2:]) == 0
     out = capsys.readouterr().out
     assert "mae:" in out and "predicted" in out and "target" in out
-    saved = json.loads((run / "eval_test.json").read_text())
+    saved = json.loads((run / "eval_test_best.json").read_text())
     assert set(saved["samples"][0]) == {"predicted", "target"}

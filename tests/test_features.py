@@ -242,7 +242,7 @@ def test_eval_prints_metrics_confusion_matrix_and_named_predictions(cli, tmp_pat
     assert cli("eval", run) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "confusion matrix" in out and "predicted" in out
-    report = json.loads((run / "eval_test.json").read_text())
+    report = json.loads((run / "eval_test_best.json").read_text())
     test = json.loads((run / "test_metrics.json").read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(test["accuracy"])
     assert sum(map(sum, report["report"]["confusion_matrix"])) == report["num_samples"]
@@ -319,7 +319,7 @@ def test_plain_progress_lines_when_not_a_terminal(cli, tmp_path):
     )
     log = (run_dirs(tmp_path)[0] / "train.log").read_text()
     # the rate's digits depend on the machine's speed: 1234 or 12.3 samples/s
-    assert re.search(r"epoch 1/1 \[10/41\] loss \d+\.\d+, \d+(\.\d+)? samples/s", log)
+    assert re.search(r"epoch 1/1 \[10/41\] 24%, loss \d+\.\d+, \d+(\.\d+)? samples/s", log)
 
 
 def test_sigterm_saves_the_interrupt_checkpoint(tmp_path):

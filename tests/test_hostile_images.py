@@ -365,13 +365,13 @@ def test_predict_on_a_decompression_bomb_is_one_line_and_writes_nothing(
 def test_segmentation_predict_writes_into_a_folder_and_takes_no_top_k(
     cli, tmp_path, capsys, seg_run
 ):
-    """--out is a folder for segmentation (classification: an optional JSON file)."""
+    """--out is a folder for segmentation (default <run>/predictions/; classification: an
+    optional JSON file)."""
     good = tmp_path / "photo.jpg"
     Image.new("RGB", (40, 30), (120, 80, 40)).save(good)
     taken = tmp_path / "taken"
     taken.write_text("mine\n")
     for extra, words in (
-        ([], ["--out", "give the folder"]),
         (["--out", str(taken)], ["taken", "not a folder"]),
         (["--out", str(tmp_path / "masks"), "--top-k", "2"], ["--top-k", "classification"]),
     ):

@@ -213,7 +213,7 @@ def test_resume_last_picks_the_newest_run_not_the_last_written(cli, tmp_path, mo
     assert (first / INTERRUPT).exists() and ckpt(second / LAST)["finished"] is True
 
     assert cli("eval", first) == 0  # writes into the first run: now the most recently modified
-    assert (first / "eval_test.json").exists()
+    assert (first / "eval_test_best.json").exists()
     assert first.stat().st_mtime_ns >= second.stat().st_mtime_ns
     first_before, second_before = snapshot(first), snapshot(second)
 
@@ -248,7 +248,7 @@ def test_a_damaged_checkpoint_is_refused_by_eval_and_skipped_by_resume(
     assert cli("eval", interrupt) == 2
     err = capsys.readouterr().err
     assert str(interrupt) in err and "damaged" in err
-    assert not (run / "eval_test.json").exists()
+    assert not (run / "eval_test_interrupt.json").exists()
 
     assert cli("resume", run) == 0
     log = (run / "train.log").read_text()
@@ -260,7 +260,7 @@ def test_a_damaged_checkpoint_is_refused_by_eval_and_skipped_by_resume(
     assert max_diff(last, full / LAST) <= 1e-6
 
     damaged = sorted(run.glob("*_ckpt.pth"))
-    assert {p.name for p in damaged} == {BEST, LAST, INTERRUPT}
+    assert {p.name for p in damaged} == {BEST, LAST}  # the stale interrupt one: removed at finish
     for path in damaged:
         if path != interrupt:
             flip_middle(path)
@@ -376,6 +376,8 @@ def test_the_log_names_the_signal_that_stopped_the_run(cli, tmp_path):
     for sig in signals:
         assert procs[sig].returncode == 130, tails.get(sig)
         assert f"interrupted by {sig.name}" in tails[sig]
+        said = tails[sig].find(f"dltemplate: {sig.name}: stopping after this step")
+        assert 0 <= said < tails[sig].index("checkpoint saved to"), tails[sig]  # said first
         (run,) = run_dirs(tmp_path / sig.name)
         state = ckpt(run / INTERRUPT)
         assert state["global_step"] == state["epoch"] * spe + state["batch_in_epoch"]

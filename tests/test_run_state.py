@@ -55,7 +55,7 @@ def register(monkeypatch, name: str, cls: type) -> None:
 # Lower layers first; a module may import its own layer or the ones below, never above.
 LAYERS = [
     {"errors"},
-    {"atomic", "registry", "config"},
+    {"atomic", "progress", "registry", "config"},
     {"data", "models", "optim", "metrics", "losses"},
     {"engine"},
     {"callbacks", "tasks", "sweeps", "tools"},

@@ -183,7 +183,7 @@ def test_map_style_own_test_split_groups_names_and_eval(cli, tmp_path, capsys):
     assert groups["val"] and not set(groups["train"]) & set(groups["val"])  # writers kept whole
     assert cli("eval", str(run)) == 2  # the saved config names code: not without trust
     assert cli("eval", str(run), "--trust-code") == 0
-    report = json.loads((run / "eval_test.json").read_text())
+    report = json.loads((run / "eval_test_best.json").read_text())
     assert report["num_samples"] > 0 and report["samples"][0]["file"].startswith("digit")
 
 

@@ -24,7 +24,10 @@ def test_trainer_vanilla_and_eval_vanilla(fashion_root, tmp_path):
     assert train.returncode == 0, train.stderr
     assert "falling back to the CPU" in train.stderr  # there is no GPU 1 here
     (run,) = run_dirs(out)
-    assert (run / f"config_Vanilla_{run.name}.json").exists()
+    assert (run / f"config_Vanilla_{run.name[: len('YYYYmmdd_HHMMSS')]}.json").exists()
+    assert run.name.endswith(
+        "_fashion_mnist_mlp_experiment=Vanilla_model=Vanilla_data=FashionMNIST_epochs=2"
+    )
     best = run / "Vanilla_best_ckpt.pth"
     state = torch.load(best, weights_only=True)
     assert state["model"]["net.1.weight"].shape == (512, 784)  # the seed's 784-512-512-10 MLP
@@ -37,7 +40,7 @@ def test_trainer_vanilla_and_eval_vanilla(fashion_root, tmp_path):
     assert "accuracy" in ev.stdout and "confusion matrix" in ev.stdout
     assert re.search(r"label '(T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|Sneaker|Bag"
                      r"|Ankle boot)'", ev.stdout)  # fmt: skip
-    assert (run / "eval_test.json").exists()
+    assert (run / "eval_test_best.json").exists()
 
 
 def test_readme_documents_every_config_key():

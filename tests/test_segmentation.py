@@ -88,7 +88,7 @@ def test_eval_viz_writes_triplets_and_overlays_of_the_run_test_cars(
     assert cli("eval", unet_run, "--viz", "--viz-dir", viz, "--viz-freq", "3") == 0
     out = capsys.readouterr().out
     assert "dice" in out and "iou" in out
-    report = json.loads((unet_run / "eval_test.json").read_text())
+    report = json.loads((unet_run / "eval_test_best.json").read_text())
     test_cars = json.loads((unet_run / "split.json").read_text())["test"]
     assert report["num_samples"] == 8 * len(test_cars)
     drawn = len(range(0, report["num_samples"], 3))
@@ -138,7 +138,7 @@ def test_eval_names_the_file_of_each_sample_and_counts_picture_files(
     out = capsys.readouterr().out
     assert f"4 pictures written to {viz}" in out  # one sample: a triplet and its overlay
     assert len(list(viz.iterdir())) == 4
-    report = json.loads((unet_run / "eval_test.json").read_text())
+    report = json.loads((unet_run / "eval_test_best.json").read_text())
     test_cars = set(json.loads((unet_run / "split.json").read_text())["test"])
     files = [sample["file"] for sample in report["samples"]]
     assert files and len(set(files)) == len(files)
@@ -175,6 +175,13 @@ def test_predict_writes_masks_and_overlays_at_each_image_size(
     tinted = (np.abs(below - (0.55 * photo + 0.45 * red)) <= 1).all(-1)
     assert (tinted | (below == red).all(-1))[pred].all()
     assert Image.open(pred_dir / "other_overlay.png").size == (200, 150 + CAPTION_LINE)
+
+
+def test_predict_without_out_writes_masks_inside_the_run(cli, unet_run, carvana, tmp_path):
+    image = next((carvana / "train").glob("*.jpg"))
+    assert cli("predict", unet_run, image) == 0
+    assert (unet_run / "predictions" / f"{image.stem}_mask.png").is_file()
+    assert not (tmp_path / "predictions").exists() and not (tmp_path / "masks").exists()
 
 
 def test_predict_on_a_broken_image_exits_2(cli, unet_run, tmp_path, capsys):

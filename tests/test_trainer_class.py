@@ -65,7 +65,7 @@ def test_train_resume_and_eval_use_the_configured_trainer(cli, tmp_path, trainer
 
     capsys.readouterr()
     assert cli("eval", run, "--trust-code") == 0
-    report = json.loads((run / "eval_test.json").read_text())
+    report = json.loads((run / "eval_test_best.json").read_text())
     assert report["parameters"] == 64 * 32 + 32 + 32 * 10 + 10  # the trainer's evaluator ran
 
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}

@@ -35,7 +35,8 @@ def test_demo_reaches_95_percent_and_fills_the_run_directory(cli, tmp_path):
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["accuracy"] >= 0.95
 
-    (cfg_file,) = run.glob(f"config_DigitsMLP_{run.name}.json")
+    stamp = run.name[: len("YYYYmmdd_HHMMSS")]  # the run directory: <stamp>_<run name>
+    (cfg_file,) = run.glob(f"config_DigitsMLP_{stamp}.json")
     saved = json.loads(cfg_file.read_text())
     assert saved["model"]["name"] == "Vanilla" and saved["trainer"]["epochs"] == 15
     assert saved["_meta"]["torch"] == torch.__version__ and saved["_meta"]["python"]

@@ -20,7 +20,8 @@ from dltemplate.config import Config, config_to_dict, load_config
 from dltemplate.data.base import DataInfo
 from dltemplate.engine import threads
 from dltemplate.engine.rundir import curves_figure
-from dltemplate.engine.runlog import _rate, format_duration
+from dltemplate.engine.runlog import format_duration
+from dltemplate.progress import _rate
 from dltemplate.tasks.classification import ClassificationTask
 
 

@@ -239,7 +239,7 @@ def open_run_dir(
     elif restarted is not None:  # killed (or torchrun restarted us) before any checkpoint
         run_dir = restarted
     else:
-        made = new_run_dir(output_dir) if dist.is_main else None
+        made = new_run_dir(output_dir, cfg.experiment.run_name) if dist.is_main else None
         run_dir = Path(D.broadcast_object(str(made) if made else None))
     if not dist.is_main:
         return run_dir, None

@@ -99,14 +99,38 @@ def format_config(cfg: Config) -> str:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from dltemplate import api
-    from dltemplate.engine.rundir import latest_run_dir
 
     target = args.target
     if target == "last":
-        target = str(latest_run_dir(args.output_dir))
+        target = str(last_run(args.output_dir, args.config))
     _catch_sigterm()
     api.resume(target, args.overrides, trust_code=args.trust_code)
     return 0
+
+
+DEFAULT_RESULTS = "./Results"  # where the shipped configs write: ./Results/<config>/<run>
+
+
+def last_run(output_dir: str | None, config: str | None) -> Path:
+    """The run ``resume last`` continues: the newest in ``output_dir``, else in ``config``'s
+    ``experiment.output_dir``, else in ./Results or a folder below it (./Results/<config>/);
+    none there is a UsageError saying where it looked and what to pass."""
+    from dltemplate.engine.rundir import latest_run_dir
+
+    if output_dir is not None:
+        where, depth = [output_dir], 1
+    elif config is not None:
+        where, depth = [load_config(config, name_run=False).experiment.output_dir], 1
+    else:
+        where, depth = [DEFAULT_RESULTS], 2
+    try:
+        return latest_run_dir(where[0], depth=depth)
+    except UsageError:
+        looked = f"{where[0]} and the folders in it" if depth == 2 else where[0]
+        raise UsageError(
+            f"resume last: no run directory in {looked}; pass --output-dir DIR (the "
+            "experiment.output_dir the run was trained with) or --config CONFIG.yaml"
+        ) from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -129,9 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluator.run(
         args.split, limit=args.limit_batches, viz_dir=viz_dir, viz_freq=args.viz_freq
     )
-    out = (
-        Path(args.out) if args.out else evaluator.checkpoint_path.parent / f"eval_{args.split}.json"
-    )
+    out = Path(args.out) if args.out else default_report_path(evaluator.checkpoint_path, args.split)
     EvaluatorBase.write_report(report, out)
     print(format_report(report))
     print(f"report written to {out}")
@@ -140,6 +162,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         what = "picture" if count == 1 else "pictures"
         print(f"{count} {what} written to {report['pictures']['folder']}")
     return 0
+
+
+def default_report_path(checkpoint: Path, split: str) -> Path:
+    """Where ``eval`` writes its report by default: ``eval_<split>_<checkpoint>.json`` beside
+    the checkpoint (``eval_test_best.json``, ``eval_val_last.json``): evaluating another
+    checkpoint of the run does not overwrite it."""
+    from dltemplate.engine.checkpoint import checkpoint_kind
+
+    return checkpoint.parent / f"eval_{split}_{checkpoint_kind(checkpoint)}.json"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -155,8 +186,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if kind is None:
         raise UsageError(f"task '{name}' does not support predict")
     if kind == "files":
-        if out is None:
-            raise UsageError(f"--out: task '{name}' writes files; give the folder to write into")
+        if out is None:  # inside the run, like every output: not in the working directory
+            out = evaluator.checkpoint_path.parent / "predictions"
         if out.exists() and not out.is_dir():
             raise UsageError(
                 f"--out {out}: exists and is not a folder (give a folder to write into)"
@@ -236,11 +267,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from dltemplate.data.sample_carvana import make_sample_carvana
+    from dltemplate.engine.runlog import setup_logging
 
     if args.n < 1:
         raise UsageError(f"--n {args.n}: must be at least 1")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"{args.out}: exists and is not a folder (give a folder to write into)")
+    setup_logging()  # progress lines, where no bar is drawn
     _catch_sigterm()  # SIGTERM then unwinds like Ctrl-C: the partial set is removed
     out = make_sample_carvana(Path(args.out), n=args.n)
     print(f"wrote {args.n} synthetic Carvana-layout image/mask pairs to {out}")
@@ -415,7 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a stopped run in its own run directory")
     p.add_argument("target", help="run directory, checkpoint, or 'last'")
     p.add_argument("overrides", **over)
-    p.add_argument("--output-dir", default="./Results", help="where 'last' looks for runs")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="where 'last' looks for runs (default: ./Results and the folders in it, where the "
+        "shipped configs write)",
+    )
+    p.add_argument("--config", default=None, help="'last' looks where this config writes its runs")
     p.add_argument("--trust-code", **trust)
     p.set_defaults(func=cmd_resume)
 
@@ -423,7 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
     p.add_argument("overrides", **over)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", help="JSON report path (default: <run>/eval_<split>.json)")
+    p.add_argument(
+        "--out",
+        help="JSON report path (default: <run>/eval_<split>_<checkpoint>.json, e.g. "
+        "eval_test_best.json)",
+    )
     p.add_argument(
         "--limit-batches", type=_positive_int, default=None, help="evaluate only N batches"
     )
@@ -445,14 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
         "are decoded as the run's data was (its size, grey or RGB). Classification prints one "
         "line per file, its most probable class and probability (--top-k K: the K best), and "
         "with --out FILE.json writes them all as JSON. Segmentation writes <name>_mask.png at "
-        "each image's size into the --out folder. A bad file stops everything: exit status 2.",
+        "each image's size into the --out folder (default <run>/predictions/). A bad file "
+        "stops everything: exit status 2.",
     )
     p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument(
         "--out",
         help="classification: a JSON file for every file's predictions (optional); "
-        "segmentation: the folder for the masks (required)",
+        "segmentation: the folder for the masks (default: <run>/predictions/)",
     )
     p.add_argument(
         "--top-k",

@@ -7,6 +7,7 @@ documented commands keep working unchanged.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dltemplate.cli import main
@@ -52,6 +53,15 @@ def seed_train_main(argv: list[str], default_config: Path) -> int:
     )
     p.add_argument("--lr", type=float, default=None, help="learning rate (optimizer.lr)")
     args, extra = p.parse_known_args(argv)
+    if args.output_dir and args.data_dir and _inside(args.output_dir, args.data_dir):
+        # The seed's Carvana command wrote its runs into the dataset: keep data and runs apart.
+        moved = f"./Results/{args.proj_name or Path(args.config).stem}"
+        print(
+            f"dltemplate: --output_dir {args.output_dir} is inside --data_dir {args.data_dir}: "
+            f"runs go to {moved} instead (data folders hold data only)",
+            file=sys.stderr,
+        )
+        args.output_dir = moved
     mapping = {
         "experiment.name": args.proj_name,
         "model.name": args.model_type,
@@ -65,6 +75,12 @@ def seed_train_main(argv: list[str], default_config: Path) -> int:
     }
     overrides = [f"{k}={v}" for k, v in mapping.items() if v is not None]
     return main(["train", args.config, *overrides, *extra])
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies within it."""
+    path_abs, folder_abs = Path(path).resolve(), Path(folder).resolve()
+    return path_abs == folder_abs or folder_abs in path_abs.parents
 
 
 def seed_eval_main(argv: list[str]) -> int:

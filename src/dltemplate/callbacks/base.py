@@ -12,10 +12,14 @@ The loop calls, in this order (``*`` repeats)::
                                                      loss read on the steps it is logged
         on_train_batch_end(batch_index, loss)        every micro-batch (loss: a 0-d tensor)
       on_train_epoch_end(metrics)                    the epoch's training loss and metrics
-      on_validation_start / on_validation_end(metrics)
+      on_validation_start
+        * on_eval_batch_end("val", i, batches)        every validation batch (of ``batches``)
+      on_validation_end(metrics)
       on_epoch_end(row)                              the epoch's metrics.csv row, after the
                                                      scheduler and the best score
-    on_test_start / on_test_end(metrics)
+    on_test_start
+      * on_eval_batch_end("test", i, batches)         every test batch
+    on_test_end(metrics)
     on_fit_end
     on_exception(exc)                                whatever stopped the run, before it unwinds
 
@@ -63,6 +67,7 @@ EVENTS = (
     "on_train_batch_end",
     "on_train_epoch_end",
     "on_validation_start",
+    "on_eval_batch_end",
     "on_validation_end",
     "on_epoch_end",
     "on_test_start",
@@ -166,6 +171,10 @@ class Callback:
 
     def on_validation_start(self, trainer: Loop) -> None:
         """Validation is about to run."""
+
+    def on_eval_batch_end(self, trainer: Loop, split: str, batch_index: int, batches: int):
+        """Batch ``batch_index`` (of ``batches`` in this process) of the validation (``split``
+        ``"val"``) or the final test (``"test"``) is done."""
 
     def on_validation_end(self, trainer: Loop, metrics: dict[str, float]) -> None:
         """Validation is done: its loss and metrics."""

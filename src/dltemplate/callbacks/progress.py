@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from dltemplate.callbacks.base import Callback, Loop
-from dltemplate.engine.runlog import EpochProgress, use_progress_bar
+from dltemplate.progress import EpochProgress, use_progress_bar
 from dltemplate.registry import CALLBACKS
 
 log = logging.getLogger("dltemplate")
@@ -18,7 +18,9 @@ log = logging.getLogger("dltemplate")
 class Progress(Callback):
     """A tqdm bar on a terminal (``bar``: ``auto``/``on``/``off``; default
     ``trainer.progress_bar``), else a log line whenever the trainer reads the loss (every
-    ``trainer.log_every_n_steps`` optimizer steps); and one log line per epoch. Rank 0 only.
+    ``trainer.log_every_n_steps`` optimizer steps) and every ``DLTEMPLATE_PROGRESS_SECONDS``
+    (:mod:`dltemplate.progress`), for training, validation and the final test; and one log line
+    per epoch. Rank 0 only.
 
     The loss it shows is the one the trainer read anyway: the bar costs no synchronisation.
     """
@@ -28,6 +30,7 @@ class Progress(Callback):
             raise ValueError(f"bar={bar!r}: expected auto, on or off")
         self.bar = bar
         self.progress: EpochProgress | None = None
+        self.eval_progress: EpochProgress | None = None
         self.sizes: list[int] = []
 
     def on_train_epoch_start(self, trainer: Loop) -> None:
@@ -50,6 +53,20 @@ class Progress(Callback):
         """Remove the bar."""
         self.progress.close()
 
+    def on_eval_batch_end(self, trainer: Loop, split: str, batch_index: int, batches: int):
+        """Count a validation or test batch (a bar opened at the split's first batch)."""
+        if batch_index == 0:
+            self.eval_progress = EpochProgress(
+                batches,
+                "validation" if split == "val" else split,
+                bar=use_progress_bar(self.bar or trainer.cfg.trainer.progress_bar),
+                enabled=trainer.dist.is_main,
+                unit="batches",
+            )
+        self.eval_progress.update(1)
+        if batch_index == batches - 1:
+            self.eval_progress.close()
+
     def on_epoch_end(self, trainer: Loop, row: dict[str, float]) -> None:
         """One line: the epoch's loss and monitored metric, the learning rate, the time."""
         shown = {"loss", trainer.cfg.trainer.monitor.split("/", 1)[-1]}
@@ -66,5 +83,6 @@ class Progress(Callback):
 
     def on_exception(self, trainer: Loop, exc: BaseException) -> None:
         """Remove a bar left open."""
-        if self.progress is not None:
-            self.progress.close()
+        for progress in (self.progress, self.eval_progress):
+            if progress is not None:
+                progress.close()

@@ -291,6 +291,13 @@ def check_values(cfg: Config, source: str = "config") -> None:
             e.name,
             f"too long ({len(e.name)} characters; at most {MAX_NAME}): it names files",
         ),
+        (
+            e.run_name is None or RUN_NAME.fullmatch(e.run_name) is not None,
+            "experiment.run_name",
+            e.run_name,
+            f"must be 1 to {MAX_RUN_NAME} letters, digits or . _ = + , @ - (not starting with "
+            "'.'; or null: named from the config and overrides): it names the run directory",
+        ),
         (t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1"),
         (
             math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
@@ -399,6 +406,70 @@ def notice_signal(name: str) -> signal.Signals:
 
 SECTIONS_WITH_ARGS = ("data", "model", "loss", "optimizer", "scheduler")
 MAX_NAME = 100  # characters of experiment.name: it names files (and a file name has 255 bytes)
+MAX_RUN_NAME = 100  # characters of experiment.run_name: with the timestamp, a folder's name
+RUN_NAME = re.compile(rf"[A-Za-z0-9_=+,@-][A-Za-z0-9._=+,@-]{{0,{MAX_RUN_NAME - 1}}}")
+DEFAULT_RUN_NAME = 80  # characters of a run name made from the config and overrides
+# Overrides that say where or how a run goes, not what it is: left out of its default name.
+UNNAMED_KEYS = frozenset(
+    {
+        "experiment.output_dir",
+        "experiment.run_name",
+        "experiment.threads",
+        "experiment.device",
+        "experiment.gpu_devices",
+        "data.root",
+        "data.num_workers",
+        "trainer.resume",
+        "trainer.progress_bar",
+    }
+)
+
+
+def default_run_name(path: str | Path | None, overrides: list[str]) -> str | None:
+    """A short, folder-safe name for a run of the config file ``path`` with ``overrides``:
+    the file's stem, then ``key=value`` for each override (the key's last part, the section
+    for a ``name``; floats to 4 significant digits), e.g. ``digits_mlp_lr=0.01_hidden=128,64``
+    or ``unet_carvana_model=UNet++``; at most
+    :data:`DEFAULT_RUN_NAME` characters; None when there is nothing to name it by."""
+    parts = [Path(path).stem] if path is not None else []
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() in UNNAMED_KEYS:
+            continue
+        words = [w for w in key.strip().split(".") if w != "args"]  # loss.args={...}: loss
+        if len(words) > 1 and words[-1] == "name":  # model.name=UNet: model=UNet
+            words.pop()
+        parts.append(f"{words[-1] if words else 'args'}={_short_value(value)}")
+    parts = [re.sub(r"[^A-Za-z0-9._=+,@-]+", "-", part) for part in parts]
+    name = ""
+    for i, part in enumerate(parts):  # whole parts while they fit; "+N": N more not shown
+        more = f"_+{len(parts) - i}"
+        if name and len(name) + 1 + len(part) > DEFAULT_RUN_NAME - len(more):
+            name += more
+            break
+        name = f"{name}_{part}" if name else part
+    name = name.lstrip(".")[:DEFAULT_RUN_NAME].rstrip("-_.,=@")
+    return name or None
+
+
+def _short_value(text: str) -> str:
+    """An override's value as a run name shows it: ``[128, 64]`` as ``128,64``,
+    ``0.0031622776`` as ``0.003162``, ``{a: 1}`` as ``a=1``."""
+    try:
+        value = yaml_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text.strip()
+
+    def short(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return ",".join(short(x) for x in v)
+        if isinstance(v, dict):
+            return ",".join(f"{k}={short(x)}" for k, x in v.items())
+        return str(v).lower() if isinstance(v, bool) or v is None else str(v)
+
+    return short(value)
 
 
 def _numbers(value: Any, key: str = "") -> list[tuple[str, float]]:
@@ -680,9 +751,17 @@ def check_keys(raw: dict[str, Any], source: str) -> None:
                 )
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, name_run: bool = True
+) -> Config:
     """Read ``path`` (YAML or JSON, or nothing; with the configs it builds on through
-    ``base:``), apply ``overrides`` and validate the result."""
+    ``base:``), apply ``overrides`` and validate the result.
+
+    With ``name_run``, an ``experiment.run_name`` that neither the file nor the overrides set
+    is named after them (:func:`default_run_name`)."""
     raw = read_config(path) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
-    return config_from_dict(raw, str(path) if path is not None else "config")
+    cfg = config_from_dict(raw, str(path) if path is not None else "config")
+    if name_run and cfg.experiment.run_name is None:
+        cfg.experiment.run_name = default_run_name(path, list(overrides or []))
+    return cfg

@@ -17,7 +17,10 @@ class ExperimentConfig:
     name: str = "Experiment"  # the seed's proj_name: used in the config file name and the log
     task: str = "classification"  # registered task: its hooks build the data, model, loss, metrics
     trainer: str | None = None  # package.module:Class, a TrainerBase subclass; None: TrainerBase
-    output_dir: str = "./Results"  # runs land in <output_dir>/<timestamp>/
+    output_dir: str = "./Results"  # runs land in <output_dir>/<timestamp>_<run_name>/
+    # names the run directory after its timestamp; None: from the config file's name and the
+    # command line's overrides (digits_mlp_lr=0.01), or the bare timestamp for a config in code
+    run_name: str | None = None
     seed: int = 42  # seeds Python, NumPy, torch, data order and splits
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     tf32: bool | None = None  # TF32 matmuls/convolutions on GPUs that have them; null: on CUDA

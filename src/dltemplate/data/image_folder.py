@@ -40,6 +40,7 @@ from dltemplate.data.carvana.decode import (
 from dltemplate.data.image_cache import ArrayCache, Cached, CachedImageDataset, tensor_view
 from dltemplate.data.samples import SampleSplit
 from dltemplate.errors import ConfigError, DataError
+from dltemplate.progress import track
 from dltemplate.registry import DATASETS
 
 log = logging.getLogger("dltemplate")
@@ -132,7 +133,8 @@ def decode_all(
             # A few chunks per worker: little pickling overhead, still balanced.
             chunk = max(1, min(64, math.ceil(len(jobs) / (4 * workers))))
             results = pool.map(_decode_job, jobs, chunksize=chunk)
-        for i, result in enumerate(results):
+        shown = track(results, len(jobs), f"decoding {len(jobs)} images", "images")
+        for i, result in enumerate(shown):
             if isinstance(result, str):
                 failed.append(result)
                 if not keep_going:

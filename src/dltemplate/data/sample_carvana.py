@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from dltemplate.errors import UsageError
+from dltemplate.progress import track
 
 README_NAME = "SYNTHETIC_README.txt"  # written last: a folder with it holds a whole set
 README_TEXT = """\
@@ -287,13 +288,17 @@ def _write_sample(out: Path, n: int, views: int, size: tuple[int, int], seed: in
         new = rng.bytes(6).hex()
         if new not in ids:
             ids.append(new)
-    for c, car_id in enumerate(ids):
-        car = _random_car(rng)
-        for view in range(min(views, n - c * views)):
-            image, mask = _draw_view(car, view, views, size, rng)
-            name = f"{car_id}_{view + 1:02d}"
-            image.save(out / "train" / f"{name}.jpg", "JPEG", quality=90)
-            mask.save(out / "train_masks" / f"{name}_mask.gif", "GIF", optimize=False)
+    pairs = (
+        (car_id, car, view)
+        for c, car_id in enumerate(ids)
+        for car in [_random_car(rng)]
+        for view in range(min(views, n - c * views))
+    )  # drawn in the order of the loops this replaces: the same set from the same seed
+    for car_id, car, view in track(pairs, n, f"drawing {n} image/mask pairs", "pairs"):
+        image, mask = _draw_view(car, view, views, size, rng)
+        name = f"{car_id}_{view + 1:02d}"
+        image.save(out / "train" / f"{name}.jpg", "JPEG", quality=90)
+        mask.save(out / "train_masks" / f"{name}_mask.gif", "GIF", optimize=False)
     (out / README_NAME).write_text(
         README_TEXT.format(n=n, cars=cars, views=views), encoding="utf-8"
     )

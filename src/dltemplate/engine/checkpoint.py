@@ -13,6 +13,7 @@ import hashlib
 import logging
 import numbers
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,6 +60,20 @@ def checkpoint_name(model_name: str, kind: str) -> str:
     """The seed's file name: ``<Model>_<kind>_ckpt.pth``."""
     safe = code_label(model_name).rsplit(":", 1)[-1].replace("/", "_")  # <code Net>: Net
     return f"{safe}_{kind}_ckpt.pth"
+
+
+_KIND = re.compile(r".*?_(best_epoch\d+|epoch\d+|best|last|interrupt)_ckpt")
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """Which of a run's checkpoints ``path`` is: ``best``, ``last``, ``interrupt``,
+    ``best_epoch007``, ``epoch010`` (from ``<Model>_<kind>_ckpt.pth``); another file: its stem,
+    folder-safe."""
+    stem = Path(path).name.removesuffix(".pth").removesuffix(".pt")
+    match = _KIND.fullmatch(stem)
+    if match is not None:
+        return match.group(1)
+    return re.sub(r"[^A-Za-z0-9._=+,@-]+", "-", stem).strip(".-") or "checkpoint"
 
 
 def _frame(tag: bytes, text: str) -> bytes:

@@ -19,6 +19,7 @@ from dltemplate.engine.device import select_device
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
 from dltemplate.errors import DataError
+from dltemplate.progress import EpochProgress, use_progress_bar
 
 log = logging.getLogger("dltemplate")
 
@@ -81,6 +82,9 @@ class EvaluatorBase:
         seen = [0, 0]  # samples so far, picture files written
         every = viz_freq if viz_freq is not None else default_viz_freq(len(evaluated))
         names = evaluated.names
+        progress = EpochProgress(
+            len(loader), f"eval {split}", bar=use_progress_bar("auto"), enabled=True
+        )
 
         def per_batch(i: int, batch: Batch, outputs: torch.Tensor) -> None:
             if i == 0:
@@ -92,12 +96,14 @@ class EvaluatorBase:
                     batch, outputs, seen[0], viz_dir, every, self.info, names=batch_names
                 )
             seen[0] += len(batch.targets)
+            progress.update(len(batch.targets))
 
         if viz_dir is not None:
             viz_dir.mkdir(parents=True, exist_ok=True)
         try:
             metrics = self.evaluation.run(self.model, loader, on_batch=per_batch)
         finally:
+            progress.close()
             loader.close()  # its DataLoader workers, if any
         report = {
             "checkpoint": str(self.checkpoint_path),

@@ -428,6 +428,10 @@ class RunState:
         state.pop("digest", None)
         at = [self.loop.epoch, self.loop.global_step]
         save_checkpoint(path, {**state, "finished": True, "finished_at": at})
+        interrupt = self.path("interrupt")
+        if path != interrupt and interrupt.exists():  # an earlier stop's: resumed past, stale
+            interrupt.unlink()
+            log.info("removed %s: the run went on past that stop and is finished", interrupt.name)
 
     # -- resuming ---------------------------------------------------------------------------------
     def load_state_dict(self, point: ResumePoint) -> None:

@@ -1,4 +1,4 @@
-"""The run directory: ``<output_dir>/<timestamp>/`` and what goes in it.
+"""The run directory: ``<output_dir>/<timestamp>_<run_name>/`` and what goes in it.
 
 It holds the config as JSON, the log, TensorBoard's ``summary/``, the checkpoints, the
 per-epoch metrics table (``metrics.csv``) and a picture of the training curves
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
-_RUN_NAME = re.compile(r"(\d{8}_\d{6})(?:_(\d+))?")
+# <timestamp>[_<run name>][_N]: N counts runs started in the same second under the same name
+_RUN_NAME = re.compile(r"(\d{8}_\d{6})(?:_(.+?))??(?:_(\d+))?")
 # ".<name>.<pid>.tmp": how save_checkpoint and atomic_write_text name their temp files
 _PID_TEMP = re.compile(r"\.(.+)\.(\d+)\.tmp")
 
@@ -46,9 +47,10 @@ def check_output_dir(output_dir: str | Path) -> None:
         raise ConfigError(f"{where}: cannot write in {existing} (permission or read-only disk)")
 
 
-def new_run_dir(output_dir: str | Path) -> Path:
-    """Create and return a fresh ``<output_dir>/<timestamp>[_N]/`` (never reuses a folder);
-    an output folder that cannot hold one is a ConfigError (see :func:`check_output_dir`)."""
+def new_run_dir(output_dir: str | Path, run_name: str | None = None) -> Path:
+    """Create and return a fresh ``<output_dir>/<timestamp>[_<run_name>][_N]/`` (never reuses a
+    folder); an output folder that cannot hold one is a ConfigError (see
+    :func:`check_output_dir`)."""
     stamp = datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
     base = Path(output_dir)
     check_output_dir(base)
@@ -57,7 +59,8 @@ def new_run_dir(output_dir: str | Path) -> Path:
     except OSError as exc:  # e.g. a read-only file system that os.access did not see
         raise ConfigError(f"experiment.output_dir={output_dir}: {exc.strerror}") from exc
     for n in range(1000):
-        path = base / (stamp if n == 0 else f"{stamp}_{n}")
+        name = f"{stamp}_{run_name}" if run_name else stamp
+        path = base / (name if n == 0 else f"{name}_{n}")
         try:
             path.mkdir()
             return path
@@ -69,7 +72,8 @@ def new_run_dir(output_dir: str | Path) -> Path:
 
 
 def run_dir_time(name: str) -> tuple[datetime.datetime, int] | None:
-    """``(start time, N)`` from a run directory name ``YYYYmmdd_HHMMSS[_N]``, else None."""
+    """``(start time, N)`` from a run directory name ``YYYYmmdd_HHMMSS[_<run name>][_N]``,
+    else None."""
     match = _RUN_NAME.fullmatch(name)
     if match is None:
         return None
@@ -77,23 +81,33 @@ def run_dir_time(name: str) -> tuple[datetime.datetime, int] | None:
         stamp = datetime.datetime.strptime(match.group(1), TIMESTAMP_FORMAT)
     except ValueError:
         return None
-    return stamp, int(match.group(2) or 0)
+    return stamp, int(match.group(3) or 0)
 
 
-def latest_run_dir(output_dir: str | Path) -> Path:
-    """The newest run directory (one holding a config JSON) under ``output_dir``.
+def latest_run_dir(output_dir: str | Path, depth: int = 1) -> Path:
+    """The newest run directory (one holding a config JSON) in ``output_dir``, or up to
+    ``depth`` folder levels down (2: ``./Results/<config>/<run>``).
 
     Newest by the timestamp in its name (``_N`` after the bare stamp), not by modification
     time: evaluating an old run writes into it but does not make it the latest. Folders whose
     names are no timestamp are ignored, unless no folder has one (then: newest modified).
     """
-    runs = [p.parent for p in Path(output_dir).glob("*/config_*.json")]
+    runs = [
+        p.parent
+        for level in range(1, depth + 1)
+        for p in Path(output_dir).glob("*/" * level + "config_*.json")
+    ]
     if not runs:
         raise UsageError(f"no run directory under {output_dir}")
     stamped = [(t, p) for p in runs if (t := run_dir_time(p.name)) is not None]
     if stamped:
-        return max(stamped, key=lambda tp: (tp[0], tp[1].name))[1]
+        return max(stamped, key=lambda tp: (tp[0], _config_mtime(tp[1]), tp[1].name))[1]
     return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def _config_mtime(run_dir: Path) -> float:
+    """When ``run_dir``'s config was written: orders runs started in the same second."""
+    return min((p.stat().st_mtime for p in run_dir.glob("config_*.json")), default=0.0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -225,14 +239,16 @@ def save_config(run_dir: Path, name: str, config: dict[str, Any]) -> Path:
     """Write ``config_<name>_<timestamp>.json`` with the versions that produced the run."""
     import torch  # here, not at the top: reading run directories (compare-configs) needs no torch
 
+    match = _RUN_NAME.fullmatch(run_dir.name)
+    stamp = match.group(1) if match is not None else run_dir.name
     meta = {
-        "timestamp": run_dir.name,
+        "timestamp": stamp,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "dltemplate": package_version(),
         "git_commit": git_commit(),
     }
-    path = run_dir / f"config_{name}_{run_dir.name}.json"
+    path = run_dir / f"config_{name}_{stamp}.json"
     atomic_write_text(path, json.dumps({**config, "_meta": meta}, indent=2))
     return path
 

@@ -1,4 +1,4 @@
-"""Terminal + file logging, and per-epoch progress (a bar on a terminal, plain lines elsewhere)."""
+"""Terminal + file logging (progress bars and lines: :mod:`dltemplate.progress`)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ import logging
 import os
 import shlex
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
-
-from tqdm import tqdm
 
 LOGGER_NAME = "dltemplate"
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -61,71 +58,6 @@ def attach_log_file(log_file: Path) -> None:
             for record in handler.records:
                 file_handler.handle(record)
     log.addHandler(file_handler)
-
-
-def use_progress_bar(setting: str) -> bool:
-    """'on', 'off', or 'auto' (a bar only when stderr is a terminal)."""
-    return setting == "on" or (setting == "auto" and sys.stderr.isatty())
-
-
-class EpochProgress:
-    """Reports loss and throughput during an epoch: a tqdm bar (redrawn by time, at most ten
-    times a second), or a log line whenever a loss is given."""
-
-    def __init__(self, total: int, desc: str, *, bar: bool, enabled: bool, initial: int = 0):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.done = initial
-        self.samples = 0
-        self.start = time.perf_counter()
-        self.bar = (
-            tqdm(
-                total=total,
-                initial=initial,
-                desc=desc,
-                leave=False,
-                dynamic_ncols=True,
-                file=sys.stderr,
-                mininterval=0.1,
-            )
-            if (bar and enabled)
-            else None
-        )
-
-    def update(self, samples: int, loss: float | None = None) -> None:
-        """One batch done; ``loss`` is shown when given (the trainer gives it every
-        ``trainer.log_every_n_steps`` optimizer steps)."""
-        self.done += 1
-        self.samples += samples
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=_rate(self.rate))
-        elif loss is not None:
-            logging.getLogger(LOGGER_NAME).info(
-                "%s [%d/%d] loss %.4f, %s samples/s",
-                self.desc,
-                self.done,
-                self.total,
-                loss,
-                _rate(self.rate),
-            )
-
-    @property
-    def rate(self) -> float:
-        """Samples per second so far in this epoch."""
-        return self.samples / max(time.perf_counter() - self.start, 1e-9)
-
-    def close(self) -> None:
-        """Remove the bar."""
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _rate(rate: float) -> str:
-    """A rate as people read it: ``1234``, ``12.3``, ``0.42``."""
-    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def format_duration(seconds: float) -> str:

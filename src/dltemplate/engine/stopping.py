@@ -10,6 +10,7 @@ random-generator states and model buffers (BatchNorm statistics) as they were at
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -34,15 +35,25 @@ class RunStopped(KeyboardInterrupt):
         self.at_boundary = at_boundary
 
 
+def stopping_message(name: str, again: str) -> str:
+    """What a run says the moment a signal asks it to stop (on its own line, even after a
+    progress bar)."""
+    return (
+        f"\ndltemplate: {name}: stopping after this step, then writing the interrupt checkpoint"
+        f"... ({again} stops at once)\n"
+    )
+
+
 class StopSignals:
     """Within ``with StopSignals():``, SIGINT, SIGTERM and the cluster's ``notice`` signal (a
     preemption notice, SIGUSR1 by default) set :attr:`requested` instead of stopping; a second
     signal raises :class:`RunStopped` at once. Outside the main thread (where Python cannot
     install handlers) it does nothing."""
 
-    def __init__(self, notice: signal.Signals | None = None) -> None:
+    def __init__(self, notice: signal.Signals | None = None, say: bool = True) -> None:
         self.requested: str | None = None
         self.handled = (*_HANDLED, *((notice,) if notice is not None else ()))
+        self.say = say  # print at once that the run is stopping (rank 0 of a run)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -61,6 +72,10 @@ class StopSignals:
         if self.requested is not None:  # asked twice: the user means now
             raise RunStopped(name, at_boundary=False)
         self.requested = name
+        if self.say:
+            again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
+            # os.write: a print could be refused here, inside a write to stderr it interrupted
+            os.write(2, stopping_message(name, again).encode())
 
     def request(self, reason: str) -> None:
         """Ask the run to stop at the next step boundary, as a signal would (e.g. ``max_time``)."""

@@ -129,7 +129,9 @@ class TrainerBase:
         self.writer: Any = None  # TensorBoard, given by the tensorboard callback on rank 0
         self.averaged_model: nn.Module | None = None  # evaluated instead, if set (ema)
         notice = cfg.trainer.notice_signal
-        self.stop = StopSignals(notice_signal(notice) if notice is not None else None)
+        self.stop = StopSignals(
+            notice_signal(notice) if notice is not None else None, say=self.dist.is_main
+        )
         self._losses: list[tuple[torch.Tensor, int]] = []  # (loss, its step) not yet read
         self._last_window: list[MicroBatch] = []
 
@@ -306,9 +308,13 @@ class TrainerBase:
     def evaluate(self, loader: IndexLoader, split: str) -> dict[str, float]:
         """Mean loss and metrics over ``loader``, each sample counted once across processes."""
 
+        batches = len(loader)
+
         def each_batch(i: int, batch: Batch, outputs: Any) -> None:
             if i == 0 and self.writer is not None:
                 self.task.log_images(self.writer, split, batch, outputs, self.state.global_step)
+            for fn in self.callbacks.on_eval_batch_end:
+                fn(self, split, i, batches)
             # One process can stop between batches; several agree at the next step boundary.
             if self.stop.requested and not self.dist.enabled:
                 raise RunStopped(self.stop.requested, at_boundary=True)

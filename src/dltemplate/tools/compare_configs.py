@@ -42,7 +42,7 @@ def resolved(path: str | Path) -> dict[str, Any]:
         from dltemplate.engine.checkpoint import load_checkpoint  # torch: only for checkpoints
 
         return config_to_dict(config_from_dict(load_checkpoint(path)["config"], str(path)))
-    return config_to_dict(load_config(path))
+    return config_to_dict(load_config(path, name_run=False))
 
 
 def compare_configs(a: str | Path, b: str | Path) -> list[tuple[str, Any, Any]]:

@@ -108,7 +108,9 @@ __all__ = [
 ]
 
 MAX_DEPTH = 6  # folder levels below each DIR searched (<out>/<sweep>/trials/<NNNN>/<run>: 4)
-IGNORED_KEYS = frozenset({"trainer.resume", "experiment.output_dir"})
+# Keys that differ between runs without making them different experiments (the run column
+# shows the run's name already).
+IGNORED_KEYS = frozenset({"trainer.resume", "experiment.output_dir", "experiment.run_name"})
 SEED_KEY = "experiment.seed"
 HIDDEN = ("path", "duration_source")  # in the rows and the CSV, not in the table
 _STD = "_std"

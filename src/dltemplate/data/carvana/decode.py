@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 
 from dltemplate.data.carvana.layout import Pair
 from dltemplate.errors import DataError
+from dltemplate.progress import track
 
 PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises on a corrupt file
 # Errors of a bad file: PIL's, and its refusal of images too large to be safe to decode.
@@ -148,7 +149,8 @@ def decode_all(
             # A few chunks per worker: little pickling overhead, still balanced.
             chunk = max(1, min(64, math.ceil(n / (4 * workers))))
             results = pool.map(job, jobs, chunksize=chunk)
-        for (image, _), (img, mask, error) in zip(pairs, results):
+        shown = track(results, n, f"decoding {n} image/mask pairs", "pairs")
+        for (image, _), (img, mask, error) in zip(pairs, shown):
             if error is not None:
                 failed.append(error)
                 if not keep_going:
