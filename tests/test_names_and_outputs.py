@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def test_runs_are_named_after_their_config_and_overrides_everywhere(cli, tmp_pat
     out = tmp_path / "out"
     common = [DEMO, f"experiment.output_dir={out}", *QUICK_DIGITS]
     assert cli("train", *common, "optimizer.lr=0.01") == 0
+    time.sleep(1.1)  # another second: directories of other names order by their timestamps
     assert cli("train", *common, "experiment.run_name=baseline") == 0
     first, second = run_dirs(out)
     expected = "digits_mlp_train_val_sample_rate=0.3_hidden=32_epochs=1_lr=0.01"

@@ -124,7 +124,7 @@ def test_eval_viz_by_default_draws_several_samples_of_a_small_test_split(
 ):
     viz = tmp_path / "viz"
     assert cli("eval", unet_run, "--viz", "--viz-dir", viz) == 0
-    report = json.loads((unet_run / "eval_test.json").read_text())
+    report = json.loads((unet_run / "eval_test_best.json").read_text())
     assert report["num_samples"] == 8  # one test car: every 50th would draw one sample
     assert len(list(viz.glob("*_overlay.png"))) == 8
     assert report["pictures"]["count"] == len(list(viz.iterdir())) == 32

@@ -29,6 +29,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
+NOT_COMPARED = frozenset({"experiment.run_name"})  # a label, derived from the overrides it names
 
 
 def resolved(path: str | Path) -> dict[str, Any]:
@@ -47,11 +48,12 @@ def resolved(path: str | Path) -> dict[str, Any]:
 
 def compare_configs(a: str | Path, b: str | Path) -> list[tuple[str, Any, Any]]:
     """``(key, value_in_a, value_in_b)`` for every key whose resolved value differs (``_meta``
-    versions ignored); a config that does not load is a ConfigError naming its file and key."""
+    versions and the run's name ignored); a config that does not load is a ConfigError naming
+    its file and key."""
     left, right = flatten(resolved(a)), flatten(resolved(b))
     missing = object()
     diffs = []
-    for key in sorted(set(left) | set(right)):
+    for key in sorted((set(left) | set(right)) - NOT_COMPARED):
         va, vb = left.get(key, missing), right.get(key, missing)
         if va != vb:
             diffs.append(
