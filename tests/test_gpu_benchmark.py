@@ -42,6 +42,7 @@ def positive(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # the whole dry run: ~30 s of child processes
 def test_the_dry_run_records_the_machine_and_skips_the_cuda_tests(dry_run):
     import torch
 
@@ -54,6 +55,7 @@ def test_the_dry_run_records_the_machine_and_skips_the_cuda_tests(dry_run):
     assert 0 < dry_run["seconds"] < 8 * 60
 
 
+@pytest.mark.slow  # the whole dry run: ~30 s of child processes
 def test_the_dry_run_measures_the_mlp_engine_against_the_plain_loop(dry_run):
     mlp = dry_run["sections"]["mlp"]
     assert mlp["status"] == "ok" and [r["batch"] for r in mlp["rows"]] == [256, 1024]
@@ -68,6 +70,7 @@ def test_the_dry_run_measures_the_mlp_engine_against_the_plain_loop(dry_run):
     )
 
 
+@pytest.mark.slow  # the whole dry run: ~30 s of child processes
 def test_the_dry_run_measures_unet_in_every_setting(dry_run):
     unet = dry_run["sections"]["unet"]
     rows = {r["setting"]: r for r in unet["rows"]}

@@ -128,6 +128,7 @@ def test_a_notice_without_scontrol_says_so_and_exits_75(tmp_path):
     assert (run / INTERRUPT).exists()
 
 
+@pytest.mark.slow  # several training processes
 def test_the_notice_signal_is_a_setting_and_sigterm_keeps_its_meaning(tmp_path):
     bin_dir = tmp_path / "bin"
     calls = fake_scontrol(bin_dir)
@@ -149,6 +150,7 @@ def test_a_bad_notice_signal_is_a_config_error(cli, tmp_path, capsys):
         assert f"trainer.notice_signal='{bad}'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several training processes
 def test_a_job_that_is_no_restart_starts_a_new_run(tmp_path):
     env = {**NO_SLURM, "SLURM_JOB_ID": "9"}
     out = tmp_path / "out"

@@ -99,6 +99,7 @@ def finish(job: int, timeout: float = 600) -> int:
         time.sleep(0.5)
 
 
+@pytest.mark.slow  # a real SLURM job and its requeue
 def test_a_notice_mid_run_requeues_and_the_job_ends_exact(tmp_path):
     """``scancel --signal=USR1`` (what a preemption sends): the run stops at a step boundary with
     its checkpoint, requeues its own job, and the requeued job goes on in the same directory."""

@@ -94,6 +94,7 @@ def test_a_bad_sweep_file_is_one_line_exit_2_before_anything_runs(tmp_path, caps
 
 
 # == a sweep, its trials, its results =============================================================
+@pytest.mark.slow  # 6 processes; the default suite runs a 2-trial sweep
 def test_a_sweep_runs_its_trials_as_ordinary_runs_and_writes_its_results(tmp_path):
     done = sweep(tmp_path, str(sweep_file(tmp_path)))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -110,7 +110,9 @@ def reference(tmp_path_factory) -> Path:
 RENDEZVOUS = static_rendezvous
 
 CASES = [
-    pytest.param(STEPS_PER_EPOCH + 2, id="after_checkpoint"),  # epoch 2, step 2 of 4
+    pytest.param(
+        STEPS_PER_EPOCH + 2, id="after_checkpoint", marks=pytest.mark.slow
+    ),  # epoch 2, step 2 of 4
     pytest.param(2, id="before_any_checkpoint", marks=pytest.mark.slow),  # epoch 1, step 2
 ]
 
