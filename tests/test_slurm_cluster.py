@@ -27,7 +27,10 @@ from conftest import (
 )
 from slurm_cluster import cancel, job_info, requeue_now, signal_job, slurm_available, wait_state
 
-pytestmark = pytest.mark.skipif(slurm_available() is not None, reason=str(slurm_available()))
+pytestmark = [
+    pytest.mark.skipif(slurm_available() is not None, reason=str(slurm_available())),
+    pytest.mark.xdist_group("slurm"),  # under pytest -n: one worker, one job at a time on the node
+]
 
 DEMO = REPO / "configs" / "digits_mlp.yaml"
 TRAIN = REPO / "scripts" / "slurm" / "train.sbatch"
