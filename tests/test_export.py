@@ -256,6 +256,7 @@ def test_the_readme_example_of_using_a_trained_model_runs(tmp_path):
     assert "predicted" in done.stdout and "max |diff|" in done.stdout
 
 
+@pytest.mark.slow  # a Jupyter kernel and a training run
 def test_the_quickstart_notebook_runs_top_to_bottom(tmp_path):
     """notebooks/quickstart.ipynb, executed as Jupyter would, from a copy of the repository's
     configs: it cannot rot."""

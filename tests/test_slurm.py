@@ -115,6 +115,7 @@ def test_a_notice_stops_with_a_checkpoint_requeues_and_the_requeued_job_goes_on(
     assert not (out / ".slurm_4242.json").exists()  # the run is complete: its marker goes
 
 
+@pytest.mark.slow  # a training process
 def test_a_notice_without_scontrol_says_so_and_exits_75(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()

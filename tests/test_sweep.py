@@ -139,6 +139,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_p
     )
 
 
+@pytest.mark.slow  # a 2-trial sweep of 4 epochs
 def test_a_trial_the_pruner_stops_is_marked_pruned_and_its_run_says_why(tmp_path):
     """lr 0 never learns: after a trial that does, the median pruner stops it at epoch 2."""
     grid = {"optimizer.lr": {"type": "categorical", "choices": [3e-2, 0.0]}}

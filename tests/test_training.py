@@ -169,6 +169,7 @@ def test_resume_last_and_train_with_trainer_resume(cli, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # torchrun with 2 processes (test_equivalence has more)
 def test_two_processes_with_half_batches_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [str(DEMO), "trainer.epochs=2", "model.args.dropout=0.0"]
