@@ -12,6 +12,10 @@ import pytest
 import torch
 from conftest import QUICK_DIGITS, REPO, run_dirs
 
+# Under pytest -n, this file's tests share one worker: its module fixtures (trained runs)
+# are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("test_export")
+
 DIGITS = REPO / "configs" / "digits_mlp.yaml"
 UNET = REPO / "configs" / "unet_carvana.yaml"
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))

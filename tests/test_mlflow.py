@@ -17,6 +17,10 @@ from conftest import QUICK_DIGITS, REPO
 
 from dltemplate.tasks.classification import ClassificationTask
 
+# Under pytest -n, this file's tests share one worker: its module fixtures (trained runs)
+# are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("test_mlflow")
+
 DEMO = REPO / "configs" / "digits_mlp.yaml"
 SPE = 13  # optimizer steps per epoch with QUICK_DIGITS (388 training samples, batch 32)
 TRACKED = ["callbacks=[{name: mlflow}]", "trainer.log_every_n_steps=5"]

@@ -22,6 +22,10 @@ from dltemplate.assemble import build_evaluator
 from dltemplate.data.base import Batch
 from dltemplate.registry import Registry
 
+# Under pytest -n, this file's tests share one worker: its module fixtures (trained runs)
+# are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("test_predict_api")
+
 CONFIG = REPO / "configs" / "image_folder_cnn.yaml"
 
 

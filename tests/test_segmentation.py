@@ -15,6 +15,10 @@ from PIL import Image
 from dltemplate.data.carvana.layout import car_id
 from dltemplate.data.sample_carvana import make_sample_carvana
 
+# Under pytest -n, this file's tests share one worker: its module fixtures (trained runs)
+# are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("test_segmentation")
+
 UNET = REPO / "configs" / "unet_carvana.yaml"
 UNETPP = REPO / "configs" / "unetpp_carvana.yaml"
 
