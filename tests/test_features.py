@@ -204,9 +204,12 @@ def test_seed_makes_runs_repeatable_and_deterministic_option(tmp_path):
         "experiment.deterministic=true",
     )
     b.fit()
-    torch.use_deterministic_algorithms(False)
+    assert torch.are_deterministic_algorithms_enabled()
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
+    # the next run of the process (a notebook, these tests) does not keep the setting
+    trainer(tmp_path, "trainer.epochs=1", "trainer.test_after_fit=false")
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_gpu_devices_that_do_not_exist_fall_back_to_cpu(cli, tmp_path):

@@ -10,15 +10,18 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+def seed_everything(seed: int, deterministic: bool | None = None) -> None:
+    """Seed Python, NumPy and torch (all devices). ``deterministic`` True forces deterministic
+    kernels, False lifts that (a process that runs several runs, a notebook or the tests, does
+    not keep an earlier run's setting); None leaves it as it is."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
-        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def seed_worker(worker_id: int) -> None:
