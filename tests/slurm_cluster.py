@@ -127,12 +127,16 @@ def requeue_now(job_id: int | str, restarts: int = 1, timeout: float = 90) -> No
 
     Waits until the job has been requeued ``restarts`` times in all and is PENDING again (a
     ``StartTime`` set while it is still COMPLETING is overwritten by the hold), then sets
-    ``StartTime=now``. Does nothing if it is already running again."""
+    ``StartTime=now``, at least 2 s after the requeue. Does nothing if it is already running
+    again."""
     deadline = time.monotonic() + timeout
     while True:
         info = job_info(job_id)
         state, done = info.get("JobState", ""), int(info.get("Restarts", "0")) >= restarts
         if done and state == "PENDING":
+            # slurmd revoked the job's credentials at the requeue, and refuses ("Job credential
+            # revoked": the job FAILS) a credential made in the same second as the revocation
+            time.sleep(2)
             try:
                 _run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
                 return

@@ -77,7 +77,8 @@ def test_a_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path):
            f"experiment.output_dir={tmp_path / 'out'}", "trainer.epoch=3"]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    lines = [x for x in done.stderr.splitlines() if "dltemplate: error:" in x]
+    # rank 0's line; torchrun's own report quotes each rank's error file after "traceback :"
+    lines = [x for x in done.stderr.splitlines() if x.startswith("dltemplate: error:")]
     assert len(lines) == 1 and "did you mean 'trainer.epochs'" in lines[0], done.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 

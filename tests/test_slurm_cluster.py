@@ -20,7 +20,6 @@ from conftest import (
     REPO,
     assert_identical,
     free_port,
-    load_ckpt,
     metric_rows,
     run_dirs,
     run_results,
@@ -137,7 +136,9 @@ def test_a_time_limit_with_a_notice_requeues_until_the_run_is_done(tmp_path):
     finally:
         cancel(job)
     (run,) = run_dirs(out)
-    assert load_ckpt(run / "Vanilla_interrupt_ckpt.pth")["interrupted_by"] == "SIGUSR1"
+    log = (run / "train.log").read_text()
+    assert "(stopped by SIGUSR1)" in log  # resumed from the notice's checkpoint
+    assert not (run / "Vanilla_interrupt_ckpt.pth").exists()  # stale once finished: removed
     assert [int(r["epoch"]) for r in metric_rows(run)] == list(range(1, 13))
     assert_identical(run_results(run), reference(tmp_path, *RUN, "trainer.epochs=12"), "limit")
 
@@ -155,9 +156,9 @@ def test_a_notice_to_two_srun_tasks_stops_both_at_one_step_and_requeues_once(tmp
     finally:
         cancel(job)
     (run,) = run_dirs(out)
-    assert "device cpu x 2 process(es)" in (run / "train.log").read_text()
-    state = load_ckpt(run / "Vanilla_interrupt_ckpt.pth")
-    assert len(state["rng"]) == 2  # both ranks wrote their state at the same step
+    log = (run / "train.log").read_text()
+    assert "device cpu x 2 process(es)" in log and log.count("(stopped by SIGUSR1)") == 1
+    # both ranks stopped at the same step (or the resumed run could not be identical):
     expected = reference(tmp_path, *RUN, "trainer.epochs=4", "data.batch_size=16", processes=2)
     assert_identical(run_results(run), expected, "two srun tasks")
 
