@@ -326,8 +326,8 @@ def breakdown(args: argparse.Namespace, batch_size: int, out_dir: str, floor_s: 
         (table, "append", "  metrics.csv append"),
         (table, "plot", "  curves.png (start the drawing thread)"),
         (t.writer, "flush", "  TensorBoard flush"),
-        (t, "checkpoint_state", "  checkpoint_state"),
-        (t, "save", "  checkpoint save (best, last)"),
+        (t.run_state, "state_dict", "  the checkpoint's content (RunState.state_dict)"),
+        (t.run_state, "save", "  checkpoint save (best, last)"),
         (table, "wait", "curves.png drawing (waited for after the epoch)"),
     ]
     seconds = {name: 0.0 for *_, name in sections}
