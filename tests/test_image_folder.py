@@ -266,7 +266,8 @@ def test_config_trains_a_cnn_on_a_generated_folder(cli, tmp_path):
 def test_the_starter_model_sees_the_whole_picture_from_each_output(size):
     """The image-folder config's model: every input pixel reaches every position of the map
     that is averaged (SmallCNN, pooled once, saw about 14 pixels there, and learnt shapes of
-    random colour slowly: 0.36 test accuracy after 8 epochs on 3 x 60 of them)."""
+    random colour slowly: 0.36 test accuracy after 8 epochs on 3 x 60 of them). Measured
+    without the contrast channels, which mix the whole picture by themselves."""
     from dltemplate.models.cnn import ImageCNN, SmallCNN
     from dltemplate.registry import MODELS
 
@@ -279,33 +280,54 @@ def test_the_starter_model_sees_the_whole_picture_from_each_output(size):
         pooled_map[0, :, 0, 0].sum().backward()  # one corner position of the map
         return float((x.grad.abs().sum(1)[0] > 0).float().mean())
 
-    assert seen_by_a_corner(ImageCNN((3, size, size), num_classes=3, width=4)) > 0.9
+    plain = ImageCNN((3, size, size), num_classes=3, width=4, contrast=False)
+    assert seen_by_a_corner(plain) > 0.9
     assert seen_by_a_corner(SmallCNN((3, size, size), num_classes=3, width=4)) < 0.1
-    assert ImageCNN((3, size, size), 3, width=4).features[:-2](torch.zeros(1, 3, size, size)).shape[
-        -2:
-    ] == (4, 4)
+    assert plain.features[:-2](torch.zeros(1, 3, size, size)).shape[-2:] == (4, 4)
+
+
+def test_the_contrast_channels_standardise_each_picture_and_keep_its_colours():
+    """``PictureContrast``: the input as it is, then each channel of each picture at mean 0 and
+    variance 1, whatever its brightness and contrast; a flat channel stays 0, not noise blown up."""
+    from dltemplate.models.cnn import ImageCNN, PictureContrast
+
+    x = torch.rand(4, 3, 16, 16)
+    x[1, 2] = 0.3  # one flat channel
+    out = PictureContrast()(x)
+    assert out.shape == (4, 6, 16, 16) and torch.equal(out[:, :3], x)
+    standard = out[:, 3:]
+    flat = torch.zeros(4, 3, dtype=torch.bool)
+    flat[1, 2] = True
+    assert torch.allclose(standard.mean((2, 3)), torch.zeros(4, 3), atol=1e-5)
+    assert torch.allclose(standard.var((2, 3), correction=0)[~flat], torch.ones(11), atol=1e-2)
+    assert torch.equal(standard[1, 2], torch.zeros(16, 16))
+    # A fainter, shifted copy of a picture has the same contrast channels.
+    again = PictureContrast()(0.2 * x + 0.5)[:, 3:]
+    assert torch.allclose(again[~flat], standard[~flat], atol=0.05)
+    model = ImageCNN((3, 16, 16), num_classes=3, width=4)
+    assert model.features[0][0].in_channels == 6 and model(x).shape == (4, 3)
+    assert ImageCNN((1, 16, 16), 3, width=4, contrast=False).features[0][0].in_channels == 1
 
 
 @pytest.mark.slow
-def test_the_starter_config_learns_shapes_far_better_than_smallcnn_did(cli, tmp_path):
-    """The measurement behind the config: 3 x 60 generated shapes (random size, colour and
-    place; 32x32 PNGs), tested on 3 x 30 others, 10 epochs, seeds 42, 1 and 2. Measured: the
-    config 0.40 / 0.87 / 0.84 (mean 0.70), SmallCNN as the config had it 0.41 / 0.32 / 0.31
-    (mean 0.35). Far from perfect: one seed in three still learns slowly."""
+def test_the_starter_config_learns_shapes_of_random_colours_in_ten_epochs(cli, tmp_path):
+    """The README's figures for the config: 3 x 60 generated shapes (random size, colour and
+    place; 32x32 PNGs), tested on 3 x 30 others, the config's 10 epochs, seeds 42, 1 and 2.
+    Measured: 0.98 / 0.93 / 0.96 test accuracy; without the contrast channels 0.44 / 0.84 /
+    0.86 (SmallCNN as the config once had it: 0.41 / 0.32 / 0.31)."""
     root = write_shapes(tmp_path / "shapes", per_class=60, size=32)
     write_shapes(root / "test", per_class=30, size=32, seed=1)
-    old = ["model.name=SmallCNN", "model.args.width=32", "data.batch_size=32", "optimizer.lr=0.003"]
-    mean = {}
-    for name, overrides in (("ImageCNN", []), ("SmallCNN", old)):
-        accuracies = []
+    accuracy: dict[str, list[float]] = {}
+    for name, overrides in (("contrast", []), ("plain", ["model.args.contrast=false"])):
         for seed in (42, 1, 2):
             out = tmp_path / name / str(seed)
             args = [f"data.root={root}", f"experiment.output_dir={out}", f"experiment.seed={seed}"]
             assert cli("train", CONFIG, *args, "experiment.threads=1", *overrides) == 0
             (run,) = run_dirs(out)
-            accuracies.append(json.loads((run / "test_metrics.json").read_text())["accuracy"])
-        mean[name] = sum(accuracies) / 3
-    assert mean["ImageCNN"] >= 0.6 and mean["ImageCNN"] >= mean["SmallCNN"] + 0.2, mean
+            test = json.loads((run / "test_metrics.json").read_text())["accuracy"]
+            accuracy.setdefault(name, []).append(test)
+    assert min(accuracy["contrast"]) >= 0.9, accuracy
+    assert sum(accuracy["plain"]) <= sum(accuracy["contrast"]) - 0.3, accuracy
 
 
 def test_the_readme_command_runs_on_a_folder_laid_out_as_shown(cli, tmp_path):
