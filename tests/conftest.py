@@ -221,3 +221,27 @@ def assert_identical(a: object, b: object, where: str = "") -> None:
             assert_identical(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def stop_at_training_forward(
+    monkeypatch: pytest.MonkeyPatch, at_call: int, way: str = "exception"
+) -> object:
+    """Raise (``way="exception"``: the run saves an interrupt checkpoint and exits 1) or send
+    SIGTERM to this process (exit 130) at the ``at_call``-th training forward pass of a
+    classification run; return the original ``forward`` to put back."""
+    from dltemplate.tasks.classification import ClassificationTask
+
+    original = ClassificationTask.forward
+    calls = {"n": 0}
+
+    def forward(self, model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                if way == "exception":
+                    raise RuntimeError("injected")
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "forward", forward)
+    return original

@@ -6,15 +6,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_identical, metric_rows, readme_block, run_dirs
+from conftest import (
+    REPO,
+    assert_identical,
+    metric_rows,
+    readme_block,
+    run_dirs,
+    stop_at_training_forward,
+)
 from conftest import run_results as results
 
 from dltemplate.callbacks import EVENTS, Callback, CallbackList, GradNorm
@@ -57,25 +62,6 @@ def saved_states(checkpoint: dict[str, object], name: str) -> list[dict[str, obj
 def last_state(run: Path) -> dict[str, object]:
     (last,) = run.glob("*_last_ckpt.pth")
     return torch.load(last, weights_only=True)
-
-
-def stop_at_training_forward(monkeypatch, at_call: int, way: str):
-    """Raise (``way="exception"``) or send SIGTERM to this process at the ``at_call``-th
-    training forward pass; return the original ``forward`` to put back."""
-    original = ClassificationTask.forward
-    calls = {"n": 0}
-
-    def forward(self, model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                if way == "exception":
-                    raise RuntimeError("injected")
-                os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model, batch)
-
-    monkeypatch.setattr(ClassificationTask, "forward", forward)
-    return original
 
 
 @pytest.fixture(autouse=True)

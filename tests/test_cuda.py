@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_identical, run_dirs, run_results
+from conftest import REPO, assert_identical, run_dirs, run_results, stop_at_training_forward
 
 from dltemplate.assemble import build_trainer
 from dltemplate.config import load_config
@@ -50,22 +50,6 @@ def not_deterministic_after():
     torch.use_deterministic_algorithms(False)
 
 
-def stop_at_forward(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
-    """Raise at the ``at_call``-th training forward pass (the run saves an interrupt
-    checkpoint and exits 1)."""
-    original = ClassificationTask.forward
-    calls = {"n": 0}
-
-    def forward(self, model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                raise RuntimeError("injected")
-        return original(self, model, batch)
-
-    monkeypatch.setattr(ClassificationTask, "forward", forward)
-
-
 def train(cli, out: Path, *overrides: str) -> Path:
     """A finished run of the demo with ``overrides``; its directory."""
     assert cli("train", DEMO, *SMALL, *overrides, f"experiment.output_dir={out}") == 0
@@ -94,7 +78,7 @@ def test_a_gpu_run_trains_and_resumes_exactly_in_each_precision(
     assert "device cuda" in log and "GPU settings:" in log and "data.device=auto" in log
     assert float(json.loads((ref / "test_metrics.json").read_text())["accuracy"]) > 0.5
     with monkeypatch.context() as mp:
-        stop_at_forward(mp, STOP_AT)
+        stop_at_training_forward(mp, STOP_AT)
         assert cli("train", DEMO, *SMALL, *over, f"experiment.output_dir={tmp_path / 'cut'}") == 1
     (cut,) = run_dirs(tmp_path / "cut")
     assert cli("resume", cut) == 0

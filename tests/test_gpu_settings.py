@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_identical, run_dirs, run_results
+from conftest import REPO, assert_identical, run_dirs, run_results, stop_at_training_forward
 
 from dltemplate.assemble import build_trainer
 from dltemplate.config import load_config
@@ -184,18 +184,6 @@ def test_pinned_memory_defaults_to_on_when_cuda_is_there(monkeypatch):
 
 
 # == explicit settings that the CPU can run: they train and resume exactly ======================
-def _stop_at_forward(monkeypatch, at_call: int) -> None:
-    original = ClassificationTask.forward
-    calls = {"n": 0}
-
-    def forward(self, model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                raise RuntimeError("injected")
-        return original(self, model, batch)
-
-    monkeypatch.setattr(ClassificationTask, "forward", forward)
 
 
 @pytest.mark.parametrize(
@@ -210,7 +198,7 @@ def test_explicit_fast_settings_train_on_the_cpu_and_resume_exactly(
     assert cli(*args, f"experiment.output_dir={tmp_path / 'ref'}") == 0
     (ref,) = run_dirs(tmp_path / "ref")
     with monkeypatch.context() as mp:
-        _stop_at_forward(mp, 17)  # mid-epoch 2 (13 batches an epoch)
+        stop_at_training_forward(mp, 17)  # mid-epoch 2 (13 batches an epoch)
         assert cli(*args, f"experiment.output_dir={tmp_path / 'cut'}") == 1
     (cut,) = run_dirs(tmp_path / "cut")
     assert cli("resume", cut) == 0
