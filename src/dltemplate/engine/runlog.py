@@ -60,15 +60,18 @@ def attach_log_file(log_file: Path) -> None:
     log.addHandler(file_handler)
 
 
-def format_duration(seconds: float) -> str:
-    """A duration as people read it: ``8.2 s``, ``3 min 05 s``, ``2 h 07 min``."""
+def format_duration(seconds: float, compact: bool = False) -> str:
+    """A duration as people read it: ``8.2 s``, ``3 min 05 s``, ``2 h 07 min``; ``compact``
+    for table cells: ``8.2s``, ``3m05s``, ``2h07m``."""
+    s, m, h = ("s", "m", "m") if compact else (" s", " min ", " min")
+    hour = "h" if compact else " h "
     if seconds < 60:
-        return f"{seconds:.1f} s"
+        return f"{seconds:.1f}{s}"
     minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
+        return f"{minutes}{m}{secs:02d}{s}"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    return f"{hours}{hour}{minutes:02d}{h}"
 
 
 def rerun_command(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> str:

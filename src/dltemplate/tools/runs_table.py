@@ -92,6 +92,7 @@ from pathlib import Path
 from typing import Any
 
 from dltemplate.engine.rundir import metrics_rows
+from dltemplate.engine.runlog import format_duration
 from dltemplate.errors import UsageError, did_you_mean
 from dltemplate.tools.compare_configs import flatten
 
@@ -593,7 +594,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
 def _format_value(column: str, value: Any, row: dict[str, Any]) -> str:
     if column == "duration" and _is_number(value):
         mark = "~" if "train.log" in (row.get("duration_source") or "") else ""
-        return mark + _duration(float(value))
+        return mark + format_duration(float(value), compact=True)
     if column in ("epochs", "best_epoch", "n") and _is_number(value):
         return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
     if _is_metric(column) and _is_number(value):
@@ -601,17 +602,6 @@ def _format_value(column: str, value: Any, row: dict[str, Any]) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, default=str)
-
-
-def _duration(seconds: float) -> str:
-    """``8.2s``, ``3m05s``, ``2h07m``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 def format_csv(rows: list[dict[str, Any]]) -> str:
