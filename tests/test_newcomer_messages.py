@@ -75,6 +75,16 @@ def test_help_config_and_argument_errors_do_not_import_torch(tmp_path, args, sta
     assert done.stdout.strip().splitlines()[-1] == f"RESULT {status} False", done.stderr
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_status_141():
+    """``dltemplate config ... | head -0``: no "Broken pipe" error line, the status of a process
+    that SIGPIPE ended (as other Unix tools give)."""
+    command = [sys.executable, "-m", "dltemplate", "config", str(DEMO)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command has started writing
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and error == ""
+
+
 # == compare-configs takes run directories =====================================================
 def test_compare_configs_takes_run_directories(cli, tmp_path, capsys):
     a = fake_run(tmp_path / "20250101_000000")

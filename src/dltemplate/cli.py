@@ -7,6 +7,7 @@ Exit status: 0 done; 2 bad usage, configuration or input (the message says what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
@@ -623,6 +624,17 @@ def _tell_torchrun(message: str) -> None:
         pass  # the message was printed; the report only lacks it
 
 
+def _reader_gone() -> int:
+    """Standard output's reader closed the pipe: stop without a message, with the status of a
+    process that SIGPIPE ended (141), as ``seq 9999 | head`` does. Standard output is pointed
+    at ``/dev/null`` first, so that Python's own flush at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
@@ -653,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, DiskFullError) as exc:  # failures that one line explains
         print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `dltemplate runs | head`: the reader has all it wanted
+        return _reader_gone()
     except OSError as exc:  # a file that cannot be written or read: its error names it
         print(f"dltemplate: error: {exc}", file=sys.stderr)
         return 1
