@@ -285,6 +285,17 @@ def test_under_torchrun_each_process_takes_its_share_of_the_cores(monkeypatch, k
     assert threads.apply_threads(5, distributed=True) == 5 == torch.get_num_threads()
 
 
+def test_threads_null_gives_torchs_default_back_after_a_run_that_set_another(
+    monkeypatch, keep_threads
+):
+    """In one process (a notebook, a sweep's in-process trials, the tests) a run with
+    ``experiment.threads: null`` does not keep an earlier run's count: thread counts change
+    how CPU sums are split, so results would depend on what ran before."""
+    monkeypatch.setattr(threads, "STARTUP_THREADS", 2)
+    assert threads.apply_threads(1) == 1 == torch.get_num_threads()
+    assert threads.apply_threads(None) == 2 == torch.get_num_threads()
+
+
 @pytest.mark.parametrize("bad", ["0", "-2"])
 def test_threads_below_one_is_a_config_error(cli, tmp_path, capsys, bad):
     out = tmp_path / "out"

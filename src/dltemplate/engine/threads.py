@@ -13,6 +13,10 @@ import torch
 
 from dltemplate.errors import ConfigError
 
+# torch's count when this process first ran a run (one per core, or $OMP_NUM_THREADS): what
+# ``experiment.threads: null`` gives, also after an earlier run in the process set another.
+STARTUP_THREADS = torch.get_num_threads()
+
 
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS says, else all)."""
@@ -23,7 +27,7 @@ def available_cores() -> int:
 
 def thread_count(requested: int | None, local_world_size: int = 1) -> int | None:
     """The thread count to set: ``requested``; else, with several processes on this node, an
-    equal share of the cores (at least 1); else None (torch's default stays)."""
+    equal share of the cores (at least 1); else None (torch's default)."""
     if requested is not None:
         if requested < 1:
             raise ConfigError(f"experiment.threads={requested}: must be at least 1 (or null)")
@@ -40,10 +44,14 @@ def thread_count(requested: int | None, local_world_size: int = 1) -> int | None
 
 
 def apply_threads(requested: int | None, distributed: bool = False) -> int:
-    """Set torch's intra-op thread count as :func:`thread_count` says; return the count in
-    use. ``distributed``: this process is one of several that ``torchrun`` started."""
+    """Set torch's intra-op thread count as :func:`thread_count` says, torch's default
+    (:data:`STARTUP_THREADS`) where it says None, so that a run in a process that ran others
+    (a notebook, a sweep's trials) does not keep their count; return the count in use.
+    ``distributed``: this process is one of several that ``torchrun`` started."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
     count = thread_count(requested, local)
-    if count is not None and count != torch.get_num_threads():
+    if count is None:
+        count = STARTUP_THREADS
+    if count != torch.get_num_threads():
         torch.set_num_threads(count)
     return torch.get_num_threads()
