@@ -163,7 +163,10 @@ def test_eval_predict_and_export_of_a_gpu_run(cli, tmp_path, capsys):
     from PIL import Image
 
     run = train(cli, tmp_path / "out", *CNN)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # eval sets the run's (auto) TF32 again
     assert cli("eval", run) == 0  # on the GPU: the saved config's device (auto)
+    tf32 = torch.cuda.get_device_capability()[0] >= 8
+    assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")
     capsys.readouterr()
     image = tmp_path / "digit.png"
     Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(image)

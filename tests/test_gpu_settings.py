@@ -158,6 +158,22 @@ def test_apply_backends_sets_the_flags_on_a_gpu_run(fake_gpu, backend_flags):
     assert not torch.backends.cudnn.benchmark
 
 
+def test_eval_applies_the_runs_backend_settings(cli, tmp_path, backend_flags):
+    """``eval``/``predict``/``load_model`` (an EvaluatorBase) set TF32 as the run's config says,
+    whatever an earlier run in the process left; autotuning only where the config sets it."""
+    from dltemplate.engine.evaluator import EvaluatorBase
+
+    out = tmp_path / "out"
+    assert cli("train", DEMO, *SMALL, "experiment.tf32=false", f"experiment.output_dir={out}") == 0
+    (run,) = run_dirs(out)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # as a TF32 run would leave it
+    EvaluatorBase(run)
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    EvaluatorBase(run, ["experiment.tf32=true", "experiment.cudnn_benchmark=true"])
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.benchmark
+
+
 def test_channels_last_resolves_on_for_convolutional_models_on_the_gpu():
     cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))

@@ -16,6 +16,7 @@ from dltemplate.data.loader import IndexLoader
 from dltemplate.engine.build import build_components, read_options
 from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_model_weights
 from dltemplate.engine.device import select_device
+from dltemplate.engine.speed import apply_backends
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
 from dltemplate.errors import DataError
@@ -50,6 +51,9 @@ class EvaluatorBase:
         self.task = task or make_task(self.cfg)
         apply_threads(self.cfg.experiment.threads)
         self.device, _ = select_device(self.cfg.experiment.device, self.cfg.experiment.gpu_devices)
+        # The run's TF32 setting (on by default on GPUs that have it); cuDNN autotuning only
+        # where the config sets it: evaluated batches need not share a shape.
+        apply_backends(self.cfg, self.device, fixed_shapes=False)
         parts = build_components(self.cfg, self.task, self.device)
         self.info, self.model, self.evaluation = parts.info, parts.model, parts.evaluation
         load_model_weights(self.model, state["model"], str(self.checkpoint_path))
