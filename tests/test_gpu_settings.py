@@ -172,6 +172,7 @@ def test_eval_applies_the_runs_backend_settings(cli, tmp_path, backend_flags):
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     EvaluatorBase(run, ["experiment.tf32=true", "experiment.cudnn_benchmark=true"])
     assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.benchmark
+    EvaluatorBase(run, ["data.device=cuda"])  # a GPU run's checkpoint evaluates on the CPU
 
 
 def test_channels_last_resolves_on_for_convolutional_models_on_the_gpu():

@@ -18,7 +18,6 @@ before these keys existed. On CUDA:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -27,8 +26,6 @@ from torch import nn
 from dltemplate.config import Config
 from dltemplate.data.base import DataSplits, TensorSplit, splits_to
 from dltemplate.errors import ConfigError
-
-log = logging.getLogger("dltemplate")
 
 DATA_BUDGET = 0.25  # data.device=auto: in-memory data up to this share of the GPU's memory
 
@@ -50,15 +47,22 @@ def check_speed_config(cfg: Config, device: torch.device) -> None:
             "experiment.cudnn_benchmark=true conflicts with experiment.deterministic=true: "
             "autotuning may choose another kernel after a restart; set one of them to false"
         )
-    if cfg.data.device == "cuda" and device.type != "cuda":
+    if cfg.data.device == "cuda":
+        refuse_gpu_data_off_the_gpu(device)
+
+
+def refuse_gpu_data_off_the_gpu(device: torch.device) -> None:
+    """``data.device=cuda`` for a run that trains on ``device``: a ConfigError unless it is a
+    GPU."""
+    if device.type != "cuda":
         raise ConfigError(f"data.device=cuda: this run trains on {device}; use auto or cpu")
 
 
 def resolve_cudnn_benchmark(cfg: Config, device: torch.device, fixed_shapes: bool) -> bool:
     """``experiment.cudnn_benchmark``: as set, or (null) on CUDA when the inputs' shapes are
-    fixed and the run is not deterministic (see :func:`check_speed_config`)."""
+    fixed and the run is not deterministic (a training run checks the two keys together
+    first: :func:`check_speed_config`)."""
     setting, deterministic = cfg.experiment.cudnn_benchmark, cfg.experiment.deterministic
-    check_speed_config(cfg, device)
     if setting is None:
         return device.type == "cuda" and fixed_shapes and not deterministic
     return setting
@@ -131,8 +135,7 @@ def resolve_data_device(
     if setting == "cpu":
         return cpu, "data.device=cpu: batches are copied to the device one by one"
     if setting == "cuda":
-        if device.type != "cuda":
-            raise ConfigError(f"data.device=cuda: this run trains on {device}; use auto or cpu")
+        refuse_gpu_data_off_the_gpu(device)
         if not in_memory:
             raise ConfigError(
                 "data.device=cuda: this dataset is read sample by sample (DataLoader); only "
@@ -154,8 +157,8 @@ def resolve_data_device(
 
 
 def place_data(setting: str, data: DataSplits, device: torch.device) -> DataSplits:
-    """``data`` with its in-memory splits where ``data.device`` says (logged); unchanged on
-    the CPU."""
+    """``data`` with its in-memory splits where ``data.device`` says, the reason in its notes
+    (which the run logs); unchanged on the CPU."""
     where, why = resolve_data_device(setting, data, device)
     if device.type == "cuda" or setting != "auto":  # a CPU run's log stays as it was
         data.notes.append(why)
