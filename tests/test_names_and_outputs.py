@@ -4,6 +4,7 @@ reports named by checkpoint, no stale interrupt checkpoint, outputs kept under t
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -86,6 +87,19 @@ def test_runs_started_in_the_same_second_get_numbers_and_stay_in_order(tmp_path)
     if run_dir_time(a.name)[0] == run_dir_time(b.name)[0]:  # the same second: numbered
         assert b.name == f"{a.name}_1" and run_dir_time(b.name)[1] == 1
     assert latest_run_dir(tmp_path) == b and sorted([b, a]) == [a, b]
+
+
+def test_the_latest_of_runs_started_in_one_second_is_the_last_started_whatever_its_name(
+    tmp_path,
+):
+    """``_1`` of one name is no later than a run of another name started after it."""
+    stamp = "20240101_120000"
+    for i, name in enumerate([f"{stamp}_x", f"{stamp}_x_1", f"{stamp}_y", f"{stamp}_5"]):
+        (tmp_path / name).mkdir()
+        config = tmp_path / name / "config_x.json"
+        config.write_text("{}")
+        os.utime(config, (1_700_000_000 + i, 1_700_000_000 + i))
+        assert latest_run_dir(tmp_path).name == name
 
 
 # == resume last =================================================================================

@@ -88,9 +88,10 @@ def latest_run_dir(output_dir: str | Path, depth: int = 1) -> Path:
     """The newest run directory (one holding a config JSON) in ``output_dir``, or up to
     ``depth`` folder levels down (2: ``./Results/<config>/<run>``).
 
-    Newest by the timestamp in its name (``_N`` after the bare stamp), not by modification
-    time: evaluating an old run writes into it but does not make it the latest. Folders whose
-    names are no timestamp are ignored, unless no folder has one (then: newest modified).
+    Newest by the timestamp in its name, then (runs started in the same second, whatever
+    their names) by when its config was written, not by modification time: evaluating an old
+    run writes into it but does not make it the latest. Folders whose names are no timestamp
+    are ignored, unless no folder has one (then: newest modified).
     """
     runs = [
         p.parent
@@ -101,7 +102,9 @@ def latest_run_dir(output_dir: str | Path, depth: int = 1) -> Path:
         raise UsageError(f"no run directory under {output_dir}")
     stamped = [(t, p) for p in runs if (t := run_dir_time(p.name)) is not None]
     if stamped:
-        return max(stamped, key=lambda tp: (tp[0], _config_mtime(tp[1]), tp[1].name))[1]
+        # _N orders only runs of one name whose configs share a modification time.
+        newest = max(stamped, key=lambda tp: (tp[0][0], _config_mtime(tp[1]), tp[0][1], tp[1].name))
+        return newest[1]
     return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
 
 
