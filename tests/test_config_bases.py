@@ -71,6 +71,31 @@ def test_merge_replaces_lists_and_scalars_and_leaves_its_inputs_alone():
     assert base == {"a": {"b": [1, 2], "c": {"d": 1, "e": 2}}, "f": 1}
 
 
+def test_a_child_that_names_another_model_drops_the_bases_args_for_it(tmp_path, cli):
+    """The base's model arguments were its model's: a child switching to SmallCNN gets only
+    its own (``hidden`` would reach SmallCNN otherwise); the same model merges them; an empty
+    ``args:`` is no arguments."""
+    demo = REPO / "configs" / "digits_mlp.yaml"
+    other = tmp_path / "cnn.yaml"
+    other.write_text(f"base: {demo}\nmodel:\n  name: SmallCNN\n  args:\n    width: 8\n")
+    assert load_config(other, []).model.args == {"width": 8}
+    same = tmp_path / "same.yaml"
+    same.write_text(f"base: {demo}\nmodel:\n  args:\n    dropout: 0.5\n")
+    merged = load_config(same, []).model.args
+    assert (
+        merged["dropout"] == 0.5 and merged["hidden"] == load_config(demo, []).model.args["hidden"]
+    )
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(f"base: {demo}\nmodel:\n  name: SmallCNN\n  args:\n")
+    assert load_config(empty, []).model.args == {}
+    quick = [
+        "trainer.epochs=1",
+        "data.train_val_sample_rate=0.2",
+        f"experiment.output_dir={tmp_path / 'o'}",
+    ]
+    assert cli("train", other, *quick) == 0
+
+
 def test_config_prints_the_resolved_config_and_a_run_saves_it(cli, family, capsys, tmp_path):
     assert cli("config", family) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -143,6 +143,8 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
             )
         return value
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None  # before a mapping option, which would read null as no arguments
         errors = []
         for option in typing.get_args(tp):
             try:
@@ -165,6 +167,8 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        if value is None:  # `args:` left empty: no arguments
+            return {}
         if not isinstance(value, dict):
             raise ConfigError(
                 f"{key}={short_repr(value)}: expected a mapping, got {type(value).__name__}"
@@ -682,8 +686,12 @@ def base_path(name: str, folder: Path) -> Path:
 
 def merge_configs(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """``child`` over ``base``, key by key: mappings merge to any depth; a list, a scalar or
-    ``null`` in ``child`` replaces what ``base`` holds. Neither argument is changed."""
+    ``null`` in ``child`` replaces what ``base`` holds. Where ``child`` names another
+    component (a ``name`` other than the base's), the base's ``args`` beside that name are
+    dropped: they were the other component's. Neither argument is changed."""
     merged = copy.deepcopy(base)
+    if "name" in child and child["name"] != merged.get("name"):
+        merged.pop("args", None)
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge_configs(merged[key], value)
