@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_dirs
+from conftest import REPO, metric_rows, run_dirs
 from stop_injection import install
 
 from dltemplate.assemble import build_trainer
@@ -19,7 +19,7 @@ from dltemplate.cli import main
 from dltemplate.config import Config, config_to_dict, load_config
 from dltemplate.data.base import DataInfo
 from dltemplate.engine import threads
-from dltemplate.engine.rundir import curves_figure
+from dltemplate.engine.rundir import best_epoch, curves_figure
 from dltemplate.engine.runlog import format_duration
 from dltemplate.progress import _rate
 from dltemplate.tasks.classification import ClassificationTask
@@ -86,6 +86,13 @@ def test_curves_have_a_title_y_labels_a_learning_rate_panel_and_the_best_epoch()
     fig = curves_figure(rows, monitor="val/loss", mode="min")
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert stars(panels["loss"]) == [([2], [0.4], "best: epoch 2")] and not fig.get_suptitle()
+    # trainer.early_stopping_min_delta: an epoch must beat the best by more, as for the checkpoint
+    rows[2]["val/accuracy"] = "0.805"
+    assert best_epoch(rows, "val/accuracy", "max") == 3
+    assert best_epoch(rows, "val/accuracy", "max", min_delta=0.01) == 2
+    fig = curves_figure(rows, monitor="val/accuracy", mode="max", min_delta=0.01)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert stars(panels["accuracy"]) == [([2], [0.8], "best: epoch 2")]
 
 
 def test_a_run_draws_its_curves_titled_with_its_name_and_its_monitor_marked(
@@ -102,11 +109,14 @@ def test_a_run_draws_its_curves_titled_with_its_name_and_its_monitor_marked(
     monkeypatch.setattr(rundir, "curves_figure", spy)
     out = tmp_path / "out"
     args = [*SMALL_DIGITS, f"experiment.output_dir={out}", "trainer.monitor=val/loss",
-            "trainer.monitor_mode=min"]  # fmt: skip
+            "trainer.monitor_mode=min", "trainer.early_stopping_min_delta=0.02"]  # fmt: skip
     assert cli("train", *args) == 0
     (run,) = run_dirs(out)
     assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
-    assert drawn[-1] == {"title": run.name, "monitor": "val/loss", "mode": "min"}
+    assert drawn[-1] == {"title": run.name, "monitor": "val/loss", "mode": "min", "min_delta": 0.02}
+    (last,) = run.glob("*_last_ckpt.pth")
+    kept = torch.load(last, weights_only=True)["best_epoch"]
+    assert best_epoch(metric_rows(run), "val/loss", "min", 0.02) == kept
 
 
 def test_train_help_explains_overrides_with_examples_that_work(capsys, monkeypatch):

@@ -31,11 +31,13 @@ class MetricsTableCallback(Callback):
         self.table: rundir.MetricsTable | None = None
         self.drawn_at: float | None = None  # when the last drawing started
         self.drawn_rows = 0  # rows in the last drawing
-        self.monitor: tuple[str, str] | None = None  # (trainer.monitor, its mode): the best epoch
+        # (trainer.monitor, its mode, early_stopping_min_delta): the best epoch, as the run keeps it
+        self.monitor: tuple[str, str, float] | None = None
 
     def setup(self, cfg: Config, model: Any) -> None:
         """A resumed run's table must be readable: checked before anything is written."""
-        self.monitor = (cfg.trainer.monitor, cfg.trainer.monitor_mode)
+        tc = cfg.trainer
+        self.monitor = (tc.monitor, tc.monitor_mode, tc.early_stopping_min_delta)
         resume = cfg.trainer.resume
         if resume:
             run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
@@ -64,8 +66,8 @@ class MetricsTableCallback(Callback):
     def draw(self, trainer: Loop) -> None:
         """Start redrawing ``curves.png`` from the table (when there is something new)."""
         if self.curves and self.table is not None and len(self.table.rows) != self.drawn_rows:
-            monitor, mode = self.monitor or (None, "max")
-            self.table.plot(trainer.run_dir / "curves.png", monitor, mode)
+            monitor, mode, min_delta = self.monitor or (None, "max", 0.0)
+            self.table.plot(trainer.run_dir / "curves.png", monitor, mode, min_delta)
             self.drawn_at, self.drawn_rows = time.monotonic(), len(self.table.rows)
 
     def on_fit_end(self, trainer: Loop) -> None:

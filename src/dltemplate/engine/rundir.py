@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dltemplate.atomic import atomic_write, atomic_write_text
+from dltemplate.engine.loop_state import BestScore
 from dltemplate.errors import ConfigError, DataError, UsageError, short_repr
 
 if TYPE_CHECKING:
@@ -343,18 +344,18 @@ class MetricsTable:
         atomic_write_text(self.path, buf.getvalue())
 
     def plot(
-        self, png: Path, monitor: str | None = None, mode: str = "max"
+        self, png: Path, monitor: str | None = None, mode: str = "max", min_delta: float = 0.0
     ) -> threading.Thread | None:
         """Redraw the curves into ``png`` in a background thread (returned, to join; None when
-        no thread could be started: then the picture is skipped, with one warning); ``monitor``
-        and ``mode`` mark the best epoch (see :func:`curves_figure`).
+        no thread could be started: then the picture is skipped, with one warning); ``monitor``,
+        ``mode`` and ``min_delta`` mark the best epoch (see :func:`best_epoch`).
 
         Drawing takes a few tenths of a second; a thread lets the next epoch start meanwhile.
         """
         self.wait()
         rows = [dict(r) for r in self.rows]  # a snapshot: the table may grow while drawing
         thread = threading.Thread(
-            target=_plot_quietly, args=(rows, png, monitor, mode), daemon=True
+            target=_plot_quietly, args=(rows, png, monitor, mode, min_delta), daemon=True
         )
         try:
             thread.start()
@@ -406,33 +407,46 @@ def _check_row(row: dict[str, Any], number: int, width: int) -> None:
         raise ValueError(f"row {number}: the epoch is missing")
 
 
-def _plot_quietly(rows: list[dict[str, Any]], png: Path, monitor: str | None, mode: str) -> None:
+def _plot_quietly(
+    rows: list[dict[str, Any]], png: Path, monitor: str | None, mode: str, min_delta: float
+) -> None:
     # A picture is not worth a traceback from a thread (a full disk is reported by the run).
     try:
-        plot_curves(rows, png, monitor=monitor, mode=mode)
+        plot_curves(rows, png, monitor=monitor, mode=mode, min_delta=min_delta)
     except Exception as exc:
         logging.getLogger("dltemplate").warning("curves.png not drawn: %s", exc)
 
 
 def plot_curves(
-    rows: list[dict[str, Any]], png: Path, *, monitor: str | None = None, mode: str = "max"
+    rows: list[dict[str, Any]],
+    png: Path,
+    *,
+    monitor: str | None = None,
+    mode: str = "max",
+    min_delta: float = 0.0,
 ) -> None:
     """Draw the curves of ``rows`` (see :func:`curves_figure`) into ``png``, titled with the
     name of the folder that holds it (the run directory)."""
     if not rows:
         return
-    fig = curves_figure(rows, title=png.resolve().parent.name, monitor=monitor, mode=mode)
+    title = png.resolve().parent.name
+    fig = curves_figure(rows, title=title, monitor=monitor, mode=mode, min_delta=min_delta)
     atomic_write(png, lambda fh: fig.savefig(fh, dpi=72, format="png"))
 
 
-def best_epoch(rows: list[dict[str, Any]], monitor: str, mode: str = "max") -> int | None:
-    """The epoch whose ``monitor`` value is best (``mode`` ``max`` or ``min``; the first of
-    equals, as the checkpoint callback keeps it); None when no row has the column."""
-    points = [(float(r[monitor]), int(float(r["epoch"]))) for r in rows if r.get(monitor, "") != ""]
-    if not points:
-        return None
-    sign = -1.0 if mode == "max" else 1.0
-    return min(points, key=lambda p: (sign * p[0], p[1]))[1]
+def best_epoch(
+    rows: list[dict[str, Any]], monitor: str, mode: str = "max", min_delta: float = 0.0
+) -> int | None:
+    """The epoch the run keeps as its best by ``monitor`` (``mode`` ``max`` or ``min``): the
+    rows replayed through :class:`~dltemplate.engine.loop_state.BestScore`, so an epoch counts
+    only when it beats the best by more than ``min_delta`` (``trainer.early_stopping_min_delta``)
+    and the first of equals stays, as the checkpoint callback keeps it; None when no row has
+    the column."""
+    best = BestScore(mode, min_delta)
+    for row in rows:
+        if row.get(monitor, "") != "":
+            best.update(float(row[monitor]), int(float(row["epoch"])))
+    return best.epoch
 
 
 def curves_figure(
@@ -440,6 +454,7 @@ def curves_figure(
     title: str | None = None,
     monitor: str | None = None,
     mode: str = "max",
+    min_delta: float = 0.0,
 ) -> Figure:
     """The figure :func:`plot_curves` saves: one panel per metric (train and val), y label the
     metric's name, then a panel of the learning rate; three panels a row, integer epoch ticks.
@@ -473,7 +488,7 @@ def curves_figure(
     )
     if title:
         fig.suptitle(title, fontsize=11, y=1 - 0.08 / height, va="top")
-    best = best_epoch(rows, monitor, mode) if monitor else None
+    best = best_epoch(rows, monitor, mode, min_delta) if monitor else None
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         for split in ("train", "val"):

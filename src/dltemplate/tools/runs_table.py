@@ -91,6 +91,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dltemplate.engine import rundir
 from dltemplate.engine.rundir import metrics_rows
 from dltemplate.engine.runlog import format_duration
 from dltemplate.errors import UsageError, did_you_mean
@@ -369,12 +370,12 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     if state is not None and _is_number(state.get("best_score")):
         best, best_epoch = float(state["best_score"]), state.get("best_epoch")
         best_epoch = best_epoch if _is_int(best_epoch) else None
-    elif monitor is not None:
-        scored = [
-            (v, int(float(r["epoch"]))) for r in rows if (v := _float(r.get(monitor))) is not None
-        ]
-        if scored:  # the first epoch of the best value, as the run itself counts it
-            best, best_epoch = (min if mode == "min" else max)(scored, key=lambda ve: ve[0])
+    elif monitor is not None:  # no checkpoint: the rows replayed as the run counts its best
+        delta = trainer.get("early_stopping_min_delta")
+        numeric = [r for r in rows if _float(r.get(monitor)) is not None]
+        best_epoch = rundir.best_epoch(numeric, monitor, mode, delta if _is_number(delta) else 0.0)
+        if best_epoch is not None:
+            best = next(_float(r[monitor]) for r in numeric if int(float(r["epoch"])) == best_epoch)
 
     # duration
     seconds = [s for r in rows if (s := _float(r.get("seconds"))) is not None]
