@@ -123,6 +123,8 @@ class Writer:
         self.write()
 
     def write(self) -> None:
+        """Write the result as it stands (a temporary file renamed over the JSON: a killed
+        script leaves the last complete version)."""
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.result, indent=1))
         tmp.replace(self.path)
@@ -369,6 +371,8 @@ def run_section(name: str, dry: bool, box: float, tmp: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the sections in child processes (or, with ``--section``, be one of them) and write
+    the JSON report; return 0 once it is written (2 without CUDA and without ``--dry-run``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes, no CUDA tests")
     p.add_argument("--out", type=Path, help=f"JSON to write (default {DEFAULT_OUT.name}; "

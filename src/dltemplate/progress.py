@@ -78,7 +78,7 @@ class EpochProgress:
         initial: int = 0,
         every: float | None = None,
         unit: str = "samples",
-    ):
+    ) -> None:
         self.total, self.desc, self.enabled = total, desc, enabled
         self.unit = unit
         self.done = initial
@@ -157,11 +157,6 @@ def track(items: Iterable[T], total: int, desc: str, unit: str) -> Iterator[T]:
             progress.update(1)
     finally:
         progress.close()
-
-
-def _rate(rate: float) -> str:
-    """A rate as people read it: ``1234``, ``12.3``, ``0.42``."""
-    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def _rate(rate: float) -> str:
