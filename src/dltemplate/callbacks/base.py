@@ -172,9 +172,7 @@ class Callback:
     def on_validation_start(self, trainer: Loop) -> None:
         """Validation is about to run."""
 
-    def on_eval_batch_end(
-        self, trainer: Loop, split: str, batch_index: int, batches: int
-    ) -> None:
+    def on_eval_batch_end(self, trainer: Loop, split: str, batch_index: int, batches: int) -> None:
         """Batch ``batch_index`` (of ``batches`` in this process) of the validation (``split``
         ``"val"``) or the final test (``"test"``) is done."""
 

@@ -53,9 +53,7 @@ class Progress(Callback):
         """Remove the bar."""
         self.progress.close()
 
-    def on_eval_batch_end(
-        self, trainer: Loop, split: str, batch_index: int, batches: int
-    ) -> None:
+    def on_eval_batch_end(self, trainer: Loop, split: str, batch_index: int, batches: int) -> None:
         """Count a validation or test batch (a bar opened at the split's first batch)."""
         if batch_index == 0:
             self.eval_progress = EpochProgress(
