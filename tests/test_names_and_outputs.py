@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import QUICK_DIGITS, REPO, run_dirs
 
 from dltemplate import seed_args
+from dltemplate.config import load_config
 from dltemplate.config.loader import default_run_name
 from dltemplate.engine.checkpoint import checkpoint_kind
 from dltemplate.engine.rundir import latest_run_dir, new_run_dir, run_dir_time
@@ -77,6 +79,20 @@ def test_a_run_name_that_cannot_name_a_folder_is_refused(cli, tmp_path, capsys):
             len(err.splitlines()) == 1 and "experiment.run_name=" in err and "names the run" in err
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_config_prints_no_derived_run_name_so_the_printed_file_names_its_own_runs(
+    cli, tmp_path, capsys
+):
+    """`dltemplate config X.yaml > mine.yaml`: runs of mine.yaml are named after mine.yaml and
+    their overrides, not frozen to X's name."""
+    capsys.readouterr()
+    assert cli("config", DEMO, "trainer.epochs=1") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["experiment"]["run_name"] is None
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(printed))
+    assert load_config(mine, ["optimizer.lr=0.1"]).experiment.run_name == "mine_lr=0.1"
 
 
 def test_runs_started_in_the_same_second_get_numbers_and_stay_in_order(tmp_path):

@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, name_run=False)  # a reusable file: no name
     print(format_config(cfg), end="")
     return 0
 
