@@ -96,6 +96,22 @@ def test_a_child_that_names_another_model_drops_the_bases_args_for_it(tmp_path, 
     assert cli("train", other, *quick) == 0
 
 
+def test_a_wrong_value_is_blamed_on_the_file_that_wrote_it(cli, tmp_path, capsys):
+    """The file (the config or the base that set it) is named; an override's error is the
+    override's."""
+    (tmp_path / "base.yaml").write_text("trainer:\n  epochs: many\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\noptimizer:\n  lr: fast\n")
+    assert cli("config", child, "optimizer.lr=0.1") == 2
+    assert capsys.readouterr().err.startswith(
+        f"dltemplate: error: {tmp_path / 'base.yaml'}: trainer.epochs"
+    )
+    assert cli("config", child, "trainer.epochs=3") == 2
+    assert capsys.readouterr().err.startswith(f"dltemplate: error: {child}: optimizer.lr='fast'")
+    assert cli("config", child, "trainer.epochs=x", "optimizer.lr=1") == 2
+    assert capsys.readouterr().err.startswith("dltemplate: error: trainer.epochs='x'")
+
+
 def test_config_prints_the_resolved_config_and_a_run_saves_it(cli, family, capsys, tmp_path):
     assert cli("config", family) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -705,10 +705,24 @@ def read_config(path: str | Path) -> dict[str, Any]:
     configs it builds on, to any depth: each file's keys override its base's (see
     :func:`merge_configs`). The result holds no ``base`` key. A cycle of bases, or a base that
     is missing or broken, is a ConfigError naming the files."""
+    return merge_layers(read_config_layers(path))
+
+
+def merge_layers(layers: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+    """The layers of :func:`read_config_layers` merged, each over the bases after it."""
+    merged: dict[str, Any] = {}
+    for _, layer in reversed(layers):
+        merged = merge_configs(merged, layer)
+    return merged
+
+
+def read_config_layers(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``(file, its keys)`` for a config file and each config it builds on through ``base:``,
+    the file first and its deepest base last; no ``base`` keys left (see :func:`read_config`)."""
     chain: list[Path] = []
     file = Path(path)
     raw = read_yaml(file)
-    layers = [raw]
+    layers = [(file, raw)]
     while "base" in raw:
         chain.append(file)
         name = raw.pop("base")
@@ -729,11 +743,35 @@ def read_config(path: str | Path) -> dict[str, Any]:
                               "file, relative to the one that names it")  # fmt: skip
         raw = read_yaml(file)
         check_keys(raw, str(file))  # a typo in a base names the base, not the config using it
-        layers.append(raw)
-    merged: dict[str, Any] = {}
-    for layer in reversed(layers):
-        merged = merge_configs(merged, layer)
-    return merged
+        layers.append((file, raw))
+    return layers
+
+
+_KEY_AT_START = re.compile(r"([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?[=.\[]")
+
+
+def _file_that_set(
+    message: str, layers: list[tuple[Path, dict[str, Any]]], overrides: list[str]
+) -> Path | None:
+    """The config file whose value a ``section.key=...`` error is about: the first of
+    ``layers`` (the file, then its bases) that sets the key; None when the message names no
+    key, already names a file, or an override set the key (its message is the override's)."""
+    match = _KEY_AT_START.match(message)
+    if match is None:
+        return None
+    section, key = match.group(1), match.group(2)
+    dotted = f"{section}.{key}" if key else section
+    for override in overrides:
+        name = override.split("=", 1)[0].strip()
+        if name == dotted or name.startswith((dotted + ".", dotted + "[")):
+            return None
+    for file, raw in layers:
+        values = raw.get(section)
+        if key is None and section in raw:
+            return file
+        if key is not None and isinstance(values, dict) and key in values:
+            return file
+    return None
 
 
 def check_keys(raw: dict[str, Any], source: str) -> None:
@@ -767,9 +805,16 @@ def load_config(
 
     With ``name_run``, an ``experiment.run_name`` that neither the file nor the overrides set
     is named after them (:func:`default_run_name`)."""
-    raw = read_config(path) if path is not None else {}
+    layers = read_config_layers(path) if path is not None else []
+    raw = merge_layers(layers)
     apply_overrides(raw, list(overrides or []))
-    cfg = config_from_dict(raw, str(path) if path is not None else "config")
+    try:
+        cfg = config_from_dict(raw, str(path) if path is not None else "config")
+    except ConfigError as exc:
+        where = _file_that_set(str(exc), layers, list(overrides or []))
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
     if name_run and cfg.experiment.run_name is None:
         cfg.experiment.run_name = default_run_name(path, list(overrides or []))
     return cfg
