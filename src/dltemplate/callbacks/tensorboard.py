@@ -14,8 +14,8 @@ from dltemplate.registry import CALLBACKS
 
 def hyperparameters(cfg: Config) -> dict[str, bool | int | float | str]:
     """The config flattened to ``section.key`` (``model.args.width``) -> a value TensorBoard's
-    HPARAMS view takes: numbers, booleans and strings as they are, anything else (a list, None)
-    as its JSON text."""
+    HPARAMS view takes: numbers, booleans and strings as they are (torch's writer shows a
+    boolean as 1 or 0), anything else (a list, None) as its JSON text."""
     flat: dict[str, bool | int | float | str] = {}
 
     def walk(prefix: str, value: Any) -> None:
