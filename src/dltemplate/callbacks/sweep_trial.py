@@ -14,10 +14,11 @@ from typing import Any
 
 from dltemplate.callbacks.base import Callback, Loop
 from dltemplate.engine import distributed as D
+from dltemplate.sweeps.study import TRIAL_ENV, make_pruner, open_storage
 
 log = logging.getLogger("dltemplate")
 
-ENV = "DLTEMPLATE_SWEEP_TRIAL"  # JSON: storage, study, trial id, objective, pruner
+ENV = TRIAL_ENV  # JSON: storage, study, trial id, objective, pruner (set by the sweep)
 
 
 class SweepTrial(Callback):
@@ -46,8 +47,6 @@ class SweepTrial(Callback):
 
     def _connect(self) -> Any:
         import optuna  # only in a sweep's trials
-
-        from dltemplate.sweeps.study import make_pruner, open_storage
 
         study = optuna.load_study(
             study_name=self.study_name,

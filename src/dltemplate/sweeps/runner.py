@@ -37,7 +37,6 @@ from typing import Any
 import yaml
 
 from dltemplate.atomic import atomic_write_text
-from dltemplate.callbacks.sweep_trial import ENV as TRIAL_ENV
 from dltemplate.engine.checkpoint import load_checkpoint
 from dltemplate.engine.rundir import MetricsTable, RunLock
 from dltemplate.engine.stopping import RunStopped
@@ -55,7 +54,13 @@ from dltemplate.sweeps.spec import (
     stored_choices,
     sweep_from_dict,
 )
-from dltemplate.sweeps.study import make_pruner, make_sampler, open_storage, storage_url
+from dltemplate.sweeps.study import (
+    TRIAL_ENV,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    storage_url,
+)
 
 log = logging.getLogger("dltemplate")
 

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 JOURNAL = "study.journal"  # the default storage, a file in the sweep directory
+# How a sweep describes a trial to the run it starts (the ``sweep_trial`` callback reads it):
+# JSON with the storage, study, trial id, objective and pruner.
+TRIAL_ENV = "DLTEMPLATE_SWEEP_TRIAL"
 
 
 def storage_url(sweep_dir: Path, given: str | None) -> str:
