@@ -180,7 +180,8 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
         log_run(cfg, dist, device, threads, parts.model, data, point is None, run_dir)
         if device.type == "cuda":
             fast["channels_last"] = is_channels_last(parts.model)
-            fast["fused_optimizer"] = bool(schedule.optimizer.defaults.get("fused"))
+            # the param groups, not the defaults: a resume takes the checkpoint's setting
+            fast["fused_optimizer"] = bool(schedule.optimizer.param_groups[0].get("fused"))
             log.info("GPU settings: %s", speed_summary(fast))
     return cls(
         cfg,
