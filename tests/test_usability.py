@@ -298,7 +298,7 @@ def test_under_torchrun_each_process_takes_its_share_of_the_cores(monkeypatch, k
 def test_threads_null_gives_torchs_default_back_after_a_run_that_set_another(
     monkeypatch, keep_threads
 ):
-    """In one process (a notebook, a sweep's in-process trials, the tests) a run with
+    """In one process (a notebook, the Python API, the tests) a run with
     ``experiment.threads: null`` does not keep an earlier run's count: thread counts change
     how CPU sums are split, so results would depend on what ran before."""
     monkeypatch.setattr(threads, "STARTUP_THREADS", 2)

@@ -46,7 +46,7 @@ def thread_count(requested: int | None, local_world_size: int = 1) -> int | None
 def apply_threads(requested: int | None, distributed: bool = False) -> int:
     """Set torch's intra-op thread count as :func:`thread_count` says, torch's default
     (:data:`STARTUP_THREADS`) where it says None, so that a run in a process that ran others
-    (a notebook, a sweep's trials) does not keep their count; return the count in use.
+    (a notebook, the Python API, the tests) does not keep their count; return the count in use.
     ``distributed``: this process is one of several that ``torchrun`` started."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
     count = thread_count(requested, local)
