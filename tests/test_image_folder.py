@@ -262,8 +262,8 @@ def test_config_trains_a_cnn_on_a_generated_folder(cli, tmp_path):
     assert list(default_cache_dir(root).glob("*.images.npy"))  # decoded once, for next time
 
 
-@pytest.mark.parametrize("size", [64, 32])
-def test_the_starter_model_sees_the_whole_picture_from_each_output(size):
+@pytest.mark.parametrize(("size", "side"), [(64, 4), (32, 4), (96, 3), (56, 3), (100, 3)])
+def test_the_starter_model_sees_the_whole_picture_from_each_output(size, side):
     """The image-folder config's model: every input pixel reaches every position of the map
     that is averaged (SmallCNN, pooled once, saw about 14 pixels there, and learnt shapes of
     random colour slowly: 0.36 test accuracy after 8 epochs on 3 x 60 of them). Measured
@@ -283,7 +283,26 @@ def test_the_starter_model_sees_the_whole_picture_from_each_output(size):
     plain = ImageCNN((3, size, size), num_classes=3, width=4, contrast=False)
     assert seen_by_a_corner(plain) > 0.9
     assert seen_by_a_corner(SmallCNN((3, size, size), num_classes=3, width=4)) < 0.1
-    assert plain.features[:-2](torch.zeros(1, 3, size, size)).shape[-2:] == (4, 4)
+    assert plain.features[:-2](torch.zeros(1, 3, size, size)).shape[-2:] == (side, side)
+
+
+def test_the_starter_configs_model_and_training_are_as_the_readme_says():
+    """README: width 16, no dropout, contrast channels, batch 16, AdamW at lr 0.001, 10
+    epochs; widths doubling per scale up to 4 x width; a non-square picture halves until
+    its shorter side is 4 pixels or fewer."""
+    from dltemplate.config import load_config
+    from dltemplate.models.cnn import ImageCNN
+
+    cfg = load_config(CONFIG, [])
+    args = cfg.model.args
+    assert (args["width"], args["dropout"], args["contrast"]) == (16, 0.0, True)
+    assert (cfg.data.batch_size, cfg.optimizer.name, cfg.optimizer.lr, cfg.trainer.epochs) == (
+        16, "adamw", 0.001, 10)  # fmt: skip
+    model = ImageCNN((3, 64, 64), num_classes=3, **args)
+    convs = [m.out_channels for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[::2] == [16, 32, 64, 64, 64] and model.features[0][0].in_channels == 6
+    wide = ImageCNN((3, 96, 64), num_classes=3, width=4, contrast=False)
+    assert wide.features[:-2](torch.zeros(1, 3, 96, 64)).shape[-2:] == (6, 4)  # 64 -> 4
 
 
 def test_the_contrast_channels_standardise_each_picture_and_keep_its_colours():

@@ -95,13 +95,26 @@ def test_config_prints_no_derived_run_name_so_the_printed_file_names_its_own_run
     assert load_config(mine, ["optimizer.lr=0.1"]).experiment.run_name == "mine_lr=0.1"
 
 
-def test_runs_started_in_the_same_second_get_numbers_and_stay_in_order(tmp_path):
+def test_runs_started_in_the_same_second_get_numbers_and_stay_in_order(tmp_path, monkeypatch):
+    import datetime
+    import types
+
+    from dltemplate.engine import rundir
+
+    class Frozen(datetime.datetime):
+        """The same second for every run directory made."""
+
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(rundir, "datetime", types.SimpleNamespace(datetime=Frozen))
     a = new_run_dir(tmp_path, "lr=0.1")
     b = new_run_dir(tmp_path, "lr=0.1")
     for run in (a, b):
         (run / "config_x.json").write_text("{}")
-    if run_dir_time(a.name)[0] == run_dir_time(b.name)[0]:  # the same second: numbered
-        assert b.name == f"{a.name}_1" and run_dir_time(b.name)[1] == 1
+    assert a.name == "20240101_120000_lr=0.1" and b.name == f"{a.name}_1"
+    assert run_dir_time(b.name) == (Frozen(2024, 1, 1, 12, 0, 0), 1)
     assert latest_run_dir(tmp_path) == b and sorted([b, a]) == [a, b]
 
 
