@@ -96,6 +96,18 @@ def test_a_child_that_names_another_model_drops_the_bases_args_for_it(tmp_path, 
     assert cli("train", other, *quick) == 0
 
 
+def test_another_optimizer_drops_the_bases_args_and_null_replaces_a_value(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "optimizer:\n  name: sgd\n  lr: 0.1\n  args:\n    momentum: 0.9\n"
+        "data:\n  eval_batch_size: 64\n"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\noptimizer:\n  name: adam\ndata:\n  eval_batch_size: null\n")
+    cfg = load_config(child, [])
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.args) == ("adam", 0.1, {})
+    assert cfg.data.eval_batch_size is None
+
+
 def test_a_wrong_value_is_blamed_on_the_file_that_wrote_it(cli, tmp_path, capsys):
     """The file (the config or the base that set it) is named; an override's error is the
     override's."""

@@ -18,6 +18,7 @@ from dltemplate.config import load_config
 from dltemplate.config.loader import default_run_name
 from dltemplate.engine.checkpoint import checkpoint_kind
 from dltemplate.engine.rundir import latest_run_dir, new_run_dir, run_dir_time
+from dltemplate.errors import UsageError
 from dltemplate.tasks.classification import ClassificationTask
 from dltemplate.tools.runs_table import list_runs
 
@@ -42,6 +43,10 @@ def test_a_default_run_name_is_the_config_and_the_overrides_short_and_folder_saf
     assert short == "digits_mlp_loss=label_smoothing=0.1_augment=true"
     assert default_run_name("a.yaml", ["experiment.name=a b/c"]) == "a_experiment=a-b-c"
     assert default_run_name(None, []) is None
+    # where and how a run computes is not what it is: no name from these
+    unnamed = ["experiment.threads=1", "experiment.device=cpu", "experiment.gpu_devices=[0]",
+               "data.num_workers=2", "trainer.progress_bar=off"]  # fmt: skip
+    assert default_run_name("digits_mlp.yaml", unnamed) == "digits_mlp"
     many = default_run_name("digits_mlp.yaml", [f"model.args.w{i}={i}" for i in range(30)])
     assert len(many) <= 80 and many.startswith("digits_mlp_w0=0_w1=1")
     assert many.endswith("_w11=11_+18")  # 12 of the 30 shown, and how many are not
@@ -129,6 +134,32 @@ def test_the_latest_of_runs_started_in_one_second_is_the_last_started_whatever_i
         config.write_text("{}")
         os.utime(config, (1_700_000_000 + i, 1_700_000_000 + i))
         assert latest_run_dir(tmp_path).name == name
+
+
+def test_the_latest_run_is_found_across_config_folders_and_by_time_without_stamps(tmp_path):
+    """`resume last` looks in ./Results/<config>/<run>: the newest stamp of all the folders;
+    folders named without a timestamp: the newest modified."""
+
+    def run(path: Path, when: int) -> Path:
+        path.mkdir(parents=True)
+        config = path / "config_x.json"
+        config.write_text("{}")
+        os.utime(config, (when, when))
+        os.utime(path, (when, when))
+        return path
+
+    results = tmp_path / "Results"
+    run(results / "a" / "20240102_000000_a", 1)
+    newest = run(results / "b" / "20240103_000000_b", 2)
+    run(results / "b" / "20240101_000000_b", 3)  # written last, started first
+    assert latest_run_dir(results, depth=2) == newest
+    with pytest.raises(UsageError, match="no run directory"):
+        latest_run_dir(results, depth=1)  # runs are two levels down
+    plain = tmp_path / "plain"
+    run(plain / "first", 10)
+    second = run(plain / "second", 20)
+    run(plain / "an_old_one", 5)
+    assert latest_run_dir(plain) == second
 
 
 # == resume last =================================================================================
