@@ -85,6 +85,22 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_status_141():
     assert process.wait(timeout=120) == 141 and error == ""
 
 
+def test_a_reader_that_leaves_part_way_through_a_long_table_ends_it_quietly(tmp_path):
+    """``dltemplate runs DIR | head -1`` on more runs than a pipe holds (64 KiB)."""
+    first = fake_run(tmp_path / "runs" / "20240101_000000_digits_mlp")
+    raw = first.joinpath(f"config_DigitsMLP_{first.name}.json").read_text()
+    for i in range(1, 700):
+        folder = tmp_path / "runs" / f"20240101_{i:06d}_digits_mlp_with_a_longer_name_{i}"
+        folder.mkdir()
+        (folder / f"config_DigitsMLP_{folder.name}.json").write_text(raw)
+    command = [sys.executable, "-m", "dltemplate", "runs", str(tmp_path / "runs")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline()  # the header, then the reader goes away
+    process.stdout.close()
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and error == ""
+
+
 # == compare-configs takes run directories =====================================================
 def test_compare_configs_takes_run_directories(cli, tmp_path, capsys):
     a = fake_run(tmp_path / "20250101_000000")
