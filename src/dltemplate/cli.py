@@ -78,6 +78,7 @@ def _stopped(name: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``dltemplate train CONFIG [overrides]``: train a run; 0 when it finished."""
     cfg = load_config(args.config, args.overrides)  # a config error is said before torch loads
     from dltemplate import api
 
@@ -87,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """``dltemplate config CONFIG [overrides]``: print the resolved config as YAML."""
     cfg = load_config(args.config, args.overrides, name_run=False)  # a reusable file: no name
     print(format_config(cfg), end="")
     return 0
@@ -99,6 +101,7 @@ def format_config(cfg: Config) -> str:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    """``dltemplate resume RUN|CHECKPOINT|last [overrides]``: continue a run."""
     from dltemplate import api
 
     target = args.target
@@ -135,6 +138,7 @@ def last_run(output_dir: str | None, config: str | None) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``dltemplate eval RUN|CHECKPOINT``: evaluate a split; print and write its report."""
     from dltemplate.assemble import build_evaluator
     from dltemplate.engine.evaluator import EvaluatorBase
     from dltemplate.engine.runlog import setup_logging
@@ -175,6 +179,7 @@ def default_report_path(checkpoint: Path, split: str) -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``dltemplate predict RUN FILES...``: predictions for files (classes or masks)."""
     from dltemplate.assemble import build_evaluator
     from dltemplate.atomic import atomic_write_text
     from dltemplate.engine.runlog import setup_logging
@@ -234,6 +239,7 @@ def _prediction_line(record: Any) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``dltemplate export RUN``: the model as ONNX or TorchScript, checked against torch."""
     from dltemplate.engine.runlog import setup_logging
     from dltemplate.export import ExportError, export_model  # onnx only when asked for
 
@@ -258,6 +264,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """``dltemplate sweep SWEEP.yaml``: run (or continue) a sweep's trials."""
     from dltemplate.engine.runlog import setup_logging
     from dltemplate.sweeps.runner import run_sweep  # imports optuna: only for sweeps
 
@@ -267,6 +274,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
+    """``dltemplate make-sample-data carvana OUT``: write a small synthetic Carvana-like set."""
     from dltemplate.data.sample_carvana import make_sample_carvana
     from dltemplate.engine.runlog import setup_logging
 
@@ -327,11 +335,13 @@ def _sample_line(sample: Any) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``dltemplate compare-configs A B``: the keys in which two configs or runs differ."""
     print(format_diff(compare_configs(args.a, args.b), args.a, args.b))
     return 0
 
 
 def cmd_count(args: argparse.Namespace) -> int:
+    """``dltemplate count-params CONFIG|RUN``: trainable and total parameters per module."""
     from dltemplate import api
     from dltemplate.assemble import validate_names
     from dltemplate.config.trust import refuse_untrusted_code
@@ -369,6 +379,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    """``dltemplate runs [DIR...]``: the table of runs under the given folders."""
     from dltemplate.tools.runs_table import format_csv, format_table, list_runs
 
     rows = list_runs(args.dirs, sort=args.sort, group_seeds=args.group_seeds)
