@@ -26,8 +26,14 @@ from conftest import (
 )
 from slurm_cluster import cancel, job_info, requeue_now, signal_job, slurm_available, wait_state
 
+# CI starts a cluster and sets DLTEMPLATE_REQUIRE_SLURM=1: there a missing cluster fails the
+# tests instead of skipping them unseen.
+_MISSING = slurm_available()
+if _MISSING is not None and os.environ.get("DLTEMPLATE_REQUIRE_SLURM") == "1":
+    raise RuntimeError(f"DLTEMPLATE_REQUIRE_SLURM=1 but no SLURM cluster: {_MISSING}")
+
 pytestmark = [
-    pytest.mark.skipif(slurm_available() is not None, reason=str(slurm_available())),
+    pytest.mark.skipif(_MISSING is not None, reason=str(_MISSING)),
     pytest.mark.xdist_group("slurm"),  # under pytest -n: one worker, one job at a time on the node
 ]
 
