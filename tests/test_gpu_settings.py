@@ -164,7 +164,8 @@ def test_eval_applies_the_runs_backend_settings(cli, tmp_path, backend_flags):
     from dltemplate.engine.evaluator import EvaluatorBase
 
     out = tmp_path / "out"
-    assert cli("train", DEMO, *SMALL, "experiment.tf32=false", f"experiment.output_dir={out}") == 0
+    quick = [*SMALL, "trainer.epochs=1", "data.train_val_sample_rate=0.1"]
+    assert cli("train", DEMO, *quick, "experiment.tf32=false", f"experiment.output_dir={out}") == 0
     (run,) = run_dirs(out)
     torch.backends.cuda.matmul.fp32_precision = "tf32"  # as a TF32 run would leave it
     EvaluatorBase(run)

@@ -200,6 +200,7 @@ def test_cuda_conversion_uses_torch_syncbatchnorm() -> None:
     assert len(bns) == 3 and all(type(m) is nn.SyncBatchNorm for m in bns)
 
 
+@pytest.mark.slow  # two gloo processes (~11 s); the single-process tests above are quick
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
 def test_two_gloo_processes_match_one_process_full_batch(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
