@@ -41,7 +41,7 @@ def _train(out: Path, config: Path, *overrides: str) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # see tests/test_segmentation.py's carvana
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One-epoch runs: the digits MLP and a small CNN, and a small UNet on Carvana-layout data."""
     from dltemplate.data.sample_carvana import make_sample_carvana

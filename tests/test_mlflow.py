@@ -77,7 +77,7 @@ def MlflowClient(uri: str):  # noqa: N802  (MLflow's class, imported only where 
     return MlflowClient(uri)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/test_segmentation.py's carvana
 def empty_store(tmp_path_factory) -> Path:
     """An MLflow SQLite store made once (its tables take seconds to create), copied per test."""
     db = tmp_path_factory.mktemp("mlflow_store") / "mlflow.db"

@@ -36,7 +36,7 @@ def one_error_line(err: str) -> str:
 
 
 # == predict, classification ====================================================================
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # see tests/test_segmentation.py's carvana
 def folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(run directory, data root): one epoch of the small CNN on a generated image folder."""
     from dltemplate.cli import main
@@ -262,7 +262,7 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # see tests/test_segmentation.py's carvana
 def objects_script(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """(home, what the script printed): the script run once, in a fresh interpreter."""
     home = tmp_path_factory.mktemp("objects")

@@ -23,7 +23,9 @@ UNET = REPO / "configs" / "unet_carvana.yaml"
 UNETPP = REPO / "configs" / "unetpp_carvana.yaml"
 
 
-@pytest.fixture(scope="module")
+# Session scope, not module: under pytest -n a worker may run other files' tests between these,
+# and pytest ends module fixtures whenever it leaves the module (the run was trained twice).
+@pytest.fixture(scope="session")
 def carvana(tmp_path_factory) -> Path:
     """32 synthetic pairs (4 cars x 8 views) at 480x320: quick to train at 1/4 scale."""
     return make_sample_carvana(tmp_path_factory.mktemp("carvana"), n=32, views=8,
@@ -36,7 +38,7 @@ def small(data: Path, out: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unet_run(carvana, tmp_path_factory) -> Path:
     from dltemplate.cli import main
 
