@@ -245,11 +245,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     sections = _section_types()
     built = {}
     for name, values in raw.items():
-        if name not in sections:
-            raise ConfigError(
-                f"{source}: unknown config section '{name}'{did_you_mean(name, sections)}; "
-                f"sections are {', '.join(sections)}"
-            )
+        refuse_unknown_key(name, None, source)
         if typing.get_origin(sections[name]) is list:  # a list section (callbacks)
             (item_cls,) = typing.get_args(sections[name])
             built[name] = _list_section(values, item_cls, name, source)
@@ -262,11 +258,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
-            if key not in hints:
-                valid = [f"{name}.{k}" for k in hints]
-                raise ConfigError(
-                    f"{source}: unknown key '{name}.{key}'{did_you_mean(f'{name}.{key}', valid)}"
-                )
+            refuse_unknown_key(name, key, source)
             kwargs[key] = check_value(value, hints[key], f"{name}.{key}")
         built[name] = cls(**kwargs)
     cfg = Config(**built)
@@ -581,20 +573,7 @@ _YAML_EXAMPLES = {"[": "[128, 64]", "{": "{a: 1, b: 2}", '"': '"a b"', "'": "'a 
 def check_override_key(text: str, path: list[str]) -> None:
     """A ConfigError if the override ``text`` (key path ``path``) names a section or key the
     schema lacks: the message names the override, so the typo is not blamed on the file."""
-    sections = _section_types()
-    where = f"override '{_cut(text)}'"
-    if path[0] not in sections:
-        raise ConfigError(
-            f"{where}: unknown config section '{path[0]}'{did_you_mean(path[0], sections)}; "
-            f"sections are {', '.join(sections)}"
-        )
-    cls = sections[path[0]]
-    if typing.get_origin(cls) is list:
-        return
-    hints = typing.get_type_hints(cls)
-    if path[1] not in hints:
-        key, valid = ".".join(path[:2]), [f"{path[0]}.{k}" for k in hints]
-        raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}")
+    refuse_unknown_key(path[0], path[1] if len(path) > 1 else None, f"override '{_cut(text)}'")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -781,20 +760,28 @@ def check_keys(raw: dict[str, Any], source: str) -> None:
     for name, values in raw.items():
         if name == "base":
             continue
-        if name not in sections:
-            raise ConfigError(
-                f"{source}: unknown config section '{name}'{did_you_mean(name, sections)}; "
-                f"sections are {', '.join(sections)}"
-            )
+        refuse_unknown_key(name, None, source)
         if typing.get_origin(sections[name]) is list or not isinstance(values, dict):
             continue  # checked whole by config_from_dict
-        hints = typing.get_type_hints(sections[name])
         for key in values:
-            if key not in hints:
-                valid = [f"{name}.{k}" for k in hints]
-                raise ConfigError(
-                    f"{source}: unknown key '{name}.{key}'{did_you_mean(f'{name}.{key}', valid)}"
-                )
+            refuse_unknown_key(name, key, source)
+
+
+def refuse_unknown_key(section: str, key: str | None, source: str) -> None:
+    """A ConfigError naming ``source`` (a file, or an override) when the schema has no
+    ``section``, or (for a mapping section) no ``section.key``, with the nearest names."""
+    sections = _section_types()
+    if section not in sections:
+        raise ConfigError(
+            f"{source}: unknown config section '{section}'{did_you_mean(section, sections)}; "
+            f"sections are {', '.join(sections)}"
+        )
+    if key is None or typing.get_origin(sections[section]) is list:
+        return
+    hints = typing.get_type_hints(sections[section])
+    if key not in hints:
+        dotted, valid = f"{section}.{key}", [f"{section}.{k}" for k in hints]
+        raise ConfigError(f"{source}: unknown key '{dotted}'{did_you_mean(dotted, valid)}")
 
 
 def load_config(
