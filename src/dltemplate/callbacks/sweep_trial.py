@@ -1,8 +1,8 @@
 """``sweep_trial``: a trial of a sweep reports its objective to the study each epoch, and stops
 when the study's pruner says so. Added by the composition root to a run that ``dltemplate
-sweep`` started (the environment variable :data:`ENV` describes the trial); never configured by
-hand, and absent from the trial's saved config, so ``eval`` and ``resume`` of a trial run it as
-any run."""
+sweep`` started (the environment variable :data:`~dltemplate.sweeps.study.TRIAL_ENV`
+describes the trial); never configured by hand, and absent from the trial's saved config, so
+``eval`` and ``resume`` of a trial run it as any run."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from dltemplate.engine import distributed as D
 from dltemplate.sweeps.study import TRIAL_ENV, make_pruner, open_storage
 
 log = logging.getLogger("dltemplate")
-
-ENV = TRIAL_ENV  # JSON: storage, study, trial id, objective, pruner (set by the sweep)
 
 
 class SweepTrial(Callback):
@@ -42,7 +40,7 @@ class SweepTrial(Callback):
     @classmethod
     def from_env(cls) -> SweepTrial | None:
         """The trial this process runs, if ``dltemplate sweep`` started it."""
-        described = os.environ.get(ENV)
+        described = os.environ.get(TRIAL_ENV)
         return cls(**json.loads(described)) if described else None
 
     def _connect(self) -> Any:

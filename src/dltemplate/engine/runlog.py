@@ -63,15 +63,15 @@ def attach_log_file(log_file: Path) -> None:
 def format_duration(seconds: float, compact: bool = False) -> str:
     """A duration as people read it: ``8.2 s``, ``3 min 05 s``, ``2 h 07 min``; ``compact``
     for table cells: ``8.2s``, ``3m05s``, ``2h07m``."""
-    s, m, h = ("s", "m", "m") if compact else (" s", " min ", " min")
-    hour = "h" if compact else " h "
+    sec, mins, hrs = ("s", "m", "h") if compact else (" s", " min", " h")
+    gap = "" if compact else " "
     if seconds < 60:
-        return f"{seconds:.1f}{s}"
+        return f"{seconds:.1f}{sec}"
     minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
-        return f"{minutes}{m}{secs:02d}{s}"
+        return f"{minutes}{mins}{gap}{secs:02d}{sec}"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}{hour}{minutes:02d}{h}"
+    return f"{hours}{hrs}{gap}{minutes:02d}{mins}"
 
 
 def rerun_command(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> str:

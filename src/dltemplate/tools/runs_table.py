@@ -91,7 +91,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dltemplate.engine import rundir
+from dltemplate.engine.rundir import best_epoch as replay_best_epoch
 from dltemplate.engine.rundir import metrics_rows
 from dltemplate.engine.runlog import format_duration
 from dltemplate.errors import UsageError, did_you_mean
@@ -373,7 +373,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     elif monitor is not None:  # no checkpoint: the rows replayed as the run counts its best
         delta = trainer.get("early_stopping_min_delta")
         numeric = [r for r in rows if _float(r.get(monitor)) is not None]
-        best_epoch = rundir.best_epoch(numeric, monitor, mode, delta if _is_number(delta) else 0.0)
+        best_epoch = replay_best_epoch(numeric, monitor, mode, delta if _is_number(delta) else 0.0)
         if best_epoch is not None:
             best = next(_float(r[monitor]) for r in numeric if int(float(r["epoch"])) == best_epoch)
 
