@@ -456,6 +456,25 @@ def test_tensorboard_keeps_the_point_logged_at_the_stop_step(cli, tmp_path, monk
     assert steps == [5, 10, 15, 20, 25]  # the point at the stop step, once; none twice
 
 
+def test_a_resume_opens_its_event_file_in_a_later_second_than_the_stopped_sessions(tmp_path):
+    """Event files are read in name order and their counter is not zero-padded: a resume's file
+    opened in the stopped session's second could sort first (``.10`` before ``.9``), and its
+    purge would apply before the points it hides (this test's neighbour failed so, now and
+    then, under load)."""
+    import time
+
+    from dltemplate.callbacks.tensorboard import wait_past_event_files
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now:010d}.host.1.9").write_bytes(b"")
+    wait_past_event_files(tmp_path)
+    assert int(time.time()) > now
+    started = time.monotonic()
+    wait_past_event_files(tmp_path)  # the newest file is from an earlier second: no wait
+    wait_past_event_files(tmp_path / "missing")
+    assert time.monotonic() - started < 0.5
+
+
 # == callback state by key ======================================================================
 def test_two_callbacks_of_one_kind_keep_their_own_state(cli, tmp_path):
     out = tmp_path / "out"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,25 @@ def hyperparameters(cfg: Config) -> dict[str, bool | int | float | str]:
     return flat
 
 
+def wait_past_event_files(folder: Path) -> None:
+    """Sleep into the second after the newest event file in ``folder`` was opened, if it was
+    opened this second (well under a second, and only then).
+
+    TensorBoard reads a folder's event files in name order; a name is
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``, the counter not zero-padded. A
+    resume opened in the same second as the stopped session's file (in one process: the
+    Python API, a notebook, the tests) could sort before it (``.10`` before ``.9``), and its
+    purge of the points logged after the checkpoint would be applied before those points."""
+    seconds = []
+    for path in folder.glob("events.out.tfevents.*"):
+        stamp = path.name.split(".")[3]
+        if stamp.isdigit():
+            seconds.append(int(stamp))
+    now = time.time()
+    if seconds and max(seconds) >= int(now):
+        time.sleep(max(seconds) + 1 - now)
+
+
 @CALLBACKS.register("tensorboard")
 class TensorBoard(Callback):
     """On rank 0: ``train/loss_step`` and ``train/lr`` whenever the trainer reads the loss
@@ -53,8 +74,10 @@ class TensorBoard(Callback):
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where needed
 
         step = trainer.state.global_step
-        summary = str(trainer.run_dir / "summary")
-        trainer.set_writer(SummaryWriter(summary, purge_step=step + 1 if step else None))
+        summary = trainer.run_dir / "summary"
+        if step:
+            wait_past_event_files(summary)
+        trainer.set_writer(SummaryWriter(str(summary), purge_step=step + 1 if step else None))
 
     def on_train_batch_end(self, trainer: Loop, batch_index: int, loss: torch.Tensor):
         """The loss the trainer has just read, and the learning rate."""
