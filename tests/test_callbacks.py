@@ -274,6 +274,40 @@ def test_tensorboard_logs_the_hyperparameters_with_the_final_metrics(cli, tmp_pa
     assert acc.Scalars("best/val/accuracy")[-1].value == pytest.approx(best)
 
 
+def test_a_resume_that_only_tests_logs_the_hyperparameters_with_every_final_metric(
+    cli, tmp_path, monkeypatch
+):
+    """The last epoch's metrics come from the checkpoint: the resumed session trains none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = tmp_path / "out"
+    original_test = TrainerBase.test
+
+    def test(self):
+        monkeypatch.setattr(TrainerBase, "test", original_test)  # once
+        raise RuntimeError("injected during the final test")
+
+    monkeypatch.setattr(TrainerBase, "test", test)
+    assert cli("train", DEMO, f"experiment.output_dir={out}", *SMALL) == 1
+    (run,) = run_dirs(out)
+    assert cli("resume", run) == 0  # the final test only
+    log = (run / "train.log").read_text()
+    assert "at epoch 3" not in log  # a 2-epoch run has none
+    assert "Vanilla_last_ckpt.pth with training complete (2 epochs, step 26)" in log
+    acc = EventAccumulator(str(run / "summary"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    tags = {m.name.tag for m in experiment.experiment.metric_infos}
+    last = metric_rows(run)[-1]
+    expected = {key for key in last if "/" in key}
+    assert expected and expected | {"test/accuracy", "best/val/accuracy"} <= tags
+    assert last_state(run)["callbacks"]["TensorBoard"]["final"]["val/accuracy"] == (
+        pytest.approx(float(last["val/accuracy"]))
+    )
+
+
 # == freeze ===================================================================================
 def test_freeze_keeps_a_layer_for_the_first_epoch_then_trains_it(cli, tmp_path, probes):
     # Vanilla with hidden=[32]: net.0 Flatten, net.1 Linear(64, 32), net.2 ReLU, net.3 Linear.

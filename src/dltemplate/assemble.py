@@ -258,14 +258,11 @@ def open_run_dir(
     else:
         state = point.state
         cause = f" (stopped by {state['interrupted_by']})" if "interrupted_by" in state else ""
-        log.info(
-            "run %s resumed from %s%s at epoch %d, step %d",
-            run_dir.name,
-            point.path,
-            cause,
-            state["epoch"] + 1,
-            state["global_step"],
-        )
+        epoch, step = state["epoch"], state["global_step"]
+        at = f"at epoch {epoch + 1}, step {step}"
+        if epoch >= cfg.trainer.epochs:  # "epoch 3" of a 2-epoch run would read as a 3rd one
+            at = f"with training complete ({epoch} epochs, step {step})"
+        log.info("run %s resumed from %s%s %s", run_dir.name, point.path, cause, at)
         changed = update_saved_config(run_dir, config_to_dict(cfg))
         if changed:
             log.info("config changed on resume: %s", "; ".join(changed))

@@ -59,9 +59,10 @@ class TensorBoard(Callback):
     and ``lr`` per epoch, ``test/`` metrics at the end, and when the run finishes its
     hyperparameters (the config, flattened by :func:`hyperparameters`) with the final metrics
     (the last epoch's ``train/``, ``val/``, the best ``trainer.monitor`` as ``best/<monitor>``,
-    ``test/``), so that TensorBoard's HPARAMS view compares runs. It opens ``trainer.writer``,
-    which other callbacks and the task's ``log_images`` write to (None when this callback is
-    off)."""
+    ``test/``), so that TensorBoard's HPARAMS view compares runs. The final metrics are saved
+    in checkpoints, so a resume that only re-runs the final test logs them too. It opens
+    ``trainer.writer``, which other callbacks and the task's ``log_images`` write to (None when
+    this callback is off)."""
 
     def __init__(self) -> None:
         self.final: dict[str, float] = {}  # the metrics the hyperparameters are logged with
@@ -129,6 +130,14 @@ class TensorBoard(Callback):
     def on_exception(self, trainer: Loop, exc: BaseException) -> None:
         """Close the writer (what was written stays)."""
         self._close(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The final metrics so far (changed only at an epoch's end and after the test)."""
+        return {"final": dict(self.final)} if self.final else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.final = {str(k): float(v) for k, v in state.get("final", {}).items()}
 
     @staticmethod
     def _close(trainer: Loop) -> None:
