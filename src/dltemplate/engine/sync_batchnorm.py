@@ -56,8 +56,10 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
     ) -> None:
         """Same arguments as ``nn.BatchNorm*d``; ``process_group`` defaults to the whole world."""
+        # ``bias`` is passed only when it matters: torch before 2.12 has no such argument.
+        no_bias = {"bias": False} if affine and not bias else {}
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **no_bias
         )
         self.process_group = process_group
 
