@@ -32,9 +32,12 @@ from dltemplate.registry import TASKS
 
 
 def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
-    """A normalised (C, H, W) tensor back to an (H, W, C) uint8 picture."""
+    """A normalised (C, H, W) tensor back to an (H, W, 3) uint8 RGB picture: 3 channels as
+    they are, any other number as the grey levels of the first (a 1-channel dataset)."""
     mean, std = channel_stats(info, x.device)
     pixels = ((x.float() * std[0] + mean[0]).clamp(0, 1) * 255).round().byte()
+    if pixels.shape[0] != 3:
+        pixels = pixels[:1].expand(3, -1, -1)
     return pixels.permute(1, 2, 0).cpu().numpy()
 
 
@@ -91,10 +94,13 @@ class SegmentationTask(Task):
         return ["dice", "iou"]
 
     def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
-        """Move uint8 images and masks to ``device``, then scale and normalise the images."""
-        x = batch.inputs.to(device, non_blocking=True).float().div_(255.0)
+        """Move images and masks to ``device``, then scale uint8 images to [0, 1] (float
+        images are on that scale already, as in classification) and normalise them."""
+        x = batch.inputs.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
         masks = batch.targets.to(device, non_blocking=True)
-        return Batch(self.normalize_inputs(x, info), masks, batch.global_size)
+        return Batch(self.normalize_inputs(x.float(), info), masks, batch.global_size)
 
     def normalize_inputs(self, x: torch.Tensor, info: DataInfo) -> torch.Tensor:
         """Images on the [0, 1] scale minus the dataset's mean, over its std, per channel."""
