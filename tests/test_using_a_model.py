@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_predict_api
 import torch
 from conftest import REPO
 from PIL import Image
+from test_predict_api import one_error_line
 from torch.utils.data import Dataset
 
 import dltemplate
 
 UNET = REPO / "configs" / "unet_carvana.yaml"
+folder_run = test_predict_api.folder_run  # its session fixture: one image-folder run for both
 SIDE = 32
 
 
@@ -60,12 +63,13 @@ def close_run_logs() -> None:
 
 @pytest.fixture(scope="module")
 def grey_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch of a small UNet on grey uint8 squares given in Python."""
+    """A small UNet trained on grey uint8 squares given in Python (it finds them: dice > 0.9)."""
     out = tmp_path_factory.mktemp("grey")
     try:
-        result = dltemplate.train(UNET, seg_overrides(out, 1), dataset=Squares())
+        result = dltemplate.train(UNET, seg_overrides(out, 6), dataset=Squares())
     finally:
         close_run_logs()
+    assert result.test_metrics["dice"] > 0.9
     return result.run_dir
 
 
@@ -105,3 +109,94 @@ def test_float_segmentation_inputs_are_taken_as_they_are(tmp_path):
         pred = model(images) > 0.5
     dice = 2 * (pred & masks).sum((1, 2, 3)) / (pred.sum((1, 2, 3)) + masks.sum((1, 2, 3)))
     assert dice.mean() > 0.9
+
+
+# == predict on image files of every kind ========================================================
+def save_grey(pixels: np.ndarray, folder: Path) -> dict[str, Path]:
+    """``pixels`` (uint8, H x W) as the files a lab has: grey PNG, 16-bit grey PNG (the same
+    levels x 257), RGB PNG, RGBA PNG and a palette PNG, all of the same grey picture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = Image.fromarray(pixels)
+    files = {
+        "grey": folder / "grey.png",
+        "grey16": folder / "grey16.png",
+        "rgb": folder / "rgb.png",
+        "rgba": folder / "rgba.png",
+        "palette": folder / "palette.png",
+    }
+    grey.save(files["grey"])
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(files["grey16"])
+    assert Image.open(files["grey16"]).mode == "I;16"
+    grey.convert("RGB").save(files["rgb"])
+    grey.convert("RGBA").save(files["rgba"])
+    grey.convert("P").save(files["palette"])
+    return files
+
+
+def test_segmentation_predict_reads_every_kind_of_image_as_the_run_did(grey_run, cli, tmp_path):
+    """A grey run predicts on grey, 16-bit, RGB, RGBA and palette files of one grey picture: the
+    same mask for each, the mask load_model gives the picture; a JPEG of another size gets a
+    mask at its own size. The run's dataset came from code: predict names it by its module."""
+    pixels = Squares()[3][0][0].numpy()
+    files = save_grey(pixels, tmp_path / "photos")
+    Image.new("RGB", (50, 40), (200, 200, 200)).save(tmp_path / "photos" / "big.jpg")
+    out = tmp_path / "masks"
+    names = ["data.name=test_using_a_model:Squares"]
+    assert cli("predict", grey_run, *files.values(), tmp_path / "photos" / "big.jpg", *names,
+               "--out", out) == 0  # fmt: skip
+    model = dltemplate.load_model(grey_run, dataset=Squares())
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels).float()[None, None] / 255)[0, 0] > 0.5
+    assert expected.any() and not expected.all()
+    for name in files:
+        mask = np.asarray(Image.open(out / f"{name}_mask.png")) > 0
+        assert (mask == expected.numpy()).all(), name
+        assert Image.open(out / f"{name}_overlay.png").mode == "RGB"
+    assert Image.open(out / "big_mask.png").size == (50, 40)
+
+
+def test_segmentation_predict_refuses_two_files_of_one_name(grey_run, cli, tmp_path, capsys):
+    """``a/x.png`` and ``b/x.png`` would write the same ``x_mask.png``: one line naming both,
+    exit status 2, nothing written."""
+    first = save_grey(np.zeros((8, 8), np.uint8), tmp_path / "a")["grey"]
+    second = save_grey(np.zeros((8, 8), np.uint8), tmp_path / "b")["grey"]
+    out = tmp_path / "masks"
+    names = ["data.name=test_using_a_model:Squares"]
+    assert cli("predict", grey_run, first, second, *names, "--out", out) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(first) in line and str(second) in line and "grey_mask.png" in line
+    assert not out.exists()
+
+
+def test_classification_predict_reads_16_bit_grey_as_its_8_bit_levels(
+    folder_run, cli, tmp_path, capsys
+):
+    """A 16-bit PNG is scaled to 8 bits, not clipped at 255 (nearly all white): its
+    probabilities are those of the same picture saved in 8 bits."""
+    run, _ = folder_run
+    pixels = np.random.default_rng(0).integers(0, 120, (16, 16)).astype(np.uint8)
+    files = save_grey(pixels, tmp_path)
+    capsys.readouterr()
+    assert cli("predict", run, files["grey"], files["grey16"], "--top-k", "3") == 0
+    eight, sixteen = (line.split(": ")[1] for line in capsys.readouterr().out.splitlines())
+    assert eight == sixteen
+
+
+def test_predict_takes_overrides_such_as_a_moved_data_root(folder_run, cli, tmp_path, capsys):
+    """Like eval and export, predict takes section.key=value overrides after the files: the
+    run's data moved (the image folder says the class names) is data.root=NEW."""
+    import shutil
+
+    run, root = folder_run
+    photo = root / "red" / "img000.png"
+    capsys.readouterr()
+    assert cli("predict", run, photo) == 0
+    before = capsys.readouterr().out
+    moved = shutil.copytree(root, tmp_path / "moved")
+    assert cli("predict", run, photo, f"data.root={moved}") == 0
+    assert capsys.readouterr().out == before
+    assert cli("predict", run, photo, f"data.root={tmp_path / 'gone'}") == 2
+    assert str(tmp_path / "gone") in one_error_line(capsys.readouterr().err)
+    assert cli("predict", run, root / "red") == 2  # a folder is not an image file
+    line = one_error_line(capsys.readouterr().err)
+    assert "a folder, not an image file" in line and str(root / "red") in line

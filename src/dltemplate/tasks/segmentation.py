@@ -23,8 +23,9 @@ from torch import nn
 
 from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.data.carvana.decode import BAD_IMAGE_ERRORS
+from dltemplate.data.image_folder import convert_image
 from dltemplate.engine.task import Task
-from dltemplate.errors import DataError
+from dltemplate.errors import DataError, UsageError
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.metrics.overlap import dice_coefficient
 from dltemplate.models.heads import merged_prediction
@@ -209,27 +210,43 @@ class SegmentationTask(Task):
         Every image's header is read first, so that a file that is not an image, or one too
         large to decode safely (PIL's decompression-bomb limit), stops with a DataError
         naming it before anything is written; a file whose pixels turn out corrupt stops
-        the same way when it is reached."""
+        the same way when it is reached. Images are read grey or RGB as the run's inputs are
+        (16-bit grey scaled to 8 bits, as image_folder decodes); two files of one name
+        (``a/x.jpg``, ``b/x.png``) would write the same mask: a DataError naming both."""
+        shape = tuple(info.input_shape)
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise UsageError(
+                f"predict reads image files, but the run's inputs have shape {shape}, not "
+                "(channels, height, width) with 1 (grey) or 3 (RGB) channels"
+            )
         model.eval()
+        stems: dict[str, Path] = {}
         for path in paths:
             with _readable(path), Image.open(path):
                 pass  # the header: format and size (where PIL refuses a bomb)
+            first = stems.setdefault(Path(path).stem, Path(path))
+            if first.resolve() != Path(path).resolve():
+                raise DataError(
+                    f"{first} and {path} would both write {Path(path).stem}_mask.png into "
+                    f"{out_dir}: predict them into different --out folders"
+                )
         out_dir.mkdir(parents=True, exist_ok=True)
-        height, width = info.input_shape[1:]
+        height, width = shape[1:]
+        mode = "L" if shape[0] == 1 else "RGB"
         written = []
         for path in paths:
             with _readable(path), Image.open(path) as img:
                 img.load()
-                original = img.convert("RGB")
-            resized = original.resize((width, height), Image.BILINEAR)
-            x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)[None]
+                original = convert_image(img, mode)
+            resized = np.asarray(original.resize((width, height), Image.BILINEAR))
+            x = torch.from_numpy(resized.reshape(height, width, -1).copy()).permute(2, 0, 1)[None]
             batch = self.prepare_batch(Batch(x, torch.zeros(1), 1), device, info)
             logits = merged_prediction(self.forward(model, batch))
             full = F.interpolate(logits.float(), size=original.size[::-1], mode="bilinear")
             pred = (full[0, 0] > 0).cpu().numpy()
             target = out_dir / f"{Path(path).stem}_mask.png"
             Image.fromarray(pred.astype(np.uint8) * 255).save(target)
-            picture = overlay(np.asarray(original), pred, Path(path).name)
+            picture = overlay(np.asarray(original.convert("RGB")), pred, Path(path).name)
             picture.save(out_dir / f"{Path(path).stem}_overlay.png")
             written += [target, out_dir / f"{Path(path).stem}_overlay.png"]
         return written
