@@ -200,3 +200,33 @@ def test_predict_takes_overrides_such_as_a_moved_data_root(folder_run, cli, tmp_
     assert cli("predict", run, root / "red") == 2  # a folder is not an image file
     line = one_error_line(capsys.readouterr().err)
     assert "a folder, not an image file" in line and str(root / "red") in line
+
+
+# == load_model on what a notebook has at hand ===================================================
+def test_load_model_says_what_it_takes_instead_of_wrong_probabilities(grey_run):
+    """uint8 pixels (0..255) would saturate every probability without an error; an image
+    without its batch axis, channels last, a NumPy array or a PIL image fail deep in the model
+    or in torch: each is a DataError saying what the model takes. Another size passes (a UNet
+    takes any)."""
+    from dltemplate.errors import DataError
+
+    model = dltemplate.load_model(grey_run, dataset=Squares())
+    image = Squares()[3][0]  # uint8 (1, 32, 32)
+    wanted = f"the model takes a float32 tensor N x 1 x {SIDE} x {SIDE} in [0, 1]"
+    for given, said in [
+        (
+            image[None],
+            "got a uint8 tensor (1, 1, 32, 32): convert it (x.float() / 255 for 0..255 pixels)",
+        ),
+        (image.float() / 255, "got a float32 tensor (1, 32, 32) (x[None] adds the batch axis)"),
+        ((image.float() / 255).permute(1, 2, 0)[None], "got a float32 tensor (1, 32, 32, 1)"),
+        (image.numpy(), "got ndarray: pass torch.from_numpy(array)"),
+        (Image.fromarray(image[0].numpy()), "got Image: pass a tensor"),
+    ]:
+        with pytest.raises(DataError) as caught:
+            model(given)
+        assert str(caught.value) == f"{wanted}; {said}"
+    with torch.no_grad():
+        right = model(image[None].float() / 255)
+        larger = model(torch.rand(2, 1, 48, 40))
+    assert right.shape == (1, 1, SIDE, SIDE) and larger.shape == (2, 1, 48, 40)
