@@ -230,3 +230,13 @@ def test_load_model_says_what_it_takes_instead_of_wrong_probabilities(grey_run):
         right = model(image[None].float() / 255)
         larger = model(torch.rand(2, 1, 48, 40))
     assert right.shape == (1, 1, SIDE, SIDE) and larger.shape == (2, 1, 48, 40)
+
+
+def test_a_device_this_machine_lacks_says_which_override_runs_here(folder_run, cli, capsys):
+    """A run saved with a device this machine lacks (trained on a GPU, evaluated on a laptop):
+    one line naming the device and the override that runs it here."""
+    run, root = folder_run
+    for command in (["eval", run], ["predict", run, root / "red" / "img000.png"]):
+        assert cli(*command, "experiment.device=cuda:99") == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "experiment.device=cuda:99" in line and "experiment.device=auto" in line
