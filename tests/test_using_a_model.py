@@ -240,3 +240,17 @@ def test_a_device_this_machine_lacks_says_which_override_runs_here(folder_run, c
         assert cli(*command, "experiment.device=cuda:99") == 2
         line = one_error_line(capsys.readouterr().err)
         assert "experiment.device=cuda:99" in line and "experiment.device=auto" in line
+
+
+def test_viz_dir_naming_a_file_is_one_line_exit_2(grey_run, cli, tmp_path, capsys):
+    """--viz-dir must be a folder: a file there is kept, and no report is written."""
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    names = ["data.name=test_using_a_model:Squares"]
+    assert (
+        cli("eval", grey_run, *names, "--viz", "--viz-dir", taken, "--out", tmp_path / "r.json")
+        == 2
+    )
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--viz-dir {taken}: exists and is not a folder" in line
+    assert taken.read_text() == "mine\n" and not (tmp_path / "r.json").exists()

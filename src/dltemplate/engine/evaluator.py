@@ -19,7 +19,7 @@ from dltemplate.engine.device import select_device
 from dltemplate.engine.speed import apply_backends
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
-from dltemplate.errors import DataError
+from dltemplate.errors import DataError, UsageError
 from dltemplate.progress import EpochProgress, use_progress_bar
 
 log = logging.getLogger("dltemplate")
@@ -71,6 +71,8 @@ class EvaluatorBase:
         With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder
         (None: :func:`default_viz_freq` of the split's size); the report counts the files.
         """
+        if viz_dir is not None and viz_dir.exists() and not viz_dir.is_dir():
+            raise UsageError(f"--viz-dir {viz_dir}: exists and is not a folder (give a folder)")
         data = self.task.load_data()
         evaluated = self._same_groups_as_the_run(data, split)
         batch_size = self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size
