@@ -254,3 +254,15 @@ def test_viz_dir_naming_a_file_is_one_line_exit_2(grey_run, cli, tmp_path, capsy
     line = one_error_line(capsys.readouterr().err)
     assert f"--viz-dir {taken}: exists and is not a folder" in line
     assert taken.read_text() == "mine\n" and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])  # I: how Pillow before 10 opens a 16-bit PNG
+def test_16_bit_grey_is_scaled_to_8_bits_in_either_mode(mode):
+    from dltemplate.data.image_folder import convert_image
+
+    levels = np.array([[0, 257, 32896, 65535]])
+    image = Image.fromarray(levels.astype(np.uint16 if mode == "I;16" else np.int32))
+    assert image.mode == mode
+    for target in ("L", "RGB"):
+        got = np.asarray(convert_image(image, target)).reshape(4, -1)
+        assert (got == np.array([[0], [1], [128], [255]])).all()

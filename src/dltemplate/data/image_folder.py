@@ -61,9 +61,9 @@ def image_suffixes() -> frozenset[str]:
 
 def convert_image(img: Image.Image, mode: str) -> Image.Image:
     """``img`` in ``mode`` (``"L"`` or ``"RGB"``), as PIL converts it, except 16-bit grey
-    (``I;16`` PNG and TIFF), which is scaled to 8 bits: PIL's own conversion clips it at 255,
-    turning nearly every pixel white."""
-    if img.mode.startswith("I;16"):
+    (``I;16`` PNG and TIFF; ``I``, as Pillow before 10 opens a 16-bit PNG), which is scaled to
+    8 bits: PIL's own conversion clips it at 255, turning nearly every pixel white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
         pixels = np.asarray(img).astype(np.float32) / 257.0  # 65535 -> 255
         img = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
     return img.convert(mode)  # a copy, also in the same mode: it outlives the open file
