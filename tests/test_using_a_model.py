@@ -266,3 +266,32 @@ def test_16_bit_grey_is_scaled_to_8_bits_in_either_mode(mode):
     for target in ("L", "RGB"):
         got = np.asarray(convert_image(image, target)).reshape(4, -1)
         assert (got == np.array([[0], [1], [128], [255]])).all()
+
+
+# == a checkpoint and data that changed ==========================================================
+def test_data_whose_classes_changed_is_refused_naming_both_lists(folder_run, cli, tmp_path, capsys):
+    """An image folder renamed, or given another class folder, since the run trained: eval,
+    predict and export say so instead of naming the model's outputs after other classes (a
+    renamed 'red' sorting first made every 'red' picture a 'blue' one, without an error)."""
+    import shutil
+
+    from dltemplate.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    run, root = folder_run
+    changed = shutil.copytree(root, tmp_path / "changed")
+    (changed / "red").rename(changed / "aaa")
+    photo = root / "red" / "img000.png"
+    export = ["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"]
+    for command in (["eval", run], ["predict", run, photo], export):
+        assert cli(*command, f"data.root={changed}") == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "trained on classes ['blue', 'green', 'red']" in line, line
+        assert "now has ['aaa', 'blue', 'green']" in line and "new in the data ['aaa']" in line
+    # A checkpoint written before checkpoints held their classes is read as it was.
+    state = load_checkpoint(next(run.glob("*_best_ckpt.pth")))
+    assert state["class_names"] == ["blue", "green", "red"]
+    save_checkpoint(tmp_path / "older.pth", {k: v for k, v in state.items() if k != "class_names"})
+    assert cli("predict", tmp_path / "older.pth", photo, f"data.root={changed}") == 0
+    shutil.copytree(root / "red", changed / "zebra")  # a 4th class: not 'does not match' layers
+    assert cli("predict", run, photo, f"data.root={changed}") == 2
+    assert "['aaa', 'blue', 'green', 'zebra']" in one_error_line(capsys.readouterr().err)
