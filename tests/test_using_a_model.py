@@ -295,3 +295,28 @@ def test_data_whose_classes_changed_is_refused_naming_both_lists(folder_run, cli
     shutil.copytree(root / "red", changed / "zebra")  # a 4th class: not 'does not match' layers
     assert cli("predict", run, photo, f"data.root={changed}") == 2
     assert "['aaa', 'blue', 'green', 'zebra']" in one_error_line(capsys.readouterr().err)
+
+
+def test_out_never_overwrites_a_checkpoint_or_an_input(folder_run, cli, tmp_path, capsys):
+    """eval, export and predict with --out naming a run's checkpoint (the one read or
+    another) or one of predict's own images: one line, exit status 2, every file intact (the
+    export replaced the best checkpoint with TorchScript, eval the last one with JSON)."""
+    import shutil
+
+    run, root = folder_run
+    copy = shutil.copytree(run, tmp_path / "run")
+    best, last = next(copy.glob("*_best_ckpt.pth")), next(copy.glob("*_last_ckpt.pth"))
+    photo = shutil.copy(root / "red" / "img000.png", tmp_path / "photo.png")
+    before = {p: p.read_bytes() for p in (best, last, Path(photo))}
+    for command, out in [
+        (["export", copy, "--format", "torchscript"], best),
+        (["export", copy, "--format", "torchscript"], last),
+        (["eval", last], last),
+        (["eval", copy], last),
+        (["predict", copy, photo], last),
+    ]:
+        assert cli(*command, "--out", out) == 2
+        assert f"--out {out}: is a checkpoint" in one_error_line(capsys.readouterr().err)
+    assert cli("predict", copy, photo, "--out", photo) == 2
+    assert "is one of the input files" in one_error_line(capsys.readouterr().err)
+    assert all(p.read_bytes() == data for p, data in before.items())

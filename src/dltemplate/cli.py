@@ -140,6 +140,7 @@ def last_run(output_dir: str | None, config: str | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``dltemplate eval RUN|CHECKPOINT``: evaluate a split; print and write its report."""
     from dltemplate.assemble import build_evaluator
+    from dltemplate.engine.checkpoint import refuse_overwriting
     from dltemplate.engine.evaluator import EvaluatorBase
     from dltemplate.engine.runlog import setup_logging
 
@@ -147,6 +148,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: is a folder; give the JSON report's file name")
     setup_logging()
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
+    out = Path(args.out) if args.out else default_report_path(evaluator.checkpoint_path, args.split)
+    refuse_overwriting(out, evaluator.checkpoint_path)
     viz_dir = None
     if args.viz and not evaluator.task.draws_pictures:
         print(
@@ -158,7 +161,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluator.run(
         args.split, limit=args.limit_batches, viz_dir=viz_dir, viz_freq=args.viz_freq
     )
-    out = Path(args.out) if args.out else default_report_path(evaluator.checkpoint_path, args.split)
     EvaluatorBase.write_report(report, out)
     print(format_report(report))
     print(f"report written to {out}")
@@ -182,6 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``dltemplate predict RUN FILES...``: predictions for files (classes or masks)."""
     from dltemplate.assemble import build_evaluator
     from dltemplate.atomic import atomic_write_text
+    from dltemplate.engine.checkpoint import refuse_overwriting
     from dltemplate.engine.runlog import setup_logging
 
     files, overrides = _files_and_overrides(args.images)
@@ -205,6 +208,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             )
     elif out is not None and out.is_dir():
         raise UsageError(f"--out {out}: is a folder; task '{name}' writes one JSON file: name it")
+    elif out is not None:
+        refuse_overwriting(out, evaluator.checkpoint_path, [Path(p) for p in files])
     paths = [Path(p) for p in files]
     folders = [str(p) for p in paths if p.is_dir()]
     if folders:
