@@ -4,11 +4,13 @@ files of every kind PIL opens."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_export
 import test_predict_api
 import torch
 from conftest import REPO
@@ -320,3 +322,44 @@ def test_out_never_overwrites_a_checkpoint_or_an_input(folder_run, cli, tmp_path
     assert cli("predict", copy, photo, "--out", photo) == 2
     assert "is one of the input files" in one_error_line(capsys.readouterr().err)
     assert all(p.read_bytes() == data for p, data in before.items())
+
+
+# == export of the models the README's tests do not train ========================================
+@pytest.fixture(scope="module")
+def unetpp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of a small deep-supervised UNet++ on the grey squares, named by module path
+    (the command line can rebuild it: no objects needed)."""
+    out = tmp_path_factory.mktemp("unetpp")
+    config = REPO / "configs" / "unetpp_carvana.yaml"
+    names = ["data.name=test_using_a_model:Squares", "data.args={}"]
+    try:
+        result = dltemplate.train(config, [*seg_overrides(out, 1), *names])
+    finally:
+        close_run_logs()
+    return result.run_dir
+
+
+@pytest.mark.parametrize("fmt", test_export.FORMATS)
+@pytest.mark.parametrize("which", ["ImageCNN", "UNet++"])
+def test_export_of_image_cnn_and_unet_pp_gives_load_models_probabilities(
+    folder_run, unetpp_run, cli, tmp_path, fmt, which
+):
+    """The exported file, run by onnxruntime or torch.jit, agrees with load_model on a batch
+    of another size than export traced and checked, and names the model and its classes."""
+    from dltemplate.export import load_torchscript, read_metadata, run_onnx
+
+    run = folder_run[0] if which == "ImageCNN" else unetpp_run
+    out = tmp_path / f"model{test_export.SUFFIX[fmt]}"
+    assert cli("export", run, "--format", fmt, "--out", out, "--trust-code") == 0
+    model = dltemplate.load_model(run, trust_code=True)
+    x = torch.rand(
+        (test_export.CHECK, *model.input_shape), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        expected = model(x)
+        got = (torch.from_numpy(run_onnx(out.read_bytes(), x)) if fmt == "onnx"
+               else load_torchscript(str(out))(x))  # fmt: skip
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= test_export.TOLERANCE[fmt]
+    meta = read_metadata(out)
+    assert meta["model"] == which and json.loads(meta["class_names"]) == model.class_names
