@@ -363,3 +363,19 @@ def test_export_of_image_cnn_and_unet_pp_gives_load_models_probabilities(
     assert (got - expected).abs().max().item() <= test_export.TOLERANCE[fmt]
     meta = read_metadata(out)
     assert meta["model"] == which and json.loads(meta["class_names"]) == model.class_names
+
+
+def test_inputs_that_are_numbers_are_checked_by_their_rank_only():
+    """A dataset of numbers (input shape ()): N numbers pass, (N, 1) is refused."""
+    from dltemplate.config import Config
+    from dltemplate.data.base import DataInfo
+    from dltemplate.engine.inference import InferenceModel
+    from dltemplate.engine.task import Task
+    from dltemplate.errors import DataError
+
+    info = DataInfo((), 1, [], (0.0,), (1.0,))
+    model = InferenceModel(torch.nn.Identity(), Task(Config()), info, {})
+    x = torch.rand(4)
+    assert torch.equal(model(x), x)
+    with pytest.raises(DataError, match=r"takes a float32 tensor N in \[0, 1\]; got a float32"):
+        model(x[:, None])

@@ -89,7 +89,8 @@ class InferenceModel(nn.Module):
         got = f"got a {str(x.dtype).removeprefix('torch.')} tensor {tuple(x.shape)}"
         if not x.is_floating_point():
             raise DataError(f"{takes}; {got}: convert it (x.float() / 255 for 0..255 pixels)")
-        if x.dim() != 1 + len(self.input_shape) or x.shape[1] != self.input_shape[0]:
+        rank = 1 + len(self.input_shape)  # a batch axis first; then channels, if any
+        if x.dim() != rank or (rank > 1 and x.shape[1] != self.input_shape[0]):
             hint = " (x[None] adds the batch axis)" if tuple(x.shape) == self.input_shape else ""
             raise DataError(f"{takes}; {got}{hint}")
 
