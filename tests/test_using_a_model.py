@@ -93,6 +93,32 @@ def test_a_grey_segmentation_dataset_draws_its_pictures(grey_run, tmp_path):
         assert overlay.mode == "RGB" and overlay.width == SIDE
 
 
+class FlatMasks(Squares):
+    """:class:`Squares` with (H, W) masks, without a channel axis (the losses accept them)."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = super().__getitem__(i)
+        return image, mask[0]
+
+
+def test_masks_without_a_channel_axis_are_drawn_whole(tmp_path):
+    """eval --viz of (H, W) masks: each <n>_mask.png is its sample's whole mask (it was the
+    mask's first row, a 1-pixel-high picture)."""
+    try:
+        result = dltemplate.train(UNET, seg_overrides(tmp_path / "run", 1), dataset=FlatMasks())
+    finally:
+        close_run_logs()
+    viz = tmp_path / "viz"
+    report = dltemplate.evaluate(result.run_dir, dataset=FlatMasks(), viz_dir=viz, viz_freq=1)
+    data = FlatMasks()
+    by_image = {bytes(data[i][0][0].numpy()): data[i][1].numpy() for i in range(len(data))}
+    for n in range(report["pictures"]["count"] // 4):
+        image = np.asarray(Image.open(viz / f"{n:05d}_image.png"))[..., 0]
+        mask = np.asarray(Image.open(viz / f"{n:05d}_mask.png"))
+        assert mask.shape == (SIDE, SIDE) and (mask == by_image[bytes(image)] * 255).all()
+        assert Image.open(viz / f"{n:05d}_pred.png").size == (SIDE, SIDE)
+
+
 def test_float_segmentation_inputs_are_taken_as_they_are(tmp_path):
     """Float inputs in [0, 1] are not divided by 255 again: the run learns the squares, and
     load_model (which takes [0, 1] inputs) agrees with eval."""

@@ -43,8 +43,8 @@ def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
 
 
 def _mask_png(mask: torch.Tensor) -> np.ndarray:
-    """A (1, H, W) 0/1 mask as an (H, W) uint8 picture, 0 or 255."""
-    return (mask[0].cpu().numpy() > 0).astype(np.uint8) * 255
+    """A (1, H, W) or (H, W) 0/1 mask as an (H, W) uint8 picture, 0 or 255."""
+    return (mask.reshape(mask.shape[-2:]).cpu().numpy() > 0).astype(np.uint8) * 255
 
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)  # the predicted pixels, tinted red
