@@ -68,7 +68,7 @@ def grey_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small UNet trained on grey uint8 squares given in Python (it finds them: dice > 0.9)."""
     out = tmp_path_factory.mktemp("grey")
     try:
-        result = dltemplate.train(UNET, seg_overrides(out, 6), dataset=Squares())
+        result = dltemplate.train(UNET, seg_overrides(out, 3), dataset=Squares())
     finally:
         close_run_logs()
     assert result.test_metrics["dice"] > 0.9
@@ -123,7 +123,7 @@ def test_float_segmentation_inputs_are_taken_as_they_are(tmp_path):
     """Float inputs in [0, 1] are not divided by 255 again: the run learns the squares, and
     load_model (which takes [0, 1] inputs) agrees with eval."""
     try:
-        result = dltemplate.train(UNET, seg_overrides(tmp_path, 6), dataset=Squares(dtype="float"))
+        result = dltemplate.train(UNET, seg_overrides(tmp_path, 3), dataset=Squares(dtype="float"))
     finally:
         close_run_logs()
     assert result.test_metrics["dice"] > 0.9
