@@ -169,6 +169,7 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
         callbacks=callbacks,
         dist=dist,
         write=tc.fast_dev_run == 0,
+        class_names=parts.info.class_names,
     )
     if point is not None:
         run_state.load_state_dict(point)

@@ -140,6 +140,7 @@ def last_run(output_dir: str | None, config: str | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``dltemplate eval RUN|CHECKPOINT``: evaluate a split; print and write its report."""
     from dltemplate.assemble import build_evaluator
+    from dltemplate.engine.checkpoint import refuse_overwriting
     from dltemplate.engine.evaluator import EvaluatorBase
     from dltemplate.engine.runlog import setup_logging
 
@@ -147,6 +148,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out}: is a folder; give the JSON report's file name")
     setup_logging()
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
+    out = Path(args.out) if args.out else default_report_path(evaluator.checkpoint_path, args.split)
+    refuse_overwriting(out, evaluator.checkpoint_path)
     viz_dir = None
     if args.viz and not evaluator.task.draws_pictures:
         print(
@@ -158,7 +161,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluator.run(
         args.split, limit=args.limit_batches, viz_dir=viz_dir, viz_freq=args.viz_freq
     )
-    out = Path(args.out) if args.out else default_report_path(evaluator.checkpoint_path, args.split)
     EvaluatorBase.write_report(report, out)
     print(format_report(report))
     print(f"report written to {out}")
@@ -182,10 +184,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``dltemplate predict RUN FILES...``: predictions for files (classes or masks)."""
     from dltemplate.assemble import build_evaluator
     from dltemplate.atomic import atomic_write_text
+    from dltemplate.engine.checkpoint import refuse_overwriting
     from dltemplate.engine.runlog import setup_logging
 
+    files, overrides = _files_and_overrides(args.images)
     setup_logging()
-    evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
+    evaluator = build_evaluator(args.target, [*args.overrides, *overrides], args.trust_code)
     task, name = evaluator.task, evaluator.cfg.experiment.task
     kind = task.predict_output  # records (classification) or files (segmentation's masks)
     out = Path(args.out) if args.out is not None else None
@@ -204,7 +208,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             )
     elif out is not None and out.is_dir():
         raise UsageError(f"--out {out}: is a folder; task '{name}' writes one JSON file: name it")
-    paths = [Path(p) for p in args.images]
+    elif out is not None:
+        refuse_overwriting(out, evaluator.checkpoint_path, [Path(p) for p in files])
+    paths = [Path(p) for p in files]
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise UsageError(
+            f"{', '.join(folders)}: a folder, not an image file (give its images: "
+            f"{Path(folders[0]) / '*.jpg'}...)"
+        )
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"no such image file: {', '.join(missing)}")
@@ -224,6 +236,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out is not None:
         print(f"dltemplate: {len(records)} prediction(s) written to {out}", file=sys.stderr)
     return 0
+
+
+def _files_and_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """``predict``'s positional arguments split into image files and ``section.key=value``
+    overrides (``data.root=/data/MyImages``): an argument is an override when it is not an
+    existing file and what precedes its ``=`` is a config section with a key after it."""
+    sections = {key.split(".")[0] for key in config_keys()}
+    files, overrides = [], []
+    for arg in args:
+        head, eq, _ = arg.partition("=")
+        section, dot, key = head.partition(".")
+        is_override = eq and dot and key and section in sections and not Path(arg).exists()
+        (overrides if is_override else files).append(arg)
+    if not files:
+        raise UsageError(f"predict: no image files given (only overrides: {' '.join(overrides)})")
+    return files, overrides
 
 
 def _prediction_line(record: Any) -> str:
@@ -501,10 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
         "line per file, its most probable class and probability (--top-k K: the K best), and "
         "with --out FILE.json writes them all as JSON. Segmentation writes <name>_mask.png at "
         "each image's size into the --out folder (default <run>/predictions/). A bad file "
-        "stops everything: exit status 2.",
+        "stops everything: exit status 2. section.key=value overrides that do not change the "
+        "model are allowed, as for eval (data.root=/elsewhere: the run's data moved).",
     )
     p.add_argument("target", help="run directory (best checkpoint) or checkpoint file")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, and section.key=value overrides")
     p.add_argument(
         "--out",
         help="classification: a JSON file for every file's predictions (optional); "

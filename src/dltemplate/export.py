@@ -26,6 +26,7 @@ from dltemplate.assemble import build_evaluator
 from dltemplate.atomic import atomic_write
 from dltemplate.data.loader import IndexLoader
 from dltemplate.engine.build import read_options
+from dltemplate.engine.checkpoint import refuse_overwriting
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.inference import METADATA_KEYS, ON_CPU, InferenceModel, inference_model
 from dltemplate.errors import UsageError
@@ -99,6 +100,7 @@ def export_model(
     evaluator = build_evaluator(target, [*ON_CPU, *(overrides or [])], trust_code)
     module = inference_model(evaluator)
     path = Path(out) if out is not None else evaluator.checkpoint_path.with_suffix(FORMATS[format])
+    refuse_overwriting(path, evaluator.checkpoint_path)
     example = torch.rand(
         (TRACE_BATCH, *module.input_shape), generator=torch.Generator().manual_seed(0)
     )

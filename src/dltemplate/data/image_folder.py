@@ -45,7 +45,7 @@ from dltemplate.registry import DATASETS
 
 log = logging.getLogger("dltemplate")
 
-DECODE_VERSION = 1  # bump when decoding changes: the cache key changes and old caches are ignored
+DECODE_VERSION = 2  # bump when decoding changes: the cache key changes and old caches are ignored
 TEST_FOLDER = "test"
 NAMED_IN_WARNING = 3  # bad files named in the skip_bad warning; the rest are counted
 # Fixed, not measured: a later evaluation must normalise as training did, even without a cache.
@@ -59,10 +59,20 @@ def image_suffixes() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` in ``mode`` (``"L"`` or ``"RGB"``), as PIL converts it, except 16-bit grey
+    (``I;16`` PNG and TIFF; ``I``, as Pillow before 10 opens a 16-bit PNG), which is scaled to
+    8 bits: PIL's own conversion clips it at 255, turning nearly every pixel white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        pixels = np.asarray(img).astype(np.float32) / 257.0  # 65535 -> 255
+        img = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    return img.convert(mode)  # a copy, also in the same mode: it outlives the open file
+
+
 def decode_image(path: str | Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
     """One image as uint8 ``[C, h, w]`` (C = 1 grey, 3 RGB), resized bilinearly to ``size =
-    (h, w)``; the first frame of an animation; alpha is dropped. DataError names a file that is
-    unreadable, corrupt or truncated."""
+    (h, w)``; the first frame of an animation; alpha is dropped; 16-bit grey is scaled to 8 bits
+    (:func:`convert_image`). DataError names a file that is unreadable, corrupt or truncated."""
     h, w = size
     mode = "L" if grayscale else "RGB"
     with strict_truncation():
@@ -70,7 +80,7 @@ def decode_image(path: str | Path, size: tuple[int, int], grayscale: bool) -> np
             with Image.open(path) as img:
                 img.draft(mode, (w, h))  # JPEG decodes at 1/2, 1/4 or 1/8 scale directly
                 img.load()
-                picture = img.convert(mode)
+                picture = convert_image(img, mode)
         except BAD_IMAGE_ERRORS as exc:
             raise DataError(f"{path}: unreadable or corrupt image ({exc})") from exc
     if picture.size != (w, h):

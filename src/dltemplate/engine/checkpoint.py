@@ -15,7 +15,7 @@ import numbers
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dltemplate.atomic import atomic_write
-from dltemplate.errors import CheckpointError
+from dltemplate.errors import CheckpointError, UsageError
 from dltemplate.registry import code_label
 
 FORMAT = "dltemplate-checkpoint-v1"
@@ -74,6 +74,20 @@ def checkpoint_kind(path: str | Path) -> str:
     if match is not None:
         return match.group(1)
     return re.sub(r"[^A-Za-z0-9._=+,@-]+", "-", stem).strip(".-") or "checkpoint"
+
+
+def refuse_overwriting(out: Path, checkpoint: Path, inputs: Sequence[Path] = ()) -> None:
+    """A UsageError when an output file (``--out``) would replace ``checkpoint`` (the one read),
+    another checkpoint (a ``<Model>_<kind>_ckpt.pth``) or one of ``inputs``: a command's output
+    never damages what is already written."""
+    if not out.exists():
+        return
+    target = out.resolve()
+    stem = out.name.removesuffix(".pth")
+    if target == checkpoint.resolve() or (out.suffix == ".pth" and _KIND.fullmatch(stem)):
+        raise UsageError(f"--out {out}: is a checkpoint, not to be overwritten; name another file")
+    if any(target == Path(path).resolve() for path in inputs):
+        raise UsageError(f"--out {out}: is one of the input files; name another file")
 
 
 def _frame(tag: bytes, text: str) -> bytes:

@@ -10,6 +10,9 @@ from dltemplate.errors import ConfigError
 
 log = logging.getLogger("dltemplate")
 
+# Also for a run trained on a GPU and evaluated where there is none (its saved device).
+ELSEWHERE = " (experiment.device=auto uses what this machine has)"
+
 
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
@@ -29,7 +32,7 @@ def select_device(
         if device in ("auto", "cuda") and n_cuda:
             return torch.device("cuda", local_rank), []
         if device.startswith("cuda") and not n_cuda:
-            raise ConfigError(f"experiment.device={device}: no CUDA device is available")
+            raise ConfigError(f"experiment.device={device}: no CUDA device is available{ELSEWHERE}")
         return torch.device("cpu" if device == "auto" else device), []
     if gpu_devices:
         present = [i for i in gpu_devices if 0 <= i < n_cuda]
@@ -54,7 +57,9 @@ def select_device(
     except RuntimeError as exc:
         raise ConfigError(f"experiment.device={device!r}: {exc}") from exc
     if chosen.type == "cuda" and (chosen.index or 0) >= n_cuda:
-        raise ConfigError(f"experiment.device={device}: {n_cuda} CUDA device(s) available")
+        raise ConfigError(
+            f"experiment.device={device}: {n_cuda} CUDA device(s) available{ELSEWHERE}"
+        )
     if chosen.type == "mps" and not _mps_available():
-        raise ConfigError(f"experiment.device={device}: MPS is not available")
+        raise ConfigError(f"experiment.device={device}: MPS is not available{ELSEWHERE}")
     return chosen, []

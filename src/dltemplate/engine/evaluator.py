@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from dltemplate.engine.device import select_device
 from dltemplate.engine.speed import apply_backends
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
-from dltemplate.errors import DataError
+from dltemplate.errors import DataError, UsageError, short_repr
 from dltemplate.progress import EpochProgress, use_progress_bar
 
 log = logging.getLogger("dltemplate")
@@ -56,6 +57,7 @@ class EvaluatorBase:
         apply_backends(self.cfg, self.device, fixed_shapes=False)
         parts = build_components(self.cfg, self.task, self.device)
         self.info, self.model, self.evaluation = parts.info, parts.model, parts.evaluation
+        check_trained_classes(state.get("class_names"), self.info.class_names, self.checkpoint_path)
         load_model_weights(self.model, state["model"], str(self.checkpoint_path))
         self.epoch = state["epoch"]
 
@@ -71,6 +73,8 @@ class EvaluatorBase:
         With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder
         (None: :func:`default_viz_freq` of the split's size); the report counts the files.
         """
+        if viz_dir is not None and viz_dir.exists() and not viz_dir.is_dir():
+            raise UsageError(f"--viz-dir {viz_dir}: exists and is not a folder (give a folder)")
         data = self.task.load_data()
         evaluated = self._same_groups_as_the_run(data, split)
         batch_size = self.cfg.data.eval_batch_size or 2 * self.cfg.data.batch_size
@@ -147,6 +151,26 @@ class EvaluatorBase:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(report, indent=2, default=_jsonable))
         return path
+
+
+def check_trained_classes(trained: Any, now: Sequence[str], checkpoint: Path) -> None:
+    """A DataError naming both lists when the data's classes (an image folder's sub-folders)
+    are not those the checkpoint was trained on, in the same order: its outputs would be
+    reported under other names. Checkpoints written before they recorded their classes, and
+    data without class names, pass."""
+    if not trained or not now or list(trained) == list(now):
+        return
+    gone, new = sorted(set(trained) - set(now)), sorted(set(now) - set(trained))
+    what = (
+        f"not in the data {short_repr(gone)}, new in the data {short_repr(new)}"
+        if gone or new
+        else "the same names in another order"
+    )
+    raise DataError(
+        f"{checkpoint}: the model was trained on classes {short_repr(list(trained))}, but the "
+        f"data (data.root) now has {short_repr(list(now))}: {what}; its outputs would be named "
+        "wrongly: point data.root at the data it was trained on"
+    )
 
 
 def default_viz_freq(num_samples: int) -> int:

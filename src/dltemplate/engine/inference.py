@@ -20,6 +20,7 @@ from dltemplate.data.base import Batch, DataInfo
 from dltemplate.engine.evaluator import EvaluatorBase
 from dltemplate.engine.rundir import package_version
 from dltemplate.engine.task import Task
+from dltemplate.errors import DataError
 
 # The keys of the metadata in an exported file (ONNX metadata_props, TorchScript _extra_files),
 # each a string (lists as JSON).
@@ -65,11 +66,33 @@ class InferenceModel(nn.Module):
         self.input_shape = tuple(int(d) for d in info.input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities for a batch of raw inputs ``(N, *input_shape)``, float in [0, 1]."""
+        """Probabilities for a batch of raw inputs ``(N, *input_shape)``, float in [0, 1].
+
+        Inputs that would give wrong probabilities without an error, or fail deep inside the
+        model, are a DataError saying what to pass: not a tensor (a NumPy array, a PIL image),
+        uint8 pixels (0..255, not divided by 255), no batch axis or another channel count."""
+        if not torch.jit.is_tracing():  # export traces a right example: nothing to check
+            self.check_inputs(x)
         inputs = self.task.normalize_inputs(x, self.info)
         # The task's own forward hook: a task may feed its model otherwise than model(inputs).
         outputs = self.task.forward(self.model, Batch(inputs, inputs[:0], inputs.shape[0]))
         return self.task.predictions(outputs)
+
+    def check_inputs(self, x: object) -> None:
+        """A DataError unless ``x`` is a floating-point tensor ``(N, C, ...)`` with the run's
+        channels ``C`` (the other sizes are left to the model: a UNet takes any)."""
+        want = " x ".join(["N", *(str(d) for d in self.input_shape)])
+        takes = f"the model takes a float32 tensor {want} in [0, 1]"
+        if not isinstance(x, torch.Tensor):
+            how = "torch.from_numpy(array)" if type(x).__module__ == "numpy" else "a tensor"
+            raise DataError(f"{takes}; got {type(x).__name__}: pass {how}")
+        got = f"got a {str(x.dtype).removeprefix('torch.')} tensor {tuple(x.shape)}"
+        if not x.is_floating_point():
+            raise DataError(f"{takes}; {got}: convert it (x.float() / 255 for 0..255 pixels)")
+        rank = 1 + len(self.input_shape)  # a batch axis first; then channels, if any
+        if x.dim() != rank or (rank > 1 and x.shape[1] != self.input_shape[0]):
+            hint = " (x[None] adds the batch axis)" if tuple(x.shape) == self.input_shape else ""
+            raise DataError(f"{takes}; {got}{hint}")
 
 
 def inference_metadata(

@@ -12,7 +12,7 @@ is written (atomic, with a digest) is :mod:`dltemplate.engine.checkpoint`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -276,8 +276,10 @@ class RunState:
         callbacks: Callbacks,
         dist: D.DistContext,
         write: bool = True,
+        class_names: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
+        self.class_names = [str(c) for c in class_names]  # eval checks the data still has them
         self.model = unwrap_model(model)  # saved bare: no module. / _orig_mod. prefixes
         self.schedule, self.precision, self.loop = schedule, precision, loop
         self.train_totals = train_totals  # this process's running sums of the epoch
@@ -316,6 +318,7 @@ class RunState:
             "callbacks": self.callbacks.state_dict(),
             "finished": False,
             "config": config_to_dict(self.cfg),
+            "class_names": list(self.class_names),
         }
 
     def evaluated_state(self, state: dict[str, Any], evaluated: nn.Module) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from torch import nn
 
 from dltemplate.data.base import Batch, DataInfo, channel_stats
 from dltemplate.data.carvana.decode import BAD_IMAGE_ERRORS
+from dltemplate.data.image_folder import convert_image
 from dltemplate.engine.task import Task
-from dltemplate.errors import DataError
+from dltemplate.errors import DataError, UsageError
 from dltemplate.metrics.base import MetricCollection
 from dltemplate.metrics.overlap import dice_coefficient
 from dltemplate.models.heads import merged_prediction
@@ -32,15 +33,18 @@ from dltemplate.registry import TASKS
 
 
 def _to_uint8_image(x: torch.Tensor, info: DataInfo) -> np.ndarray:
-    """A normalised (C, H, W) tensor back to an (H, W, C) uint8 picture."""
+    """A normalised (C, H, W) tensor back to an (H, W, 3) uint8 RGB picture: 3 channels as
+    they are, any other number as the grey levels of the first (a 1-channel dataset)."""
     mean, std = channel_stats(info, x.device)
     pixels = ((x.float() * std[0] + mean[0]).clamp(0, 1) * 255).round().byte()
+    if pixels.shape[0] != 3:
+        pixels = pixels[:1].expand(3, -1, -1)
     return pixels.permute(1, 2, 0).cpu().numpy()
 
 
 def _mask_png(mask: torch.Tensor) -> np.ndarray:
-    """A (1, H, W) 0/1 mask as an (H, W) uint8 picture, 0 or 255."""
-    return (mask[0].cpu().numpy() > 0).astype(np.uint8) * 255
+    """A (1, H, W) or (H, W) 0/1 mask as an (H, W) uint8 picture, 0 or 255."""
+    return (mask.reshape(mask.shape[-2:]).cpu().numpy() > 0).astype(np.uint8) * 255
 
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)  # the predicted pixels, tinted red
@@ -91,10 +95,13 @@ class SegmentationTask(Task):
         return ["dice", "iou"]
 
     def prepare_batch(self, batch: Batch, device: torch.device, info: DataInfo) -> Batch:
-        """Move uint8 images and masks to ``device``, then scale and normalise the images."""
-        x = batch.inputs.to(device, non_blocking=True).float().div_(255.0)
+        """Move images and masks to ``device``, then scale uint8 images to [0, 1] (float
+        images are on that scale already, as in classification) and normalise them."""
+        x = batch.inputs.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
         masks = batch.targets.to(device, non_blocking=True)
-        return Batch(self.normalize_inputs(x, info), masks, batch.global_size)
+        return Batch(self.normalize_inputs(x.float(), info), masks, batch.global_size)
 
     def normalize_inputs(self, x: torch.Tensor, info: DataInfo) -> torch.Tensor:
         """Images on the [0, 1] scale minus the dataset's mean, over its std, per channel."""
@@ -203,27 +210,43 @@ class SegmentationTask(Task):
         Every image's header is read first, so that a file that is not an image, or one too
         large to decode safely (PIL's decompression-bomb limit), stops with a DataError
         naming it before anything is written; a file whose pixels turn out corrupt stops
-        the same way when it is reached."""
+        the same way when it is reached. Images are read grey or RGB as the run's inputs are
+        (16-bit grey scaled to 8 bits, as image_folder decodes); two files of one name
+        (``a/x.jpg``, ``b/x.png``) would write the same mask: a DataError naming both."""
+        shape = tuple(info.input_shape)
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise UsageError(
+                f"predict reads image files, but the run's inputs have shape {shape}, not "
+                "(channels, height, width) with 1 (grey) or 3 (RGB) channels"
+            )
         model.eval()
+        stems: dict[str, Path] = {}
         for path in paths:
             with _readable(path), Image.open(path):
                 pass  # the header: format and size (where PIL refuses a bomb)
+            first = stems.setdefault(Path(path).stem, Path(path))
+            if first.resolve() != Path(path).resolve():
+                raise DataError(
+                    f"{first} and {path} would both write {Path(path).stem}_mask.png into "
+                    f"{out_dir}: predict them into different --out folders"
+                )
         out_dir.mkdir(parents=True, exist_ok=True)
-        height, width = info.input_shape[1:]
+        height, width = shape[1:]
+        mode = "L" if shape[0] == 1 else "RGB"
         written = []
         for path in paths:
             with _readable(path), Image.open(path) as img:
                 img.load()
-                original = img.convert("RGB")
-            resized = original.resize((width, height), Image.BILINEAR)
-            x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)[None]
+                original = convert_image(img, mode)
+            resized = np.asarray(original.resize((width, height), Image.BILINEAR))
+            x = torch.from_numpy(resized.reshape(height, width, -1).copy()).permute(2, 0, 1)[None]
             batch = self.prepare_batch(Batch(x, torch.zeros(1), 1), device, info)
             logits = merged_prediction(self.forward(model, batch))
             full = F.interpolate(logits.float(), size=original.size[::-1], mode="bilinear")
             pred = (full[0, 0] > 0).cpu().numpy()
             target = out_dir / f"{Path(path).stem}_mask.png"
             Image.fromarray(pred.astype(np.uint8) * 255).save(target)
-            picture = overlay(np.asarray(original), pred, Path(path).name)
+            picture = overlay(np.asarray(original.convert("RGB")), pred, Path(path).name)
             picture.save(out_dir / f"{Path(path).stem}_overlay.png")
             written += [target, out_dir / f"{Path(path).stem}_overlay.png"]
         return written
