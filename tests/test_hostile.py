@@ -140,6 +140,12 @@ def resaved(run: Path, **changes: object) -> Path:
     return path
 
 
+def wrong_callback_state(run: Path) -> Path:
+    """The last checkpoint, not finished, its Checkpoint callback's top-k list a number."""
+    callbacks = torch.load(run / LAST, weights_only=True)["callbacks"]
+    return resaved(run, finished=False, callbacks={**callbacks, "Checkpoint": {"top": 5}})
+
+
 def without_digest(home: Path, run: Path) -> list[str]:
     path = run / LAST
     state = torch.load(path, weights_only=True)
@@ -208,6 +214,16 @@ CASES = [
         "checkpoint with a text batch position",
         lambda home, run: ["resume", str(resaved(run, batch_in_epoch="x"))],
         [LAST, "batch_in_epoch='x'"],
+    ),  # fmt: skip
+    Case(
+        "checkpoint with a callback state of the wrong shape",
+        lambda home, run: ["resume", str(wrong_callback_state(run))],
+        [LAST, "callback Checkpoint", "top"],
+    ),  # fmt: skip
+    Case(
+        "checkpoint with class names that are not a list of names",
+        lambda home, run: ["eval", str(resaved(run, class_names=5))],
+        [LAST, "class_names=5"],
     ),  # fmt: skip
     Case("symlinked train.log", link_in_run("train.log"), ["train.log", "link"]),
     Case("symlinked summary/", link_in_run("summary"), ["summary", "link"]),

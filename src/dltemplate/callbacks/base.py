@@ -54,6 +54,7 @@ from dltemplate.data.loader import IndexLoader
 from dltemplate.engine.distributed import DistContext
 from dltemplate.engine.loop_state import LoopState
 from dltemplate.engine.run_state import RunState
+from dltemplate.errors import CheckpointError, short_repr
 
 log = logging.getLogger("dltemplate")
 
@@ -242,7 +243,13 @@ class CallbackList:
         for cb in self.callbacks:
             key = cb.state_key
             if key in saved:
-                cb.load_state_dict(saved[key])
+                try:
+                    cb.load_state_dict(saved[key])
+                except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+                    raise CheckpointError(
+                        f"{source}: cannot restore the state of callback {key} "
+                        f"({short_repr(saved[key])}): {type(exc).__name__}: {exc}"
+                    ) from exc
             elif cb.state_dict():
                 log.warning("callback %s has no saved state in %s: it starts afresh", key, source)
         for key in saved:

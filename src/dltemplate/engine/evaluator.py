@@ -20,7 +20,7 @@ from dltemplate.engine.device import select_device
 from dltemplate.engine.speed import apply_backends
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
-from dltemplate.errors import DataError, UsageError, short_repr
+from dltemplate.errors import CheckpointError, DataError, UsageError, short_repr
 from dltemplate.progress import EpochProgress, use_progress_bar
 
 log = logging.getLogger("dltemplate")
@@ -158,6 +158,12 @@ def check_trained_classes(trained: Any, now: Sequence[str], checkpoint: Path) ->
     are not those the checkpoint was trained on, in the same order: its outputs would be
     reported under other names. Checkpoints written before they recorded their classes, and
     data without class names, pass."""
+    if trained is not None and not (
+        isinstance(trained, list) and all(isinstance(name, str) for name in trained)
+    ):
+        raise CheckpointError(
+            f"{checkpoint}: class_names={short_repr(trained)} (must be a list of names)"
+        )
     if not trained or not now or list(trained) == list(now):
         return
     gone, new = sorted(set(trained) - set(now)), sorted(set(now) - set(trained))
