@@ -139,6 +139,42 @@ def test_float_segmentation_inputs_are_taken_as_they_are(tmp_path):
     assert dice.mean() > 0.9
 
 
+class NumpyDigits(Dataset):
+    """8 x 8 NumPy float64 pictures (NumPy's default type) in [0, 1] of two classes: a bright
+    top half or a bright bottom half, on noise."""
+
+    classes = ["top", "bottom"]
+
+    def __len__(self) -> int:
+        return 256
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        image = np.random.default_rng(i).random((1, 8, 8)) * 0.5
+        label = i % 2
+        image[:, 4 * label : 4 * label + 4, :] += 0.5
+        return image, label
+
+
+def test_float64_numpy_inputs_train_and_predict_as_float32(tmp_path):
+    """A dataset of NumPy float64 arrays trains (float64 met the float32 model: 'mat1 and mat2
+    must have the same dtype'), and load_model takes float64 tensors too."""
+    overrides = [f"experiment.output_dir={tmp_path}", "trainer.epochs=3", "experiment.threads=1",
+                 "trainer.progress_bar=off", "model.args.hidden=[16]", "optimizer.lr=0.01",
+                 "data.batch_size=16"]  # fmt: skip
+    try:
+        result = dltemplate.train(REPO / "configs" / "digits_mlp.yaml", overrides,
+                                  dataset=NumpyDigits())  # fmt: skip
+    finally:
+        close_run_logs()
+    assert result.test_metrics["accuracy"] > 0.9
+    model = dltemplate.load_model(result.run_dir, dataset=NumpyDigits())
+    images = torch.from_numpy(np.stack([NumpyDigits()[i][0] for i in range(8)]))
+    with torch.no_grad():
+        as_64, as_32 = model(images), model(images.float())
+    assert as_64.dtype == torch.float32
+    assert torch.equal(as_64, as_32)
+
+
 # == predict on image files of every kind ========================================================
 def save_grey(pixels: np.ndarray, folder: Path) -> dict[str, Path]:
     """``pixels`` (uint8, H x W) as the files a lab has: grey PNG, 16-bit grey PNG (the same

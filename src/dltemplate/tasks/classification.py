@@ -44,7 +44,10 @@ class ClassificationTask(Task):
         return Batch(x, batch.targets.to(device, non_blocking=True), batch.global_size)
 
     def normalize_inputs(self, x: torch.Tensor, info: DataInfo) -> torch.Tensor:
-        """Inputs on the [0, 1] scale minus the dataset's mean, over its std, per channel."""
+        """Inputs on the [0, 1] scale minus the dataset's mean, over its std, per channel;
+        float64 (NumPy's default) as float32, the models' type."""
+        if x.dtype == torch.float64:
+            x = x.float()
         mean, std = channel_stats(info, x.device)
         shape = (1, -1) + (1,) * (x.dim() - 2)  # also for inputs that are not images
         return (x - mean.view(shape)) / std.view(shape)

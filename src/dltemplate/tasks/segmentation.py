@@ -104,7 +104,10 @@ class SegmentationTask(Task):
         return Batch(self.normalize_inputs(x.float(), info), masks, batch.global_size)
 
     def normalize_inputs(self, x: torch.Tensor, info: DataInfo) -> torch.Tensor:
-        """Images on the [0, 1] scale minus the dataset's mean, over its std, per channel."""
+        """Images on the [0, 1] scale minus the dataset's mean, over its std, per channel;
+        float64 (NumPy's default) as float32, the models' type."""
+        if x.dtype == torch.float64:
+            x = x.float()
         mean, std = channel_stats(info, x.device)
         return (x - mean) / std
 
