@@ -335,7 +335,7 @@ def test_16_bit_grey_is_scaled_to_8_bits_in_either_mode(mode):
 # == a checkpoint and data that changed ==========================================================
 def test_data_whose_classes_changed_is_refused_naming_both_lists(folder_run, cli, tmp_path, capsys):
     """An image folder renamed, or given another class folder, since the run trained: eval,
-    predict and export say so instead of naming the model's outputs after other classes (a
+    predict, export and resume say so instead of naming the model's outputs after other classes (a
     renamed 'red' sorting first made every 'red' picture a 'blue' one, without an error)."""
     import shutil
 
@@ -346,11 +346,15 @@ def test_data_whose_classes_changed_is_refused_naming_both_lists(folder_run, cli
     (changed / "red").rename(changed / "aaa")
     photo = root / "red" / "img000.png"
     export = ["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"]
-    for command in (["eval", run], ["predict", run, photo], export):
+    copy = shutil.copytree(run, tmp_path / "run")  # resume, refused, must leave it intact
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    resume = ["resume", copy, "trainer.epochs=9"]
+    for command in (["eval", run], ["predict", run, photo], export, resume):
         assert cli(*command, f"data.root={changed}") == 2
         line = one_error_line(capsys.readouterr().err)
         assert "trained on classes ['blue', 'green', 'red']" in line, line
         assert "now has ['aaa', 'blue', 'green']" in line and "new in the data ['aaa']" in line
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
     # A checkpoint written before checkpoints held their classes is read as it was.
     state = load_checkpoint(next(run.glob("*_best_ckpt.pth")))
     assert state["class_names"] == ["blue", "green", "red"]

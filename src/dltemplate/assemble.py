@@ -129,7 +129,9 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
     for setup in callbacks.setup:
         setup(cfg, parts.model)
     restarted = restart_dir(cfg, dist)  # may set trainer.resume (a torchrun restart)
-    point = find_resume_point(tc.resume, parts.model, dist.is_main) if tc.resume else None
+    point = None
+    if tc.resume:
+        point = find_resume_point(tc.resume, parts.model, dist.is_main, parts.info.class_names)
     if point is not None:  # the run's split is its own: no override may re-split its data
         refuse_resplit(point.state["config"], config_to_dict(cfg), str(point.path))
     reopened = point.run_dir if point is not None else restarted

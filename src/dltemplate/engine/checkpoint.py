@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dltemplate.atomic import atomic_write
-from dltemplate.errors import CheckpointError, UsageError
+from dltemplate.errors import CheckpointError, DataError, UsageError, short_repr
 from dltemplate.registry import code_label
 
 FORMAT = "dltemplate-checkpoint-v1"
@@ -88,6 +88,32 @@ def refuse_overwriting(out: Path, checkpoint: Path, inputs: Sequence[Path] = ())
         raise UsageError(f"--out {out}: is a checkpoint, not to be overwritten; name another file")
     if any(target == Path(path).resolve() for path in inputs):
         raise UsageError(f"--out {out}: is one of the input files; name another file")
+
+
+def check_trained_classes(trained: Any, now: Sequence[str], checkpoint: Path) -> None:
+    """A DataError naming both lists when the data's classes (an image folder's sub-folders)
+    are not those the checkpoint was trained on, in the same order: its outputs would be
+    reported under other names. Checkpoints written before they recorded their classes, and
+    data without class names, pass."""
+    if trained is not None and not (
+        isinstance(trained, list) and all(isinstance(name, str) for name in trained)
+    ):
+        raise CheckpointError(
+            f"{checkpoint}: class_names={short_repr(trained)} (must be a list of names)"
+        )
+    if not trained or not now or list(trained) == list(now):
+        return
+    gone, new = sorted(set(trained) - set(now)), sorted(set(now) - set(trained))
+    what = (
+        f"not in the data {short_repr(gone)}, new in the data {short_repr(new)}"
+        if gone or new
+        else "the same names in another order"
+    )
+    raise DataError(
+        f"{checkpoint}: the model was trained on classes {short_repr(list(trained))}, but the "
+        f"data (data.root) now has {short_repr(list(now))}: {what}; its outputs would be named "
+        "wrongly: point data.root at the data it was trained on"
+    )
 
 
 def _frame(tag: bytes, text: str) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,17 @@ from dltemplate.config import Config, config_from_dict
 from dltemplate.data.base import Batch, DataSplits, concat_splits
 from dltemplate.data.loader import IndexLoader
 from dltemplate.engine.build import build_components, read_options
-from dltemplate.engine.checkpoint import find_checkpoint, load_checkpoint, load_model_weights
+from dltemplate.engine.checkpoint import (
+    check_trained_classes,
+    find_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+)
 from dltemplate.engine.device import select_device
 from dltemplate.engine.speed import apply_backends
 from dltemplate.engine.task import Task, import_plugins, make_task
 from dltemplate.engine.threads import apply_threads
-from dltemplate.errors import CheckpointError, DataError, UsageError, short_repr
+from dltemplate.errors import DataError, UsageError
 from dltemplate.progress import EpochProgress, use_progress_bar
 
 log = logging.getLogger("dltemplate")
@@ -151,32 +155,6 @@ class EvaluatorBase:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(report, indent=2, default=_jsonable))
         return path
-
-
-def check_trained_classes(trained: Any, now: Sequence[str], checkpoint: Path) -> None:
-    """A DataError naming both lists when the data's classes (an image folder's sub-folders)
-    are not those the checkpoint was trained on, in the same order: its outputs would be
-    reported under other names. Checkpoints written before they recorded their classes, and
-    data without class names, pass."""
-    if trained is not None and not (
-        isinstance(trained, list) and all(isinstance(name, str) for name in trained)
-    ):
-        raise CheckpointError(
-            f"{checkpoint}: class_names={short_repr(trained)} (must be a list of names)"
-        )
-    if not trained or not now or list(trained) == list(now):
-        return
-    gone, new = sorted(set(trained) - set(now)), sorted(set(now) - set(trained))
-    what = (
-        f"not in the data {short_repr(gone)}, new in the data {short_repr(new)}"
-        if gone or new
-        else "the same names in another order"
-    )
-    raise DataError(
-        f"{checkpoint}: the model was trained on classes {short_repr(list(trained))}, but the "
-        f"data (data.root) now has {short_repr(list(now))}: {what}; its outputs would be named "
-        "wrongly: point data.root at the data it was trained on"
-    )
 
 
 def default_viz_freq(num_samples: int) -> int:

@@ -24,6 +24,7 @@ from dltemplate.config import Config, config_to_dict
 from dltemplate.engine import distributed as D
 from dltemplate.engine.build import Schedule
 from dltemplate.engine.checkpoint import (
+    check_trained_classes,
     checkpoint_name,
     link_checkpoint,
     load_checkpoint,
@@ -123,10 +124,12 @@ def restart_dir(cfg: Config, dist: D.DistContext) -> Path | None:
     return Path(found)
 
 
-def find_resume_point(resume: str | Path, model: nn.Module, is_main: bool) -> ResumePoint:
+def find_resume_point(
+    resume: str | Path, model: nn.Module, is_main: bool, class_names: Sequence[str] = ()
+) -> ResumePoint:
     """The checkpoint ``resume`` names (a file, or a run directory's newest intact one), checked
-    to hold a whole training state and weights that fit ``model``: a CheckpointError otherwise,
-    before anything is written."""
+    to hold a whole training state, the data's ``class_names`` and weights that fit ``model``:
+    a CheckpointError (a DataError for other classes) otherwise, before anything is written."""
     path = Path(resume)
     if path.is_dir():
         if is_main:
@@ -140,6 +143,7 @@ def find_resume_point(resume: str | Path, model: nn.Module, is_main: bool) -> Re
         ckpt_path = path
     state = load_checkpoint(ckpt_path)
     check_training_state(state, ckpt_path)
+    check_trained_classes(state.get("class_names"), class_names, ckpt_path)
     load_model_weights(model, state["model"], str(ckpt_path))
     return ResumePoint(state, ckpt_path)
 
