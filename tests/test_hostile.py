@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import QUICK_DIGITS, REPO, metric_rows, run_dirs
+from PIL import Image
 
 from dltemplate.callbacks import Callback
 from dltemplate.engine.checkpoint import save_checkpoint
@@ -186,6 +187,20 @@ def predict_empty_image(home: Path, run: Path) -> list[str]:
     return ["predict", str(run), str(image), "--out", str(write(home / "taken.json", "mine\n"))]
 
 
+def under_a_file(*command: str) -> Callable[[Path, Path], list[str]]:
+    """``command`` with its last argument a path under a file (``RUN``: the run, ``IMAGE``: a
+    picture)."""
+
+    def make(home: Path, run: Path) -> list[str]:
+        blocker = write(home / "notes.txt", "mine\n")
+        image = home / "x.png"
+        Image.new("L", (8, 8)).save(image)
+        args = [{"RUN": str(run), "IMAGE": str(image)}.get(a, a) for a in command]
+        return [*args, str(blocker / "sub" / "out")]
+
+    return make
+
+
 CASES = [
     # == hangs and resource exhaustion ========================================================
     Case("yaml alias bomb", bomb_config, ["bomb.yaml", "alias"], subprocess=True),
@@ -310,6 +325,18 @@ CASES = [
     # == messages ==============================================================================
     # A classification run's --out is a JSON file (a segmentation run's, a folder).
     Case("predict --out naming a folder", predict_out_is_a_folder, ["taken", "is a folder"]),
+    *[
+        Case(
+            f"{' '.join(c[:1] + c[2:])} under a file",
+            under_a_file(*c),
+            [c[-1], "notes.txt is a file, not a folder"],
+        )
+        for c in [
+            ("eval", "RUN", "--out"),
+            ("predict", "RUN", "IMAGE", "--out"),
+            ("export", "RUN", "--format", "torchscript", "--out"),
+        ]
+    ],
     Case("predict on an empty file", predict_empty_image, ["x.png", "not a readable image"]),
 ]
 

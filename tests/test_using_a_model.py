@@ -307,7 +307,8 @@ def test_a_device_this_machine_lacks_says_which_override_runs_here(folder_run, c
 
 
 def test_viz_dir_naming_a_file_is_one_line_exit_2(grey_run, cli, tmp_path, capsys):
-    """--viz-dir must be a folder: a file there is kept, and no report is written."""
+    """--viz-dir must be a folder (or one that can be made): a file there is kept, and no
+    report is written."""
     taken = tmp_path / "taken"
     taken.write_text("mine\n")
     names = ["data.name=test_using_a_model:Squares"]
@@ -317,6 +318,12 @@ def test_viz_dir_naming_a_file_is_one_line_exit_2(grey_run, cli, tmp_path, capsy
     )
     line = one_error_line(capsys.readouterr().err)
     assert f"--viz-dir {taken}: exists and is not a folder" in line
+    assert taken.read_text() == "mine\n" and not (tmp_path / "r.json").exists()
+    under = taken / "viz"  # a folder that could never be made: said before evaluating
+    viz = ["--viz", "--viz-dir", under, "--out", tmp_path / "r.json"]
+    assert cli("eval", grey_run, *names, *viz) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--viz-dir {under}: {taken} is a file, not a folder" in line
     assert taken.read_text() == "mine\n" and not (tmp_path / "r.json").exists()
 
 

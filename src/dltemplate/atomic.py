@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from dltemplate.errors import DiskFullError
+from dltemplate.errors import DiskFullError, UsageError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -54,3 +54,13 @@ def _disk_full(exc: BaseException | None) -> bool:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically (no newline translation)."""
     atomic_write(path, lambda fh: fh.write(text.encode(encoding)))
+
+
+def refuse_path_under_a_file(path: str | Path, option: str) -> None:
+    """A UsageError naming ``option`` (``--out``) when the nearest existing parent of ``path``
+    is a file: nothing could ever be written there (checked before the work, not after)."""
+    for parent in Path(path).absolute().parents:  # the nearest first
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{option} {path}: {parent} is a file, not a folder")
+            return

@@ -140,6 +140,7 @@ def last_run(output_dir: str | None, config: str | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``dltemplate eval RUN|CHECKPOINT``: evaluate a split; print and write its report."""
     from dltemplate.assemble import build_evaluator
+    from dltemplate.atomic import refuse_path_under_a_file
     from dltemplate.engine.checkpoint import refuse_overwriting
     from dltemplate.engine.evaluator import EvaluatorBase
     from dltemplate.engine.runlog import setup_logging
@@ -149,6 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging()
     evaluator = build_evaluator(args.target, args.overrides, args.trust_code)
     out = Path(args.out) if args.out else default_report_path(evaluator.checkpoint_path, args.split)
+    refuse_path_under_a_file(out, "--out")
     refuse_overwriting(out, evaluator.checkpoint_path)
     viz_dir = None
     if args.viz and not evaluator.task.draws_pictures:
@@ -158,6 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     elif args.viz:
         viz_dir = Path(args.viz_dir) if args.viz_dir else evaluator.checkpoint_path.parent / "viz"
+        refuse_path_under_a_file(viz_dir, "--viz-dir")
     report = evaluator.run(
         args.split, limit=args.limit_batches, viz_dir=viz_dir, viz_freq=args.viz_freq
     )
@@ -183,7 +186,7 @@ def default_report_path(checkpoint: Path, split: str) -> Path:
 def cmd_predict(args: argparse.Namespace) -> int:
     """``dltemplate predict RUN FILES...``: predictions for files (classes or masks)."""
     from dltemplate.assemble import build_evaluator
-    from dltemplate.atomic import atomic_write_text
+    from dltemplate.atomic import atomic_write_text, refuse_path_under_a_file
     from dltemplate.engine.checkpoint import refuse_overwriting
     from dltemplate.engine.runlog import setup_logging
 
@@ -195,6 +198,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else None
     if kind is None:
         raise UsageError(f"task '{name}' does not support predict")
+    if out is not None:
+        refuse_path_under_a_file(out, "--out")
     if kind == "files":
         if out is None:  # inside the run, like every output: not in the working directory
             out = evaluator.checkpoint_path.parent / "predictions"

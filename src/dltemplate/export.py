@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dltemplate.assemble import build_evaluator
-from dltemplate.atomic import atomic_write
+from dltemplate.atomic import atomic_write, refuse_path_under_a_file
 from dltemplate.data.loader import IndexLoader
 from dltemplate.engine.build import read_options
 from dltemplate.engine.checkpoint import refuse_overwriting
@@ -100,6 +100,7 @@ def export_model(
     evaluator = build_evaluator(target, [*ON_CPU, *(overrides or [])], trust_code)
     module = inference_model(evaluator)
     path = Path(out) if out is not None else evaluator.checkpoint_path.with_suffix(FORMATS[format])
+    refuse_path_under_a_file(path, "--out")
     refuse_overwriting(path, evaluator.checkpoint_path)
     example = torch.rand(
         (TRACE_BATCH, *module.input_shape), generator=torch.Generator().manual_seed(0)
