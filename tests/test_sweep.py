@@ -137,6 +137,52 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_p
     assert (
         "the training loss is nan" in rows[1e30]["reason"] or "not finite" in rows[1e30]["reason"]
     )
+    assert "background thread" not in done.stderr  # the grid's last trial is told quietly
+
+
+# == what a sampler draws =========================================================================
+def first_draws(path: Path, count: int) -> list[dict[str, object]]:
+    """The params of the next ``count`` trials a coordinator of the sweep ``path`` asks (each
+    told at once, no run started)."""
+    from dltemplate.sweeps.runner import Sweep
+
+    coordinator = Sweep.open(path)
+    coordinator.connect()
+    drawn = []
+    for _ in range(count):
+        job = coordinator._next_job()
+        if job is None:
+            break
+        job.lock.release()
+        coordinator.study.tell(job.number, 0.5)
+        drawn.append(job.params)
+    return drawn
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_continued_sweep_draws_new_values_and_the_same_sweep_the_same(tmp_path, sampler):
+    """Each coordinator builds its sampler anew (a continued sweep, each worker of a job array):
+    seeded once, it drew trial 0's values again as its first trial."""
+    path = sweep_file(tmp_path, sampler=sampler, trials=4)
+    first = first_draws(path, 2)
+    folder = tmp_path / "sweeps" / "s"
+    continued = first_draws(folder, 2)  # what `dltemplate sweep SWEEP_DIR` asks next
+    lrs = [d["optimizer.lr"] for d in first + continued]
+    assert len(set(lrs)) == 4, lrs
+    again = tmp_path / "again"
+    again.mkdir()
+    replay = sweep_file(again, sampler=sampler, trials=4)
+    assert first_draws(replay, 4) == first + continued  # a seeded sweep draws as it did
+
+
+def test_a_grid_smaller_than_trials_runs_each_point_once_and_ends(tmp_path):
+    grid = {"optimizer.lr": {"type": "categorical", "choices": [1e-2, 1e-3]},
+            "data.batch_size": {"type": "int", "low": 16, "high": 32, "step": 16}}  # fmt: skip
+    path = sweep_file(tmp_path, params=grid, sampler="grid", trials=6)
+    drawn = first_draws(path, 6)  # no RuntimeError from Optuna's stop() once the grid is done
+    points = {(d["optimizer.lr"], d["data.batch_size"]) for d in drawn}
+    assert len(drawn) == 4 and points == {(a, b) for a in (1e-2, 1e-3) for b in (16, 32)}
+    assert first_draws(tmp_path / "sweeps" / "s", 6) == []  # continued: nothing left to try
 
 
 @pytest.mark.slow  # a 2-trial sweep of 4 epochs

@@ -56,10 +56,12 @@ from dltemplate.sweeps.spec import (
 )
 from dltemplate.sweeps.study import (
     TRIAL_ENV,
+    grid_size,
     make_pruner,
     make_sampler,
     open_storage,
     storage_url,
+    trial_seed,
 )
 
 log = logging.getLogger("dltemplate")
@@ -180,14 +182,17 @@ class Sweep:
 
     # == running ==================================================================================
     def run(self) -> None:
-        """Run trials (``jobs`` at once) until the study holds ``trials`` of them, none left
+        """Run trials (``jobs`` at once) until the study holds :meth:`planned` of them, none left
         running; then write the results. A signal stops the trials at a step boundary and
         raises :class:`RunStopped` once they have stopped (continue with ``dltemplate sweep``)."""
         self.connect()
+        planned = self.planned()
+        grid = f" (the grid's points; trials: {self.spec.trials})"
         log.info(
-            "sweep %s: %d trial(s), %d at once, %s %s; in %s",
+            "sweep %s: %d trial(s)%s, %d at once, %s %s; in %s",
             self.spec.name,
-            self.spec.trials,
+            planned,
+            grid if planned < self.spec.trials else "",
             self.spec.jobs,
             self.direction,
             self.objective,
@@ -269,8 +274,11 @@ class Sweep:
                 except UsageError:
                     continue  # a live coordinator runs it
                 return Job(trial.number, decode_params(self.spec, trial.params), folder, lock)
-            if len(trials) >= self.spec.trials:
+            if len(trials) >= self.planned():
                 return None
+            if self.spec.sampler != "grid":  # (a grid's seed orders its points: kept)
+                seed = trial_seed(self.spec.seed, len(trials))  # len: the number ask() gives
+                self.study.sampler = make_sampler(self.spec.sampler, seed, self.spec.params)
             trial = self.study.ask()
             params = {key: _suggest(trial, key, spec) for key, spec in self.spec.params.items()}
             folder = self.trial_folder(trial.number)
@@ -279,6 +287,13 @@ class Sweep:
             lock = RunLock(folder)
             lock.acquire()
             return Job(trial.number, params, folder, lock)
+
+    def planned(self) -> int:
+        """The trials the sweep runs in all: ``trials``, or fewer for a smaller grid (each
+        point of a grid once)."""
+        if self.spec.sampler == "grid":
+            return min(self.spec.trials, grid_size(self.spec.params))
+        return self.spec.trials
 
     def trial_folder(self, number: int) -> Path:
         """``trials/<NNNN>``: the trial's ``experiment.output_dir``."""
