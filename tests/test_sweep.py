@@ -140,6 +140,42 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_p
     assert "background thread" not in done.stderr  # the grid's last trial is told quietly
 
 
+def trial_command(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The command line the sweep ``path`` starts its first trial with (not run: the trial
+    says it was stopped, and stays in the study to resume)."""
+    from dltemplate.sweeps import runner
+
+    started = []
+
+    class Stopped:
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            started.append(command)
+
+        def wait(self) -> int:
+            return 130
+
+    monkeypatch.setattr(runner, "available_cores", lambda: 8)
+    monkeypatch.setattr(runner.subprocess, "Popen", Stopped)
+    coordinator = runner.Sweep.open(path)
+    coordinator.connect()
+    job = coordinator._next_job()
+    try:
+        coordinator._run_job(job, 0)
+    finally:
+        job.lock.release()
+    return started[0]
+
+
+def test_a_sweep_shares_the_cores_out_unless_the_config_says_how_many(tmp_path, monkeypatch):
+    shared = trial_command(sweep_file(tmp_path, jobs=2), monkeypatch)
+    assert "experiment.threads=4" in shared  # 8 cores, 2 at once
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    path = sweep_file(mine, jobs=2, overrides=[*FAST, "experiment.threads=1"])
+    told = [a for a in trial_command(path, monkeypatch) if a.startswith("experiment.threads=")]
+    assert told == ["experiment.threads=1"]  # the user's, not replaced after it
+
+
 # == what a sampler draws =========================================================================
 def first_draws(path: Path, count: int) -> list[dict[str, object]]:
     """The params of the next ``count`` trials a coordinator of the sweep ``path`` asks (each

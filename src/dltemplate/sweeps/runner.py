@@ -308,8 +308,11 @@ class Sweep:
             return
         overrides = [param_override(k, v) for k, v in job.params.items()]
         if run is None:
-            threads = max(1, available_cores() // self.spec.jobs)
-            where = [f"experiment.output_dir={job.folder}", f"experiment.threads={threads}"]
+            where = [f"experiment.output_dir={job.folder}"]
+            chosen = base_config(self.spec, "sweep").experiment.threads is not None
+            if not chosen and "experiment.threads" not in job.params:  # else the user's count
+                threads = max(1, available_cores() // self.spec.jobs)
+                where.append(f"experiment.threads={threads}")
             command = ["train", self.spec.base, *self.spec.overrides, *overrides, *where]
             log.info("sweep: trial %d starts: %s", job.number, " ".join(overrides))
         else:
