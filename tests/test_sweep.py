@@ -93,6 +93,17 @@ def test_a_bad_sweep_file_is_one_line_exit_2_before_anything_runs(tmp_path, caps
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_a_tracked_sweep_without_mlflow_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    from dltemplate.cli import main
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow: an ImportError
+    path = sweep_file(tmp_path, overrides=[*FAST, "callbacks=[mlflow]"])
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "callback 'mlflow' needs the mlflow package" in err[0], err
+    assert not (tmp_path / "sweeps").exists()
+
+
 # == a sweep, its trials, its results =============================================================
 @pytest.mark.slow  # 6 processes; the default suite runs a 2-trial sweep
 def test_a_sweep_runs_its_trials_as_ordinary_runs_and_writes_its_results(tmp_path):
