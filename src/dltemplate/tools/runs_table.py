@@ -198,7 +198,11 @@ def lock_holder(run_dir: str | Path) -> str | None:
 
 def _read_config(run_dir: Path, problems: list[str]) -> dict[str, Any] | None:
     """The saved config (``_meta`` dropped), or None with a problem noted."""
-    path = sorted(p for p in run_dir.glob("config_*.json") if p.is_file())[0]
+    found = sorted(p for p in run_dir.glob("config_*.json") if p.is_file())
+    if not found:  # removed since the run was found
+        problems.append("config_*.json: gone")
+        return None
+    path = found[0]
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
@@ -439,6 +443,8 @@ def list_runs(
             seen.add(run.resolve())
             found.append((_run_name(Path(given), run, several=len(dirs) > 1), run))
     facts = [(name, read_run(run)) for name, run in found]
+    # a run deleted while the table was read (a clean-up, a finished sweep's tidying) is gone
+    facts = [(name, f) for (name, f), (_, run) in zip(facts, found) if is_run_dir(run)]
     diff = _diff_keys(facts)
     rows = _rows(facts, diff)
     if group_seeds:
