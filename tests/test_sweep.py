@@ -6,6 +6,7 @@ resumed (not restarted)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -185,6 +186,22 @@ def test_a_sweep_shares_the_cores_out_unless_the_config_says_how_many(tmp_path, 
     path = sweep_file(mine, jobs=2, overrides=[*FAST, "experiment.threads=1"])
     told = [a for a in trial_command(path, monkeypatch) if a.startswith("experiment.threads=")]
     assert told == ["experiment.threads=1"]  # the user's, not replaced after it
+
+
+def test_a_trials_value_is_its_runs_best_epoch_as_the_runs_table_shows_it(tmp_path):
+    """With early_stopping_min_delta, the run keeps epoch 1 as its best (epoch 2 beats it by
+    less than the delta): the trial's value is that epoch's, not the column's maximum."""
+    from dltemplate.sweeps.runner import trial_outcome
+    from dltemplate.tools.runs_table import read_run
+
+    trainer = {"monitor": "val/accuracy", "monitor_mode": "max", "early_stopping_min_delta": 0.1}
+    (tmp_path / "config_x_1.json").write_text(json.dumps({"trainer": trainer}))
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,val/loss,val/accuracy\n1,0.9,0.5\n2,0.7,0.55\n3,0.8,0.45\n"
+    )
+    assert trial_outcome(tmp_path, "val/accuracy", "maximize") == (0.5, False)
+    assert read_run(tmp_path)["best"] == 0.5
+    assert trial_outcome(tmp_path, "val/loss", "minimize") == (0.7, False)  # not the monitor
 
 
 # == what a sampler draws =========================================================================

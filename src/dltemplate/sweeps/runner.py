@@ -38,7 +38,7 @@ import yaml
 
 from dltemplate.atomic import atomic_write_text
 from dltemplate.engine.checkpoint import load_checkpoint
-from dltemplate.engine.rundir import MetricsTable, RunLock
+from dltemplate.engine.rundir import MetricsTable, RunLock, best_epoch, read_saved_config
 from dltemplate.engine.stopping import RunStopped
 from dltemplate.engine.threads import available_cores
 from dltemplate.errors import CheckpointError, ConfigError, DataError, UsageError
@@ -459,14 +459,23 @@ def _finished(run: Path) -> bool:
 
 
 def trial_outcome(run: Path, column: str, direction: str) -> tuple[float, bool]:
-    """A finished trial's objective (the best value of ``column`` over its epochs) and whether
-    the sweep's pruner ended it."""
+    """A finished trial's objective and whether the sweep's pruner ended it. The objective is
+    the best value of ``column`` over its epochs; when ``column`` is the run's
+    ``trainer.monitor``, the run's own best epoch's (the epoch its best checkpoint holds, which
+    ``early_stopping_min_delta`` may keep over a slightly better later one)."""
     rows = MetricsTable.read(run / "metrics.csv") if (run / "metrics.csv").exists() else []
-    values = [float(r[column]) for r in rows if r.get(column) not in (None, "")]
-    values = [v for v in values if v == v]  # NaN is no result
-    if not values:
+    rows = [
+        r for r in rows if r.get(column) not in (None, "") and float(r[column]) == float(r[column])
+    ]
+    if not rows:  # (NaN is no result)
         raise ValueError(f"{run}: no {column} in its metrics.csv")
+    values = [float(r[column]) for r in rows]
     best = max(values) if direction == "maximize" else min(values)
+    trainer = read_saved_config(run)[0].get("trainer", {})
+    if column == trainer.get("monitor"):
+        mode, delta = trainer.get("monitor_mode", "max"), trainer.get("early_stopping_min_delta")
+        epoch = best_epoch(rows, column, mode, float(delta or 0.0))
+        best = next(float(r[column]) for r in rows if int(float(r["epoch"])) == epoch)
     pruned = False
     last = sorted(run.glob("*_last_ckpt.pth"))
     if last:
