@@ -204,6 +204,27 @@ def test_a_trials_value_is_its_runs_best_epoch_as_the_runs_table_shows_it(tmp_pa
     assert trial_outcome(tmp_path, "val/loss", "minimize") == (0.7, False)  # not the monitor
 
 
+def test_a_sweep_continued_with_another_study_is_refused_before_it_reuses_trial_folders(
+    tmp_path, capsys
+):
+    """trials/0000 holds a run; a study without that trial (another --storage) would ask a new
+    trial 0 and record the old run's result under its new params."""
+    from dltemplate.cli import main
+
+    first_draws(sweep_file(tmp_path), 1)
+    folder = tmp_path / "sweeps" / "s"
+    run = folder / "trials" / "0000" / "20261205_000000_digits_mlp"
+    run.mkdir()
+    (run / "config_DigitsMLP_20261205_000000.json").write_text("{}")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert main(["sweep", str(folder), "--storage", other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trials/0000 holds a run, but the study in" in err[0], err
+    assert not (folder / "storage.txt").exists()  # a plain continue keeps the sweep's own study
+    (folder / "study.journal").unlink()
+    assert main(["sweep", str(folder)]) == 2  # the journal removed: the same
+
+
 # == what a sampler draws =========================================================================
 def first_draws(path: Path, count: int) -> list[dict[str, object]]:
     """The params of the next ``count`` trials a coordinator of the sweep ``path`` asks (each

@@ -55,6 +55,7 @@ from dltemplate.sweeps.spec import (
     sweep_from_dict,
 )
 from dltemplate.sweeps.study import (
+    JOURNAL,
     TRIAL_ENV,
     grid_size,
     make_pruner,
@@ -84,8 +85,9 @@ class Job:
 class Sweep:
     """A sweep directory and its study; :meth:`run` runs trials until the sweep has its count."""
 
-    def __init__(self, spec: SweepSpec, folder: Path, storage: str) -> None:
+    def __init__(self, spec: SweepSpec, folder: Path, storage: str, keep: bool = False) -> None:
         self.spec, self.folder, self.storage = spec, folder, storage
+        self._keep_storage = keep  # a --storage: kept in STORAGE_FILE for later continues
         self.objective, self.direction = objective(spec), direction(spec)
         self.stop_signal: str | None = None
         self._children: set[subprocess.Popen] = set()
@@ -135,10 +137,8 @@ class Sweep:
         kept = folder / STORAGE_FILE
         if storage is None and kept.is_file():
             storage = kept.read_text().strip() or None
-        url = storage_url(folder, storage)
-        if storage is not None:
-            atomic_write_text(kept, storage + "\n")
-        return cls(spec, folder.resolve(), url)
+        url = storage_url(folder, storage)  # kept in STORAGE_FILE once connect() accepts it
+        return cls(spec, folder.resolve(), url, keep=storage is not None)
 
     def tracker_env(self) -> dict[str, str]:
         """When the base config uses the ``mlflow`` callback: one store for the whole sweep
@@ -178,7 +178,26 @@ class Sweep:
             direction=self.direction,
             load_if_exists=True,
         )
+        with _FolderLock(self.folder / ".ask.lock"):  # no trial is asked meanwhile
+            self._check_study()
+        if self._keep_storage:
+            atomic_write_text(self.folder / STORAGE_FILE, self.storage + "\n")
         return self.study
+
+    def _check_study(self) -> None:
+        """A UsageError if a trial folder holds a run the study has no trial for: the study is
+        not this directory's (another ``--storage``, or the journal removed), and its new trials
+        would take those folders' runs for their own results."""
+        known = len(self.study.get_trials(deepcopy=False))
+        trials = self.folder / "trials"
+        for folder in sorted(trials.iterdir()) if trials.is_dir() else []:
+            if folder.name.isdigit() and int(folder.name) >= known and trial_run_dir(folder):
+                raise UsageError(
+                    f"{self.folder}: trials/{folder.name} holds a run, but the study in "
+                    f"{self.storage} has {known} trial(s): it is not this sweep's study (another "
+                    f"--storage, or {JOURNAL} removed?); continue with the storage the sweep "
+                    "started with"
+                )
 
     # == running ==================================================================================
     def run(self) -> None:
