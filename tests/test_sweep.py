@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -223,6 +224,21 @@ def test_a_sweep_continued_with_another_study_is_refused_before_it_reuses_trial_
     assert not (folder / "storage.txt").exists()  # a plain continue keeps the sweep's own study
     (folder / "study.journal").unlink()
     assert main(["sweep", str(folder)]) == 2  # the journal removed: the same
+
+
+def test_the_pictures_are_drawn_without_optunas_warnings(tmp_path, recwarn):
+    """A sweep's end printed Optuna's ExperimentalWarning (and "too few trials" ones), with the
+    source lines that raised them, for every picture."""
+    import optuna
+
+    from dltemplate.sweeps import report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("optimizer.lr", 0.1, 1.0), n_trials=2)
+    done = report.pictures(SimpleNamespace(folder=tmp_path, study=study))
+    assert done["history.png"] == str(tmp_path / "history.png")
+    assert [str(w.message)[:80] for w in recwarn] == []
 
 
 # == what a sampler draws =========================================================================
