@@ -605,7 +605,8 @@ def _format_value(column: str, value: Any, row: dict[str, Any]) -> str:
     if column in ("epochs", "best_epoch", "n") and _is_number(value):
         return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
     if _is_metric(column) and _is_number(value):
-        return f"{value:.4f}"
+        small_or_huge = value != 0 and not 0.01 <= abs(value) < 1e6  # .4f: 0.0000 or 20 digits
+        return f"{value:.4g}" if small_or_huge else f"{value:.4f}"
     if isinstance(value, str):
         return value
     return json.dumps(value, default=str)
