@@ -141,26 +141,42 @@ class Sweep:
         return cls(spec, folder.resolve(), url, keep=storage is not None)
 
     def tracker_env(self) -> dict[str, str]:
-        """When the base config uses the ``mlflow`` callback: one store for the whole sweep
-        (``<sweep>/mlflow.db``, unless ``$MLFLOW_TRACKING_URI``) and a parent run that every
-        trial's MLflow run is nested under (kept in ``<sweep>/mlflow_parent.txt``)."""
+        """When the base config uses the ``mlflow`` callback: one store for the whole sweep (the
+        callback's ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``<sweep>/mlflow.db``)
+        and a parent run, in the callback's ``experiment`` (default ``experiment.name``), that
+        every trial's MLflow run is nested under (kept in ``<sweep>/mlflow_parent.txt``). A
+        store that cannot be reached or an experiment that is deleted is a ConfigError."""
         cfg = base_config(self.spec, "sweep")
-        if not any(item.name == "mlflow" and item.enabled for item in cfg.callbacks):
+        item = next((c for c in cfg.callbacks if c.name == "mlflow" and c.enabled), None)
+        if item is None:
             return {}
         from mlflow.tracking import MlflowClient  # only for sweeps that track
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.folder / 'mlflow.db'}"
+        args = item.args or {}
+        given = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = given or f"sqlite:///{self.folder / 'mlflow.db'}"
         kept = self.folder / "mlflow_parent.txt"
         if kept.is_file():
             parent = kept.read_text().strip()
         else:
-            client = MlflowClient(uri)
-            name = cfg.experiment.name
-            found = client.get_experiment_by_name(name)
-            where = (self.folder / ".mlartifacts").as_uri()
-            experiment = found.experiment_id if found else client.create_experiment(name, where)
-            run = client.create_run(experiment, run_name=f"sweep {self.spec.name}",
-                                    tags={"dltemplate.sweep": str(self.folder)})  # fmt: skip
+            name = args.get("experiment") or cfg.experiment.name
+            try:
+                client = MlflowClient(uri)
+                found = client.get_experiment_by_name(name)
+                if found is not None and found.lifecycle_stage == "deleted":
+                    raise ConfigError(
+                        f"callback 'mlflow': experiment '{name}' is deleted in {uri}: restore it "
+                        "(mlflow experiments restore) or give another args.experiment"
+                    )
+                where = None if given else (self.folder / ".mlartifacts").as_uri()
+                experiment = found.experiment_id if found else client.create_experiment(name, where)
+                run = client.create_run(experiment, run_name=f"sweep {self.spec.name}",
+                                        tags={"dltemplate.sweep": str(self.folder)})  # fmt: skip
+            except ConfigError:
+                raise
+            except Exception as exc:  # as the callback says it: before any trial
+                said = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                raise ConfigError(f"callback 'mlflow': tracking store {uri}: {said}") from exc
             parent = run.info.run_id
             atomic_write_text(kept, parent + "\n")
         return {"MLFLOW_TRACKING_URI": uri, "DLTEMPLATE_MLFLOW_PARENT": parent}
@@ -205,6 +221,7 @@ class Sweep:
         running; then write the results. A signal stops the trials at a step boundary and
         raises :class:`RunStopped` once they have stopped (continue with ``dltemplate sweep``)."""
         self.connect()
+        self._tracker = self.tracker_env()  # (a store that refuses: said before any word)
         planned = self.planned()
         grid = f" (the grid's points; trials: {self.spec.trials})"
         log.info(
@@ -217,7 +234,6 @@ class Sweep:
             self.objective,
             self.folder,
         )
-        self._tracker = self.tracker_env()
         previous = self._catch_signals()
         try:
             workers = [
