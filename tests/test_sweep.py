@@ -241,6 +241,18 @@ def test_the_pictures_are_drawn_without_optunas_warnings(tmp_path, recwarn):
     assert [str(w.message)[:80] for w in recwarn] == []
 
 
+def test_a_misspelt_objective_stops_a_trial_at_its_first_epoch(tmp_path):
+    """The sweep file cannot know the task's metrics; a trial trained every epoch and then
+    failed with 'no val/acuracy in its metrics.csv' (each trial of the sweep alike)."""
+    from dltemplate.callbacks.sweep_trial import SweepTrial
+    from dltemplate.errors import ConfigError
+
+    trial = SweepTrial(f"journal:{tmp_path / 'j'}", "s", 0, objective="val/acuracy")
+    row = {"epoch": 1.0, "lr": 0.1, "train/loss": 2.0, "val/loss": 2.1, "val/accuracy": 0.5}
+    with pytest.raises(ConfigError, match=r"val/acuracy.*did you mean 'val/accuracy'"):
+        trial.on_epoch_end(SimpleNamespace(), row)
+
+
 # == what a sampler draws =========================================================================
 def first_draws(path: Path, count: int) -> list[dict[str, object]]:
     """The params of the next ``count`` trials a coordinator of the sweep ``path`` asks (each
