@@ -253,6 +253,19 @@ def test_a_misspelt_objective_stops_a_trial_at_its_first_epoch(tmp_path):
         trial.on_epoch_end(SimpleNamespace(), row)
 
 
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_of_equal_trials_the_first_is_the_best_as_the_summary_lists_it(direction):
+    """Minimising, best.yaml took the last of equal trials while the summary listed the first."""
+    import optuna
+
+    from dltemplate.sweeps import report
+
+    study = optuna.create_study(direction=direction)
+    values = iter([1.0, 0.5, 0.5] if direction == "minimize" else [0.5, 1.0, 1.0])
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) * 0 + next(values), n_trials=3)
+    assert report.best_trial(SimpleNamespace(study=study, direction=direction)).number == 1
+
+
 # == what a sampler draws =========================================================================
 def first_draws(path: Path, count: int) -> list[dict[str, object]]:
     """The params of the next ``count`` trials a coordinator of the sweep ``path`` asks (each

@@ -81,8 +81,8 @@ def best_trial(sweep: Sweep) -> Any:
     done = [t for t in sweep.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not done:
         return None
-    pick = max if sweep.direction == "maximize" else min
-    return pick(done, key=lambda t: (t.value, -t.number))
+    sign = 1 if sweep.direction == "maximize" else -1
+    return max(done, key=lambda t: (sign * t.value, -t.number))  # of equals, the first
 
 
 def summary(sweep: Sweep) -> None:
