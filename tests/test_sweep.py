@@ -266,6 +266,28 @@ def test_of_equal_trials_the_first_is_the_best_as_the_summary_lists_it(direction
     assert report.best_trial(SimpleNamespace(study=study, direction=direction)).number == 1
 
 
+def test_a_sweep_whose_base_config_changed_is_not_continued(tmp_path, capsys):
+    """A base edited between two continues mixed trials of two configs in one study (and
+    best.yaml, built from the new base, would not reproduce an older best trial)."""
+    from dltemplate.cli import main
+    from dltemplate.sweeps.runner import Sweep
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"base: {DEMO}\n")
+    path = sweep_file(tmp_path, base=str(base))
+    Sweep.open(path)  # started: the base it shares is kept
+    folder = tmp_path / "sweeps" / "s"
+    where = "data: {root: ./Elsewhere}\nexperiment: {threads: 1}\noptimizer: {lr: 0.5}\n"
+    base.write_text(f"base: {DEMO}\n{where}")
+    Sweep.open(folder)  # where and how (data.root, threads), or a searched key: no change
+    base.write_text(f"base: {DEMO}\ndata: {{batch_size: 16}}\n")
+    for target in (folder, path):
+        assert main(["sweep", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "changed since sweep 's' started" in err[0], err
+        assert "data.batch_size: 32 -> 16" in err[0], err
+
+
 # == what a sampler draws =========================================================================
 def first_draws(path: Path, count: int) -> list[dict[str, object]]:
     """The params of the next ``count`` trials a coordinator of the sweep ``path`` asks (each

@@ -1,9 +1,10 @@
 """Running a sweep: trials as ordinary runs in subprocesses, coordinated through Optuna's study.
 
 The sweep directory ``<output_dir>/<name>/`` holds ``sweep.yaml`` (the checked sweep file),
-the study (``study.journal``, unless ``--storage`` names a database), ``trials/<NNNN>/`` (each
-trial's ``experiment.output_dir``: one ordinary run directory, and ``trial.log``, what the
-trial printed), ``trials.csv``, ``best.yaml`` and the pictures.
+``base.json`` (the base config its trials share, as first started), the study
+(``study.journal``, unless ``--storage`` names a database), ``trials/<NNNN>/`` (each trial's
+``experiment.output_dir``: one ordinary run directory, and ``trial.log``, what the trial
+printed), ``trials.csv``, ``best.yaml`` and the pictures.
 
 **What survives what.** A trial is a ``dltemplate train`` (or ``resume``) subprocess in a
 session of its own; its outcome is told to the study only when it ends: finished (its best
@@ -37,11 +38,13 @@ from typing import Any
 import yaml
 
 from dltemplate.atomic import atomic_write_text
+from dltemplate.config import config_to_dict
+from dltemplate.config.loader import UNNAMED_KEYS
 from dltemplate.engine.checkpoint import load_checkpoint
 from dltemplate.engine.rundir import MetricsTable, RunLock, best_epoch, read_saved_config
 from dltemplate.engine.stopping import RunStopped
 from dltemplate.engine.threads import available_cores
-from dltemplate.errors import CheckpointError, ConfigError, DataError, UsageError
+from dltemplate.errors import CheckpointError, ConfigError, DataError, UsageError, short_repr
 from dltemplate.sweeps import report
 from dltemplate.sweeps.spec import (
     SweepSpec,
@@ -64,10 +67,12 @@ from dltemplate.sweeps.study import (
     storage_url,
     trial_seed,
 )
+from dltemplate.tools.compare_configs import flatten
 
 log = logging.getLogger("dltemplate")
 
 SPEC_FILE = "sweep.yaml"
+BASE_FILE = "base.json"  # the base config and overrides every trial shares, as first started
 STORAGE_FILE = "storage.txt"  # the storage URL a sweep was started with (--storage)
 NO_REQUEUE = "DLTEMPLATE_NO_REQUEUE"  # a trial never requeues the job: its sweep does
 
@@ -132,8 +137,11 @@ class Sweep:
         spec.jobs = jobs if jobs is not None else spec.jobs
         if spec.trials < 1 or spec.jobs < 1:
             raise UsageError("--trials and --jobs must be at least 1")
+        base = _shared_base(spec, folder, str(target))
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / SPEC_FILE, yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        if not (folder / BASE_FILE).is_file():
+            atomic_write_text(folder / BASE_FILE, json.dumps(base, indent=1) + "\n")
         kept = folder / STORAGE_FILE
         if storage is None and kept.is_file():
             storage = kept.read_text().strip() or None
@@ -435,6 +443,31 @@ class Sweep:
         self.study.tell(job.number, state=TrialState.FAIL)
         log.warning("sweep: trial %d failed: %s", job.number, reason)
         report.write(self)
+
+
+def _shared_base(spec: SweepSpec, folder: Path, source: str) -> dict[str, Any]:
+    """The base config with the sweep's overrides, flattened to ``section.key`` (the searched
+    keys, and those that say where or how a run goes, left out): what every trial shares. A
+    ConfigError if it differs from the one the sweep started with (kept in ``BASE_FILE``): a
+    base edited between two continues would mix trials of two configs, and best.yaml would
+    not reproduce the best."""
+    flat = flatten(config_to_dict(base_config(spec, source)))
+    shared = {k: v for k, v in flat.items() if k not in UNNAMED_KEYS and k not in spec.params}
+    now = json.loads(json.dumps(shared))
+    kept = folder / BASE_FILE
+    if kept.is_file():
+        before, gone = json.loads(kept.read_text(encoding="utf-8")), "<absent>"
+        changed = [k for k in sorted({*before, *now}) if before.get(k, gone) != now.get(k, gone)]
+        if changed:
+            shown = [f"{k}: {short_repr(before.get(k, gone))} -> {short_repr(now.get(k, gone))}"
+                     for k in changed[:3]]  # fmt: skip
+            raise ConfigError(
+                f"{source}: the base config {spec.base} changed since sweep {spec.name!r} "
+                f"started ({', '.join(shown)}{', ...' if len(changed) > 3 else ''}): its trials "
+                f"would not compare; restore it ({kept} holds the one the trials share), or "
+                "start a sweep of another name"
+            )
+    return now
 
 
 def _suggest(trial: Any, key: str, spec: Any) -> Any:
