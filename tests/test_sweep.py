@@ -82,6 +82,7 @@ def one(key: str, **spec: object) -> dict[str, object]:
         (one("data.batch_size", type="categorical", choices=[0, 8]), "data.batch_size=0"),
         (one("x", type="float", low=0.1, high=1), "params.x: not a config key"),
         ({"sampler": "grid"}, "the grid sampler needs 'choices' or a 'step'"),
+        ({"objective": "val/loss"}, "objective='val/loss' is not the base's trainer.monitor"),
         ({"pruner_args": {"n_startup": 1}, "pruner": "median"}, "pruner_args"),
     ],
 )

@@ -196,6 +196,12 @@ def _check(spec: SweepSpec, source: str) -> None:
         raise ConfigError(
             f"{source}: objective={objective!r}: a metrics.csv column (val/... or train/...)"
         )
+    if objective != cfg.trainer.monitor and spec.direction is None:  # monitor_mode is not its
+        raise ConfigError(
+            f"{source}: objective={objective!r} is not the base's trainer.monitor "
+            f"({cfg.trainer.monitor!r}), whose monitor_mode would say its direction: give "
+            "direction: maximize or minimize"
+        )
 
 
 def base_config(spec: SweepSpec, source: str) -> Config:
