@@ -152,6 +152,10 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_p
         "the training loss is nan" in rows[1e30]["reason"] or "not finite" in rows[1e30]["reason"]
     )
     assert "background thread" not in done.stderr  # the grid's last trial is told quietly
+    failed = trial_run_dir(
+        tmp_path / "sweeps" / "s" / "trials" / f"{int(rows[1e30]['number']):04d}"
+    )
+    assert failed is not None and rows[1e30]["run_dir"] == str(failed)  # where to read why
 
 
 def trial_command(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:

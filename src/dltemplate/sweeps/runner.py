@@ -413,6 +413,8 @@ class Sweep:
             return
         run = trial_run_dir(job.folder)
         with self._lock:
+            if run is not None:  # a failed trial's run too: where to read why
+                self._attr(job, "run_dir", str(run))
             if code != 0 or run is None:
                 self._fail(job, _reason(code, said))
                 return
@@ -421,7 +423,6 @@ class Sweep:
             except (CheckpointError, DataError, OSError, ValueError) as exc:
                 self._fail(job, str(exc))
                 return
-            self._attr(job, "run_dir", str(run))
             if pruned:
                 self.study.tell(job.number, state=TrialState.PRUNED)
                 log.info("sweep: trial %d pruned", job.number)
