@@ -215,3 +215,45 @@ def test_a_sweep_trial_runs_under_its_parent(cli, out, monkeypatch):
 
     monkeypatch.setenv("DLTEMPLATE_MLFLOW_PARENT", "0" * 32)  # no such run: before training
     assert cli("train", DEMO, *args) == 2
+
+
+def tracked_sweep(folder: Path, mlflow_args: str) -> Path:
+    """A sweep file over the demo whose base tracks with ``callbacks=[{name: mlflow, args:
+    <mlflow_args>}]``."""
+    import yaml
+
+    spec = {
+        "name": "s",
+        "base": str(DEMO),
+        "overrides": [*QUICK_DIGITS, f"callbacks=[{{name: mlflow, args: {mlflow_args}}}]"],
+        "trials": 1,
+        "output_dir": str(folder / "sweeps"),
+        "params": {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@needs_mlflow
+def test_a_sweeps_parent_run_is_in_the_store_and_experiment_its_callback_names(out, tmp_path):
+    """The trials log where the callback's args say: the parent must be there too (it was in
+    <sweep>/mlflow.db, and every trial failed: its parent was no run of its store)."""
+    from dltemplate.sweeps.runner import Sweep
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    sweep = Sweep.open(tracked_sweep(tmp_path, f"{{tracking_uri: '{uri}', experiment: team}}"))
+    env = sweep.tracker_env()
+    assert env["MLFLOW_TRACKING_URI"] == uri
+    parent = MlflowClient(uri).get_run(env["DLTEMPLATE_MLFLOW_PARENT"])
+    assert MlflowClient(uri).get_experiment(parent.info.experiment_id).name == "team"
+
+
+@needs_mlflow
+def test_a_tracked_sweep_whose_experiment_is_deleted_is_one_line_exit_2(cli, out, tmp_path, capsys):
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("DigitsMLP"))
+    assert cli("sweep", tracked_sweep(tmp_path, f"{{tracking_uri: '{uri}'}}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "experiment 'DigitsMLP' is deleted in" in err[0], err

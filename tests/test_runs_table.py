@@ -165,6 +165,34 @@ def test_runs_are_found_six_levels_deep_not_in_hidden_folders(base, tmp_path):
     assert row["run"] == f"a/b/c/d/e/{run.name}" and row["status"] == "finished"
 
 
+def test_a_run_deleted_while_the_table_is_read_is_left_out(base, tmp_path, monkeypatch):
+    from dltemplate.tools import runs_table
+
+    for name in ("a", "b"):
+        shutil.copytree(one_run(base / "grid" / "lr0.001_s1"), tmp_path / name / "run")
+    read = runs_table.read_run
+
+    def read_after_deleting_b(run_dir):
+        shutil.rmtree(tmp_path / "b", ignore_errors=True)  # rm -r while the table reads
+        return read(run_dir)
+
+    monkeypatch.setattr(runs_table, "read_run", read_after_deleting_b)
+    (row,) = list_runs([tmp_path])
+    assert row["run"] == "a/run" and row["status"] == "finished"
+    assert read(tmp_path / "b")["status"] == "damaged"  # read_run itself never raises
+
+
+def test_small_metrics_keep_four_significant_digits_in_the_table():
+    """A regression's val/mae of 8e-5 printed as 0.0001 for every run (.4f)."""
+    rows = [
+        {"run": "a", "val/mae": 8.1234e-05, "test/loss": 0.5, "duration": 3.0, "note": None},
+        {"run": "b", "val/mae": 7.9e-05, "test/loss": 2.5e7, "duration": 3.0, "note": None},
+    ]
+    a, b = format_table(rows).splitlines()[1:]
+    assert a.split()[1:3] == ["8.123e-05", "0.5000"]
+    assert b.split()[1:3] == ["7.9e-05", "2.5e+07"]
+
+
 # == sorting and CSV ============================================================================
 def test_sort_ascending_descending_and_csv(base, capsys):
     code, out, err = cli(capsys, base / "grid", "--sort=-test/accuracy", "--csv")

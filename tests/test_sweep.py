@@ -6,12 +6,14 @@ resumed (not restarted)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -80,6 +82,7 @@ def one(key: str, **spec: object) -> dict[str, object]:
         (one("data.batch_size", type="categorical", choices=[0, 8]), "data.batch_size=0"),
         (one("x", type="float", low=0.1, high=1), "params.x: not a config key"),
         ({"sampler": "grid"}, "the grid sampler needs 'choices' or a 'step'"),
+        ({"objective": "val/loss"}, "objective='val/loss' is not the base's trainer.monitor"),
         ({"pruner_args": {"n_startup": 1}, "pruner": "median"}, "pruner_args"),
     ],
 )
@@ -90,6 +93,17 @@ def test_a_bad_sweep_file_is_one_line_exit_2_before_anything_runs(tmp_path, caps
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_tracked_sweep_without_mlflow_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    from dltemplate.cli import main
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow: an ImportError
+    path = sweep_file(tmp_path, overrides=[*FAST, "callbacks=[mlflow]"])
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "callback 'mlflow' needs the mlflow package" in err[0], err
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -137,6 +151,191 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_sweep_goes_on(tmp_p
     assert (
         "the training loss is nan" in rows[1e30]["reason"] or "not finite" in rows[1e30]["reason"]
     )
+    assert "background thread" not in done.stderr  # the grid's last trial is told quietly
+    failed = trial_run_dir(
+        tmp_path / "sweeps" / "s" / "trials" / f"{int(rows[1e30]['number']):04d}"
+    )
+    assert failed is not None and rows[1e30]["run_dir"] == str(failed)  # where to read why
+
+
+def trial_command(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The command line the sweep ``path`` starts its first trial with (not run: the trial
+    says it was stopped, and stays in the study to resume)."""
+    from dltemplate.sweeps import runner
+
+    started = []
+
+    class Stopped:
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            started.append(command)
+
+        def wait(self) -> int:
+            return 130
+
+    monkeypatch.setattr(runner, "available_cores", lambda: 8)
+    monkeypatch.setattr(runner.subprocess, "Popen", Stopped)
+    coordinator = runner.Sweep.open(path)
+    coordinator.connect()
+    job = coordinator._next_job()
+    try:
+        coordinator._run_job(job, 0)
+    finally:
+        job.lock.release()
+    return started[0]
+
+
+def test_a_sweep_shares_the_cores_out_unless_the_config_says_how_many(tmp_path, monkeypatch):
+    shared = trial_command(sweep_file(tmp_path, jobs=2), monkeypatch)
+    assert "experiment.threads=4" in shared  # 8 cores, 2 at once
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    path = sweep_file(mine, jobs=2, overrides=[*FAST, "experiment.threads=1"])
+    told = [a for a in trial_command(path, monkeypatch) if a.startswith("experiment.threads=")]
+    assert told == ["experiment.threads=1"]  # the user's, not replaced after it
+
+
+def test_a_trials_value_is_its_runs_best_epoch_as_the_runs_table_shows_it(tmp_path):
+    """With early_stopping_min_delta, the run keeps epoch 1 as its best (epoch 2 beats it by
+    less than the delta): the trial's value is that epoch's, not the column's maximum."""
+    from dltemplate.sweeps.runner import trial_outcome
+    from dltemplate.tools.runs_table import read_run
+
+    trainer = {"monitor": "val/accuracy", "monitor_mode": "max", "early_stopping_min_delta": 0.1}
+    (tmp_path / "config_x_1.json").write_text(json.dumps({"trainer": trainer}))
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,val/loss,val/accuracy\n1,0.9,0.5\n2,0.7,0.55\n3,0.8,0.45\n"
+    )
+    assert trial_outcome(tmp_path, "val/accuracy", "maximize") == (0.5, False)
+    assert read_run(tmp_path)["best"] == 0.5
+    assert trial_outcome(tmp_path, "val/loss", "minimize") == (0.7, False)  # not the monitor
+
+
+def test_a_sweep_continued_with_another_study_is_refused_before_it_reuses_trial_folders(
+    tmp_path, capsys
+):
+    """trials/0000 holds a run; a study without that trial (another --storage) would ask a new
+    trial 0 and record the old run's result under its new params."""
+    from dltemplate.cli import main
+
+    first_draws(sweep_file(tmp_path), 1)
+    folder = tmp_path / "sweeps" / "s"
+    run = folder / "trials" / "0000" / "20261205_000000_digits_mlp"
+    run.mkdir()
+    (run / "config_DigitsMLP_20261205_000000.json").write_text("{}")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert main(["sweep", str(folder), "--storage", other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trials/0000 holds a run, but the study in" in err[0], err
+    assert not (folder / "storage.txt").exists()  # a plain continue keeps the sweep's own study
+    (folder / "study.journal").unlink()
+    assert main(["sweep", str(folder)]) == 2  # the journal removed: the same
+
+
+def test_the_pictures_are_drawn_without_optunas_warnings(tmp_path, recwarn):
+    """A sweep's end printed Optuna's ExperimentalWarning (and "too few trials" ones), with the
+    source lines that raised them, for every picture."""
+    import optuna
+
+    from dltemplate.sweeps import report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("optimizer.lr", 0.1, 1.0), n_trials=2)
+    done = report.pictures(SimpleNamespace(folder=tmp_path, study=study))
+    assert done["history.png"] == str(tmp_path / "history.png")
+    assert [str(w.message)[:80] for w in recwarn] == []
+
+
+def test_a_misspelt_objective_stops_a_trial_at_its_first_epoch(tmp_path):
+    """The sweep file cannot know the task's metrics; a trial trained every epoch and then
+    failed with 'no val/acuracy in its metrics.csv' (each trial of the sweep alike)."""
+    from dltemplate.callbacks.sweep_trial import SweepTrial
+    from dltemplate.errors import ConfigError
+
+    trial = SweepTrial(f"journal:{tmp_path / 'j'}", "s", 0, objective="val/acuracy")
+    row = {"epoch": 1.0, "lr": 0.1, "train/loss": 2.0, "val/loss": 2.1, "val/accuracy": 0.5}
+    with pytest.raises(ConfigError, match=r"val/acuracy.*did you mean 'val/accuracy'"):
+        trial.on_epoch_end(SimpleNamespace(), row)
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_of_equal_trials_the_first_is_the_best_as_the_summary_lists_it(direction):
+    """Minimising, best.yaml took the last of equal trials while the summary listed the first."""
+    import optuna
+
+    from dltemplate.sweeps import report
+
+    study = optuna.create_study(direction=direction)
+    values = iter([1.0, 0.5, 0.5] if direction == "minimize" else [0.5, 1.0, 1.0])
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) * 0 + next(values), n_trials=3)
+    assert report.best_trial(SimpleNamespace(study=study, direction=direction)).number == 1
+
+
+def test_a_sweep_whose_base_config_changed_is_not_continued(tmp_path, capsys):
+    """A base edited between two continues mixed trials of two configs in one study (and
+    best.yaml, built from the new base, would not reproduce an older best trial)."""
+    from dltemplate.cli import main
+    from dltemplate.sweeps.runner import Sweep
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"base: {DEMO}\n")
+    path = sweep_file(tmp_path, base=str(base))
+    Sweep.open(path)  # started: the base it shares is kept
+    folder = tmp_path / "sweeps" / "s"
+    where = "data: {root: ./Elsewhere}\nexperiment: {threads: 1}\noptimizer: {lr: 0.5}\n"
+    base.write_text(f"base: {DEMO}\n{where}")
+    Sweep.open(folder)  # where and how (data.root, threads), or a searched key: no change
+    base.write_text(f"base: {DEMO}\ndata: {{batch_size: 16}}\n")
+    for target in (folder, path):
+        assert main(["sweep", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "changed since sweep 's' started" in err[0], err
+        assert "data.batch_size: 32 -> 16" in err[0], err
+
+
+# == what a sampler draws =========================================================================
+def first_draws(path: Path, count: int) -> list[dict[str, object]]:
+    """The params of the next ``count`` trials a coordinator of the sweep ``path`` asks (each
+    told at once, no run started)."""
+    from dltemplate.sweeps.runner import Sweep
+
+    coordinator = Sweep.open(path)
+    coordinator.connect()
+    drawn = []
+    for _ in range(count):
+        job = coordinator._next_job()
+        if job is None:
+            break
+        job.lock.release()
+        coordinator.study.tell(job.number, 0.5)
+        drawn.append(job.params)
+    return drawn
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_continued_sweep_draws_new_values_and_the_same_sweep_the_same(tmp_path, sampler):
+    """Each coordinator builds its sampler anew (a continued sweep, each worker of a job array):
+    seeded once, it drew trial 0's values again as its first trial."""
+    path = sweep_file(tmp_path, sampler=sampler, trials=4)
+    first = first_draws(path, 2)
+    folder = tmp_path / "sweeps" / "s"
+    continued = first_draws(folder, 2)  # what `dltemplate sweep SWEEP_DIR` asks next
+    lrs = [d["optimizer.lr"] for d in first + continued]
+    assert len(set(lrs)) == 4, lrs
+    again = tmp_path / "again"
+    again.mkdir()
+    replay = sweep_file(again, sampler=sampler, trials=4)
+    assert first_draws(replay, 4) == first + continued  # a seeded sweep draws as it did
+
+
+def test_a_grid_smaller_than_trials_runs_each_point_once_and_ends(tmp_path):
+    grid = {"optimizer.lr": {"type": "categorical", "choices": [1e-2, 1e-3]},
+            "data.batch_size": {"type": "int", "low": 16, "high": 32, "step": 16}}  # fmt: skip
+    path = sweep_file(tmp_path, params=grid, sampler="grid", trials=6)
+    drawn = first_draws(path, 6)  # no RuntimeError from Optuna's stop() once the grid is done
+    points = {(d["optimizer.lr"], d["data.batch_size"]) for d in drawn}
+    assert len(drawn) == 4 and points == {(a, b) for a in (1e-2, 1e-3) for b in (16, 32)}
+    assert first_draws(tmp_path / "sweeps" / "s", 6) == []  # continued: nothing left to try
 
 
 @pytest.mark.slow  # a 2-trial sweep of 4 epochs

@@ -14,6 +14,7 @@ from typing import Any
 
 from dltemplate.callbacks.base import Callback, Loop
 from dltemplate.engine import distributed as D
+from dltemplate.errors import ConfigError, did_you_mean
 from dltemplate.sweeps.study import TRIAL_ENV, make_pruner, open_storage
 
 log = logging.getLogger("dltemplate")
@@ -54,7 +55,15 @@ class SweepTrial(Callback):
         return optuna.trial.Trial(study, self.trial_id)
 
     def on_epoch_end(self, trainer: Loop, row: dict[str, float]) -> None:
-        """Report the epoch's objective; end training if the pruner prunes the trial."""
+        """Report the epoch's objective; end training if the pruner prunes the trial. An
+        objective the row lacks (a misspelt column) is a ConfigError at the first epoch, not a
+        trial trained to its end for no result."""
+        if self.objective not in row:
+            columns = [key for key in row if key != "epoch"]
+            raise ConfigError(
+                f"sweep objective={self.objective!r}: not a metrics.csv column"
+                f"{did_you_mean(self.objective, columns)} (columns: {', '.join(columns)})"
+            )
         value, epoch = row.get(self.objective), int(row["epoch"])
         prune = False
         if trainer.dist.is_main and value is not None and math.isfinite(value):

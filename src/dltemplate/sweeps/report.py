@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,8 +81,8 @@ def best_trial(sweep: Sweep) -> Any:
     done = [t for t in sweep.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not done:
         return None
-    pick = max if sweep.direction == "maximize" else min
-    return pick(done, key=lambda t: (t.value, -t.number))
+    sign = 1 if sweep.direction == "maximize" else -1
+    return max(done, key=lambda t: (sign * t.value, -t.number))  # of equals, the first
 
 
 def summary(sweep: Sweep) -> None:
@@ -125,7 +126,9 @@ def pictures(sweep: Sweep) -> dict[str, str]:
     for name, plot in jobs.items():
         path = sweep.folder / name
         try:
-            axes = plot(sweep.study)
+            with warnings.catch_warnings():  # Optuna's "experimental", "too few trials"...: noise
+                warnings.simplefilter("ignore")
+                axes = plot(sweep.study)
             figure = _figure(axes)
             atomic_write(path, lambda fh, f=figure: f.savefig(fh, dpi=80, format="png",
                                                                bbox_inches="tight"))  # fmt: skip

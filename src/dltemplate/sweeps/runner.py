@@ -1,9 +1,10 @@
 """Running a sweep: trials as ordinary runs in subprocesses, coordinated through Optuna's study.
 
 The sweep directory ``<output_dir>/<name>/`` holds ``sweep.yaml`` (the checked sweep file),
-the study (``study.journal``, unless ``--storage`` names a database), ``trials/<NNNN>/`` (each
-trial's ``experiment.output_dir``: one ordinary run directory, and ``trial.log``, what the
-trial printed), ``trials.csv``, ``best.yaml`` and the pictures.
+``base.json`` (the base config its trials share, as first started), the study
+(``study.journal``, unless ``--storage`` names a database), ``trials/<NNNN>/`` (each trial's
+``experiment.output_dir``: one ordinary run directory, and ``trial.log``, what the trial
+printed), ``trials.csv``, ``best.yaml`` and the pictures.
 
 **What survives what.** A trial is a ``dltemplate train`` (or ``resume``) subprocess in a
 session of its own; its outcome is told to the study only when it ends: finished (its best
@@ -37,11 +38,13 @@ from typing import Any
 import yaml
 
 from dltemplate.atomic import atomic_write_text
+from dltemplate.config import config_to_dict
+from dltemplate.config.loader import UNNAMED_KEYS
 from dltemplate.engine.checkpoint import load_checkpoint
-from dltemplate.engine.rundir import MetricsTable, RunLock
+from dltemplate.engine.rundir import MetricsTable, RunLock, best_epoch, read_saved_config
 from dltemplate.engine.stopping import RunStopped
 from dltemplate.engine.threads import available_cores
-from dltemplate.errors import CheckpointError, ConfigError, DataError, UsageError
+from dltemplate.errors import CheckpointError, ConfigError, DataError, UsageError, short_repr
 from dltemplate.sweeps import report
 from dltemplate.sweeps.spec import (
     SweepSpec,
@@ -55,16 +58,21 @@ from dltemplate.sweeps.spec import (
     sweep_from_dict,
 )
 from dltemplate.sweeps.study import (
+    JOURNAL,
     TRIAL_ENV,
+    grid_size,
     make_pruner,
     make_sampler,
     open_storage,
     storage_url,
+    trial_seed,
 )
+from dltemplate.tools.compare_configs import flatten
 
 log = logging.getLogger("dltemplate")
 
 SPEC_FILE = "sweep.yaml"
+BASE_FILE = "base.json"  # the base config and overrides every trial shares, as first started
 STORAGE_FILE = "storage.txt"  # the storage URL a sweep was started with (--storage)
 NO_REQUEUE = "DLTEMPLATE_NO_REQUEUE"  # a trial never requeues the job: its sweep does
 
@@ -82,8 +90,9 @@ class Job:
 class Sweep:
     """A sweep directory and its study; :meth:`run` runs trials until the sweep has its count."""
 
-    def __init__(self, spec: SweepSpec, folder: Path, storage: str) -> None:
+    def __init__(self, spec: SweepSpec, folder: Path, storage: str, keep: bool = False) -> None:
         self.spec, self.folder, self.storage = spec, folder, storage
+        self._keep_storage = keep  # a --storage: kept in STORAGE_FILE for later continues
         self.objective, self.direction = objective(spec), direction(spec)
         self.stop_signal: str | None = None
         self._children: set[subprocess.Popen] = set()
@@ -128,37 +137,54 @@ class Sweep:
         spec.jobs = jobs if jobs is not None else spec.jobs
         if spec.trials < 1 or spec.jobs < 1:
             raise UsageError("--trials and --jobs must be at least 1")
+        base = _shared_base(spec, folder, str(target))
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / SPEC_FILE, yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        if not (folder / BASE_FILE).is_file():
+            atomic_write_text(folder / BASE_FILE, json.dumps(base, indent=1) + "\n")
         kept = folder / STORAGE_FILE
         if storage is None and kept.is_file():
             storage = kept.read_text().strip() or None
-        url = storage_url(folder, storage)
-        if storage is not None:
-            atomic_write_text(kept, storage + "\n")
-        return cls(spec, folder.resolve(), url)
+        url = storage_url(folder, storage)  # kept in STORAGE_FILE once connect() accepts it
+        return cls(spec, folder.resolve(), url, keep=storage is not None)
 
     def tracker_env(self) -> dict[str, str]:
-        """When the base config uses the ``mlflow`` callback: one store for the whole sweep
-        (``<sweep>/mlflow.db``, unless ``$MLFLOW_TRACKING_URI``) and a parent run that every
-        trial's MLflow run is nested under (kept in ``<sweep>/mlflow_parent.txt``)."""
+        """When the base config uses the ``mlflow`` callback: one store for the whole sweep (the
+        callback's ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``<sweep>/mlflow.db``)
+        and a parent run, in the callback's ``experiment`` (default ``experiment.name``), that
+        every trial's MLflow run is nested under (kept in ``<sweep>/mlflow_parent.txt``). A
+        store that cannot be reached or an experiment that is deleted is a ConfigError."""
         cfg = base_config(self.spec, "sweep")
-        if not any(item.name == "mlflow" and item.enabled for item in cfg.callbacks):
+        item = next((c for c in cfg.callbacks if c.name == "mlflow" and c.enabled), None)
+        if item is None:
             return {}
         from mlflow.tracking import MlflowClient  # only for sweeps that track
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.folder / 'mlflow.db'}"
+        args = item.args or {}
+        given = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = given or f"sqlite:///{self.folder / 'mlflow.db'}"
         kept = self.folder / "mlflow_parent.txt"
         if kept.is_file():
             parent = kept.read_text().strip()
         else:
-            client = MlflowClient(uri)
-            name = cfg.experiment.name
-            found = client.get_experiment_by_name(name)
-            where = (self.folder / ".mlartifacts").as_uri()
-            experiment = found.experiment_id if found else client.create_experiment(name, where)
-            run = client.create_run(experiment, run_name=f"sweep {self.spec.name}",
-                                    tags={"dltemplate.sweep": str(self.folder)})  # fmt: skip
+            name = args.get("experiment") or cfg.experiment.name
+            try:
+                client = MlflowClient(uri)
+                found = client.get_experiment_by_name(name)
+                if found is not None and found.lifecycle_stage == "deleted":
+                    raise ConfigError(
+                        f"callback 'mlflow': experiment '{name}' is deleted in {uri}: restore it "
+                        "(mlflow experiments restore) or give another args.experiment"
+                    )
+                where = None if given else (self.folder / ".mlartifacts").as_uri()
+                experiment = found.experiment_id if found else client.create_experiment(name, where)
+                run = client.create_run(experiment, run_name=f"sweep {self.spec.name}",
+                                        tags={"dltemplate.sweep": str(self.folder)})  # fmt: skip
+            except ConfigError:
+                raise
+            except Exception as exc:  # as the callback says it: before any trial
+                said = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                raise ConfigError(f"callback 'mlflow': tracking store {uri}: {said}") from exc
             parent = run.info.run_id
             atomic_write_text(kept, parent + "\n")
         return {"MLFLOW_TRACKING_URI": uri, "DLTEMPLATE_MLFLOW_PARENT": parent}
@@ -176,24 +202,46 @@ class Sweep:
             direction=self.direction,
             load_if_exists=True,
         )
+        with _FolderLock(self.folder / ".ask.lock"):  # no trial is asked meanwhile
+            self._check_study()
+        if self._keep_storage:
+            atomic_write_text(self.folder / STORAGE_FILE, self.storage + "\n")
         return self.study
+
+    def _check_study(self) -> None:
+        """A UsageError if a trial folder holds a run the study has no trial for: the study is
+        not this directory's (another ``--storage``, or the journal removed), and its new trials
+        would take those folders' runs for their own results."""
+        known = len(self.study.get_trials(deepcopy=False))
+        trials = self.folder / "trials"
+        for folder in sorted(trials.iterdir()) if trials.is_dir() else []:
+            if folder.name.isdigit() and int(folder.name) >= known and trial_run_dir(folder):
+                raise UsageError(
+                    f"{self.folder}: trials/{folder.name} holds a run, but the study in "
+                    f"{self.storage} has {known} trial(s): it is not this sweep's study (another "
+                    f"--storage, or {JOURNAL} removed?); continue with the storage the sweep "
+                    "started with"
+                )
 
     # == running ==================================================================================
     def run(self) -> None:
-        """Run trials (``jobs`` at once) until the study holds ``trials`` of them, none left
+        """Run trials (``jobs`` at once) until the study holds :meth:`planned` of them, none left
         running; then write the results. A signal stops the trials at a step boundary and
         raises :class:`RunStopped` once they have stopped (continue with ``dltemplate sweep``)."""
         self.connect()
+        self._tracker = self.tracker_env()  # (a store that refuses: said before any word)
+        planned = self.planned()
+        grid = f" (the grid's points; trials: {self.spec.trials})"
         log.info(
-            "sweep %s: %d trial(s), %d at once, %s %s; in %s",
+            "sweep %s: %d trial(s)%s, %d at once, %s %s; in %s",
             self.spec.name,
-            self.spec.trials,
+            planned,
+            grid if planned < self.spec.trials else "",
             self.spec.jobs,
             self.direction,
             self.objective,
             self.folder,
         )
-        self._tracker = self.tracker_env()
         previous = self._catch_signals()
         try:
             workers = [
@@ -269,8 +317,11 @@ class Sweep:
                 except UsageError:
                     continue  # a live coordinator runs it
                 return Job(trial.number, decode_params(self.spec, trial.params), folder, lock)
-            if len(trials) >= self.spec.trials:
+            if len(trials) >= self.planned():
                 return None
+            if self.spec.sampler != "grid":  # (a grid's seed orders its points: kept)
+                seed = trial_seed(self.spec.seed, len(trials))  # len: the number ask() gives
+                self.study.sampler = make_sampler(self.spec.sampler, seed, self.spec.params)
             trial = self.study.ask()
             params = {key: _suggest(trial, key, spec) for key, spec in self.spec.params.items()}
             folder = self.trial_folder(trial.number)
@@ -279,6 +330,13 @@ class Sweep:
             lock = RunLock(folder)
             lock.acquire()
             return Job(trial.number, params, folder, lock)
+
+    def planned(self) -> int:
+        """The trials the sweep runs in all: ``trials``, or fewer for a smaller grid (each
+        point of a grid once)."""
+        if self.spec.sampler == "grid":
+            return min(self.spec.trials, grid_size(self.spec.params))
+        return self.spec.trials
 
     def trial_folder(self, number: int) -> Path:
         """``trials/<NNNN>``: the trial's ``experiment.output_dir``."""
@@ -293,8 +351,11 @@ class Sweep:
             return
         overrides = [param_override(k, v) for k, v in job.params.items()]
         if run is None:
-            threads = max(1, available_cores() // self.spec.jobs)
-            where = [f"experiment.output_dir={job.folder}", f"experiment.threads={threads}"]
+            where = [f"experiment.output_dir={job.folder}"]
+            chosen = base_config(self.spec, "sweep").experiment.threads is not None
+            if not chosen and "experiment.threads" not in job.params:  # else the user's count
+                threads = max(1, available_cores() // self.spec.jobs)
+                where.append(f"experiment.threads={threads}")
             command = ["train", self.spec.base, *self.spec.overrides, *overrides, *where]
             log.info("sweep: trial %d starts: %s", job.number, " ".join(overrides))
         else:
@@ -352,6 +413,8 @@ class Sweep:
             return
         run = trial_run_dir(job.folder)
         with self._lock:
+            if run is not None:  # a failed trial's run too: where to read why
+                self._attr(job, "run_dir", str(run))
             if code != 0 or run is None:
                 self._fail(job, _reason(code, said))
                 return
@@ -360,7 +423,6 @@ class Sweep:
             except (CheckpointError, DataError, OSError, ValueError) as exc:
                 self._fail(job, str(exc))
                 return
-            self._attr(job, "run_dir", str(run))
             if pruned:
                 self.study.tell(job.number, state=TrialState.PRUNED)
                 log.info("sweep: trial %d pruned", job.number)
@@ -382,6 +444,31 @@ class Sweep:
         self.study.tell(job.number, state=TrialState.FAIL)
         log.warning("sweep: trial %d failed: %s", job.number, reason)
         report.write(self)
+
+
+def _shared_base(spec: SweepSpec, folder: Path, source: str) -> dict[str, Any]:
+    """The base config with the sweep's overrides, flattened to ``section.key`` (the searched
+    keys, and those that say where or how a run goes, left out): what every trial shares. A
+    ConfigError if it differs from the one the sweep started with (kept in ``BASE_FILE``): a
+    base edited between two continues would mix trials of two configs, and best.yaml would
+    not reproduce the best."""
+    flat = flatten(config_to_dict(base_config(spec, source)))
+    shared = {k: v for k, v in flat.items() if k not in UNNAMED_KEYS and k not in spec.params}
+    now = json.loads(json.dumps(shared))
+    kept = folder / BASE_FILE
+    if kept.is_file():
+        before, gone = json.loads(kept.read_text(encoding="utf-8")), "<absent>"
+        changed = [k for k in sorted({*before, *now}) if before.get(k, gone) != now.get(k, gone)]
+        if changed:
+            shown = [f"{k}: {short_repr(before.get(k, gone))} -> {short_repr(now.get(k, gone))}"
+                     for k in changed[:3]]  # fmt: skip
+            raise ConfigError(
+                f"{source}: the base config {spec.base} changed since sweep {spec.name!r} "
+                f"started ({', '.join(shown)}{', ...' if len(changed) > 3 else ''}): its trials "
+                f"would not compare; restore it ({kept} holds the one the trials share), or "
+                "start a sweep of another name"
+            )
+    return now
 
 
 def _suggest(trial: Any, key: str, spec: Any) -> Any:
@@ -441,14 +528,23 @@ def _finished(run: Path) -> bool:
 
 
 def trial_outcome(run: Path, column: str, direction: str) -> tuple[float, bool]:
-    """A finished trial's objective (the best value of ``column`` over its epochs) and whether
-    the sweep's pruner ended it."""
+    """A finished trial's objective and whether the sweep's pruner ended it. The objective is
+    the best value of ``column`` over its epochs; when ``column`` is the run's
+    ``trainer.monitor``, the run's own best epoch's (the epoch its best checkpoint holds, which
+    ``early_stopping_min_delta`` may keep over a slightly better later one)."""
     rows = MetricsTable.read(run / "metrics.csv") if (run / "metrics.csv").exists() else []
-    values = [float(r[column]) for r in rows if r.get(column) not in (None, "")]
-    values = [v for v in values if v == v]  # NaN is no result
-    if not values:
+    rows = [
+        r for r in rows if r.get(column) not in (None, "") and float(r[column]) == float(r[column])
+    ]
+    if not rows:  # (NaN is no result)
         raise ValueError(f"{run}: no {column} in its metrics.csv")
+    values = [float(r[column]) for r in rows]
     best = max(values) if direction == "maximize" else min(values)
+    trainer = read_saved_config(run)[0].get("trainer", {})
+    if column == trainer.get("monitor"):
+        mode, delta = trainer.get("monitor_mode", "max"), trainer.get("early_stopping_min_delta")
+        epoch = best_epoch(rows, column, mode, float(delta or 0.0))
+        best = next(float(r[column]) for r in rows if int(float(r["epoch"])) == epoch)
     pruned = False
     last = sorted(run.glob("*_last_ckpt.pth"))
     if last:

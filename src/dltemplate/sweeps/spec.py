@@ -171,6 +171,16 @@ def _check(spec: SweepSpec, source: str) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: pruner_args={spec.pruner_args}: {exc}") from exc
     cfg = base_config(spec, source)
+    if any(item.name == "mlflow" and item.enabled for item in cfg.callbacks):
+        try:  # the sweep itself opens the store (a parent run), before any trial would say it
+            import mlflow.tracking  # noqa: F401
+        except ImportError as exc:
+            from dltemplate.callbacks.mlflow import INSTALL
+
+            raise ConfigError(
+                f"{source}: base: callback 'mlflow' needs the mlflow package, which cannot be "
+                f"imported ({exc}): {INSTALL}"
+            ) from None
     for key, param in spec.params.items():
         if key.count(".") < 1 or key.startswith("callbacks"):
             raise ConfigError(f"{source}: params.{key}: not a config key (section.key)")
@@ -185,6 +195,12 @@ def _check(spec: SweepSpec, source: str) -> None:
     if not objective.startswith(("val/", "train/")):
         raise ConfigError(
             f"{source}: objective={objective!r}: a metrics.csv column (val/... or train/...)"
+        )
+    if objective != cfg.trainer.monitor and spec.direction is None:  # monitor_mode is not its
+        raise ConfigError(
+            f"{source}: objective={objective!r} is not the base's trainer.monitor "
+            f"({cfg.trainer.monitor!r}), whose monitor_mode would say its direction: give "
+            "direction: maximize or minimize"
         )
 
 

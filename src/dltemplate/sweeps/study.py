@@ -3,6 +3,7 @@ database URL shared by workers on several machines), the sampler and the pruner.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,17 @@ def make_pruner(name: str, args: dict[str, Any] | None = None) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of the ``tpe`` or ``random`` sampler that draws trial ``number``: a sweep's
+    coordinators each build their own sampler, so one seeded once would draw the same values
+    again in a continued sweep or in every worker of a job array; seeded by (``seed``, trial
+    number), every draw differs and the same sweep draws the same values. (A grid keeps
+    ``seed``: it orders the grid's points, which every trial must see alike.)"""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 def make_sampler(name: str, seed: int, params: dict[str, Any]) -> Any:
     """``tpe``, ``random`` or ``grid`` (over each param's choices or stepped range)."""
     import optuna
@@ -48,6 +60,19 @@ def make_sampler(name: str, seed: int, params: dict[str, Any]) -> Any:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
+
+        class Grid(optuna.samplers.GridSampler):
+            """Optuna's grid, without its ``study.stop()`` once the grid is done (which works
+            only inside ``study.optimize``): the sweep asks no more than :func:`grid_size`."""
+
+            def after_trial(self, *args: Any) -> None:
+                pass
+
         space = {key: spec.grid() for key, spec in params.items()}
-        return optuna.samplers.GridSampler(space, seed=seed)
+        return Grid(space, seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+def grid_size(params: dict[str, Any]) -> int:
+    """How many points a grid search over ``params`` (name -> ``ParamSpec``) has."""
+    return math.prod(len(spec.grid()) for spec in params.values())

@@ -198,7 +198,11 @@ def lock_holder(run_dir: str | Path) -> str | None:
 
 def _read_config(run_dir: Path, problems: list[str]) -> dict[str, Any] | None:
     """The saved config (``_meta`` dropped), or None with a problem noted."""
-    path = sorted(p for p in run_dir.glob("config_*.json") if p.is_file())[0]
+    found = sorted(p for p in run_dir.glob("config_*.json") if p.is_file())
+    if not found:  # removed since the run was found
+        problems.append("config_*.json: gone")
+        return None
+    path = found[0]
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
@@ -439,6 +443,8 @@ def list_runs(
             seen.add(run.resolve())
             found.append((_run_name(Path(given), run, several=len(dirs) > 1), run))
     facts = [(name, read_run(run)) for name, run in found]
+    # a run deleted while the table was read (a clean-up, a finished sweep's tidying) is gone
+    facts = [(name, f) for (name, f), (_, run) in zip(facts, found) if is_run_dir(run)]
     diff = _diff_keys(facts)
     rows = _rows(facts, diff)
     if group_seeds:
@@ -599,7 +605,8 @@ def _format_value(column: str, value: Any, row: dict[str, Any]) -> str:
     if column in ("epochs", "best_epoch", "n") and _is_number(value):
         return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
     if _is_metric(column) and _is_number(value):
-        return f"{value:.4f}"
+        small_or_huge = value != 0 and not 0.01 <= abs(value) < 1e6  # .4f: 0.0000 or 20 digits
+        return f"{value:.4g}" if small_or_huge else f"{value:.4f}"
     if isinstance(value, str):
         return value
     return json.dumps(value, default=str)
