@@ -203,6 +203,36 @@ def test_resuming_a_finished_run_changes_nothing(cli, tmp_path, capsys):
         assert run_dirs(out) == [run]
 
 
+def test_a_resume_refuses_to_change_what_the_checkpoint_restores(cli, tmp_path, capsys):
+    """The optimizer and scheduler come back from the checkpoint: another optimizer.name
+    crashed mid-run and left the run's saved config naming it (no resume worked after), and
+    another lr or scheduler was logged and saved as changed but never used. Refused instead,
+    naming the key, before anything is written; optimizer.fused follows the checkpoint."""
+    out = tmp_path / "out"
+    assert train(cli, out, "trainer.epochs=1", "scheduler.name=none") == 0
+    (run,) = run_dirs(out)
+    before = snapshot(run)
+    refused = {
+        "optimizer.name=sgd": "optimizer.name='sgd': a resume continues the run's optimizer",
+        "optimizer.lr=0.1": "optimizer.lr=0.1: a resume continues the run's optimizer as the "
+        "checkpoint saved it (optimizer.lr=0.001)",
+        "scheduler.name=step": "scheduler.name='step': a resume continues the run's scheduler",
+        "scheduler.args.gamma=0.5": "scheduler.args={'gamma': 0.5}",
+    }
+    for override, said in refused.items():
+        capsys.readouterr()
+        assert cli("resume", run, "trainer.epochs=2", override) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
+        assert snapshot(run) == before
+    assert cli("train", DEMO, *SMALL, "trainer.epochs=2", f"trainer.resume={run}") == 2
+    assert "scheduler.name='cosine': a resume continues" in capsys.readouterr().err  # the demo's
+    assert snapshot(run) == before
+
+    assert cli("resume", run, "trainer.epochs=2", "optimizer.fused=false") == 0
+    assert [float(row["lr"]) for row in rows(run)] == [0.001, 0.001]
+
+
 # == 3. resume last goes by the timestamp =======================================================
 def test_resume_last_picks_the_newest_run_not_the_last_written(cli, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"

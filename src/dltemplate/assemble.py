@@ -42,6 +42,7 @@ from dltemplate.engine.run_state import (
     RunState,
     find_resume_point,
     finished_note,
+    refuse_restored_changes,
     restart_dir,
 )
 from dltemplate.engine.rundir import (
@@ -132,6 +133,7 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
     point = find_resume_point(tc.resume, parts.model, dist.is_main) if tc.resume else None
     if point is not None:  # the run's split is its own: no override may re-split its data
         refuse_resplit(point.state["config"], config_to_dict(cfg), str(point.path))
+        refuse_restored_changes(point, config_to_dict(cfg))
     reopened = point.run_dir if point is not None else restarted
     if reopened is not None:  # a directory someone may have tampered with: before any word
         refuse_links(reopened)

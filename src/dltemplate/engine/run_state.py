@@ -38,7 +38,13 @@ from dltemplate.engine.restarts import restarted_run_dir
 from dltemplate.engine.rundir import RunLock, remove_stale_temp_files
 from dltemplate.engine.seeding import rng_state, set_rng_state
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped
-from dltemplate.errors import CheckpointError, NonFiniteLossError, UsageError, short_repr
+from dltemplate.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    UsageError,
+    short_repr,
+)
 from dltemplate.optim import is_plateau
 from dltemplate.optim.stretch import StretchedSchedule, is_stretched_state, stretch_scheduler
 
@@ -240,6 +246,32 @@ def finished_note(point: ResumePoint, epochs: int, callbacks: Callbacks) -> str 
             "exactly: train a new run, or keep the checkpoint callback's save_last on"
         )
     return None
+
+
+# The config sections whose live objects a resume restores from the checkpoint (hyperparameters
+# included: torch's optimizers keep lr, betas... in their state), and the keys among them that
+# a resume may still set (optimizer.fused: documented to follow the checkpoint).
+RESTORED_SECTIONS = ("optimizer", "scheduler")
+RESTORED_FREE = ("optimizer.fused",)
+
+
+def refuse_restored_changes(point: ResumePoint, now: dict[str, Any]) -> None:
+    """A ConfigError if the config ``now`` (a dict of sections) changes the optimizer or the
+    scheduler from those of the checkpoint at ``point``: their state comes back from the file,
+    so the new value would be logged and saved but never used (``optimizer.lr``), or would fail
+    mid-run (another ``optimizer.name``)."""
+    saved = point.state["config"]
+    for section in RESTORED_SECTIONS:
+        was, value = saved.get(section, {}), now.get(section, {})
+        for key in sorted(set(was) | set(value)):
+            dotted = f"{section}.{key}"
+            if dotted in RESTORED_FREE or was.get(key) == value.get(key):
+                continue
+            raise ConfigError(
+                f"{point.path}: {dotted}={short_repr(value.get(key))}: a resume continues the "
+                f"run's {section} as the checkpoint saved it ({dotted}={short_repr(was.get(key))}"
+                f"); leave it out, or train a new run with it"
+            )
 
 
 def stop_holds(callbacks: Callbacks, key: str, point: ResumePoint) -> bool:
