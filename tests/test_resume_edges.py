@@ -233,6 +233,32 @@ def test_a_resume_refuses_to_change_what_the_checkpoint_restores(cli, tmp_path, 
     assert [float(row["lr"]) for row in rows(run)] == [0.001, 0.001]
 
 
+def test_resume_of_a_folder_that_is_no_run_directory_writes_nothing_into_it(cli, tmp_path, capsys):
+    """trainer.resume naming a folder without checkpoints started a run in it, whatever it was:
+    the output directory (a slip for the run inside it) got checkpoints, train.log and
+    summary/ beside its runs. Only a run directory (its config saved) stopped before its first
+    checkpoint starts over in place."""
+    out = tmp_path / "out"
+    assert train(cli, out, "trainer.epochs=1") == 0
+    (run,) = run_dirs(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (out, empty):
+        before = sorted(p.name for p in folder.iterdir())
+        capsys.readouterr()
+        assert train(cli, out, "trainer.epochs=1", f"trainer.resume={folder}") == 2
+        err = capsys.readouterr().err.strip()
+        said = "no config_*.json in this directory (is it a run directory?)"
+        assert err == f"dltemplate: error: {folder}: {said}"
+        assert sorted(p.name for p in folder.iterdir()) == before
+
+    for checkpoint in run.glob("*_ckpt.pth"):  # as if killed before its first checkpoint
+        checkpoint.unlink()
+    assert train(cli, out, "trainer.epochs=1", f"trainer.resume={run}") == 0
+    assert "had no checkpoint yet: started over" in (run / "train.log").read_text()
+    assert (run / LAST).exists() and run_dirs(out) == [run]
+
+
 # == 3. resume last goes by the timestamp =======================================================
 def test_resume_last_picks_the_newest_run_not_the_last_written(cli, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"

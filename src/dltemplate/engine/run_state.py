@@ -35,7 +35,7 @@ from dltemplate.engine.checkpoint import (
 from dltemplate.engine.loop_state import LoopState
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.restarts import restarted_run_dir
-from dltemplate.engine.rundir import RunLock, remove_stale_temp_files
+from dltemplate.engine.rundir import RunLock, find_config, remove_stale_temp_files
 from dltemplate.engine.seeding import rng_state, set_rng_state
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped
 from dltemplate.errors import (
@@ -116,7 +116,10 @@ def restart_dir(cfg: Config, dist: D.DistContext) -> Path | None:
     resume = cfg.trainer.resume
     if resume:
         if Path(resume).is_dir() and not any(Path(resume).glob("*_ckpt.pth")):
-            cfg.trainer.resume = None  # stopped before its first checkpoint
+            # a run directory (its config is saved first) stopped before its first checkpoint;
+            # any other folder (the output_dir, a data folder) is refused, not written into
+            find_config(Path(resume))
+            cfg.trainer.resume = None
             return Path(resume)
         return None
     found = restarted_run_dir(cfg.experiment.output_dir) if dist.is_main else None
