@@ -259,6 +259,34 @@ def test_resume_of_a_folder_that_is_no_run_directory_writes_nothing_into_it(cli,
     assert (run / LAST).exists() and run_dirs(out) == [run]
 
 
+def test_training_shorter_than_the_epochs_done_is_refused(cli, tmp_path, monkeypatch, capsys):
+    """A run stopped in epoch 2 resumed with trainer.epochs=1 trained nothing, marked its
+    epoch-1 checkpoint finished at the interrupt's step and deleted the interrupt checkpoint:
+    the steps of epoch 2 were lost and a later train-longer refused the run for good. Refused,
+    nothing written; ending after the epoch begun still works, and so does training on."""
+    out = tmp_path / "out"
+    with interrupted_after(monkeypatch, SPE + 5):
+        assert train(cli, out, "trainer.epochs=3") == 130
+    (run,) = run_dirs(out)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert cli("resume", run, "trainer.epochs=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.endswith(
+        "trainer.epochs=1: the run has trained 1 epoch(s) and part of the next, so it cannot "
+        "end after epoch 1; give trainer.epochs=2 or more (training shorter ends a run at an "
+        "epoch it has not reached)"
+    )
+    assert snapshot(run) == before
+
+    assert cli("resume", run, "trainer.epochs=2") == 0  # ends after the epoch it had begun
+    assert [row["epoch"] for row in rows(run)] == ["1", "2"]
+    assert not (run / INTERRUPT).exists() and ckpt(run / LAST)["global_step"] == 2 * SPE
+    assert cli("resume", run, "trainer.epochs=3") == 0  # and trains on from there
+    assert [row["epoch"] for row in rows(run)] == ["1", "2", "3"]
+
+
 # == 3. resume last goes by the timestamp =======================================================
 def test_resume_last_picks_the_newest_run_not_the_last_written(cli, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"

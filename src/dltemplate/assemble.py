@@ -42,6 +42,7 @@ from dltemplate.engine.run_state import (
     RunState,
     find_resume_point,
     finished_note,
+    refuse_fewer_epochs_than_done,
     refuse_restored_changes,
     restart_dir,
 )
@@ -139,6 +140,8 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
         refuse_links(reopened)
     if point is not None and (note := finished_note(point, epochs, callbacks)) is not None:
         return FinishedRun(point.run_dir, note)  # nothing to do, nothing to write
+    if point is not None:
+        refuse_fewer_epochs_than_done(point, epochs)
     if point is None and dist.is_main:  # before a long first decode of the data
         check_output_dir(cfg.experiment.output_dir)
 

@@ -277,6 +277,21 @@ def refuse_restored_changes(point: ResumePoint, now: dict[str, Any]) -> None:
             )
 
 
+def refuse_fewer_epochs_than_done(point: ResumePoint, epochs: int) -> None:
+    """A ConfigError if a resume of the unfinished run at ``point`` asks for fewer
+    ``trainer.epochs`` than it has trained (counting an epoch begun): nothing would be trained,
+    and finishing there would mark an older checkpoint finished and delete the newer one."""
+    done, begun = point.state["epoch"], point.state["batch_in_epoch"] > 0
+    least = done + 1 if begun else done
+    if epochs < least:
+        trained = f"{done} epoch(s)" + (" and part of the next" if begun else "")
+        raise ConfigError(
+            f"{point.path}: trainer.epochs={epochs}: the run has trained {trained}, so it "
+            f"cannot end after epoch {epochs}; give trainer.epochs={least} or more (training "
+            "shorter ends a run at an epoch it has not reached)"
+        )
+
+
 def stop_holds(callbacks: Callbacks, key: str, point: ResumePoint) -> bool:
     """Whether callback ``key``, its saved state restored, still ends the run; a callback this
     run lacks cannot reopen it."""
