@@ -150,6 +150,9 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
             try:
                 return check_value(value, option, key)
             except ConfigError as exc:
+                container = typing.get_origin(option)
+                if container in (list, dict) and isinstance(value, container):
+                    raise  # the list's own error names the item: `gpu_devices[0]=None`
                 errors.append(exc)
         names = " or ".join(_type_name(a) for a in typing.get_args(tp))
         raise ConfigError(
