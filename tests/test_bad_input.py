@@ -32,7 +32,7 @@ def digest(path: Path) -> str:
         ("trainer.precision=fp16", "CUDA"),
         ("callbacks.0=ema", "override 'callbacks.0=ema': callbacks is a list, set whole"),
         ("callbacks.ema.decay=0.9", "callbacks is a list, set whole: e.g. callbacks=[grad_norm]"),
-        ("callbacks=grad_norm", "override 'callbacks=grad_norm': callbacks is a list"),
+        ("callbacks=grad_norm", "override 'callbacks=grad_norm': callbacks must be a list"),
         # the shell split an unquoted list at its space: a traceback and exit 1 before
         ("callbacks=[{name:", "override 'callbacks=[{name:': not valid YAML"),
     ],

@@ -581,7 +581,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         if parsed is None:
             return path, []
         if not isinstance(parsed, list):
-            raise ConfigError(f"override '{_cut(text)}': {whole_list}")
+            said = whole_list.replace("is a list, set whole", "must be a list, set whole")
+            raise ConfigError(f"override '{_cut(text)}': {said}")
     return path, parsed
 
 
