@@ -204,10 +204,11 @@ def test_resuming_a_finished_run_changes_nothing(cli, tmp_path, capsys):
 
 
 def test_a_resume_refuses_to_change_what_the_checkpoint_restores(cli, tmp_path, capsys):
-    """The optimizer and scheduler come back from the checkpoint: another optimizer.name
-    crashed mid-run and left the run's saved config naming it (no resume worked after), and
-    another lr or scheduler was logged and saved as changed but never used. Refused instead,
-    naming the key, before anything is written; optimizer.fused follows the checkpoint."""
+    """The optimizer, scheduler and best score come back from the checkpoint: another
+    optimizer.name crashed mid-run and left the run's saved config naming it (no resume worked
+    after), another lr or scheduler was logged and saved as changed but never used, another
+    monitor compared its scores with the saved best of the old one. Refused instead, naming
+    the key, before anything is written; optimizer.fused follows the checkpoint."""
     out = tmp_path / "out"
     assert train(cli, out, "trainer.epochs=1", "scheduler.name=none") == 0
     (run,) = run_dirs(out)
@@ -218,6 +219,12 @@ def test_a_resume_refuses_to_change_what_the_checkpoint_restores(cli, tmp_path, 
         "checkpoint saved it (optimizer.lr=0.001)",
         "scheduler.name=step": "scheduler.name='step': a resume continues the run's scheduler",
         "scheduler.args.gamma=0.5": "scheduler.args={'gamma': 0.5}",
+        # the best score and early stopping's count are of the saved monitor: a loss compared
+        # with the best accuracy
+        "trainer.monitor=val/loss": "trainer.monitor='val/loss': a resume continues the run's "
+        "best score (of trainer.monitor) as the checkpoint saved it "
+        "(trainer.monitor='val/accuracy')",
+        "trainer.monitor_mode=min": "trainer.monitor_mode='min'",
     }
     for override, said in refused.items():
         capsys.readouterr()

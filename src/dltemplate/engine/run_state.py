@@ -251,28 +251,33 @@ def finished_note(point: ResumePoint, epochs: int, callbacks: Callbacks) -> str 
     return None
 
 
-# The config sections whose live objects a resume restores from the checkpoint (hyperparameters
-# included: torch's optimizers keep lr, betas... in their state), and the keys among them that
-# a resume may still set (optimizer.fused: documented to follow the checkpoint).
-RESTORED_SECTIONS = ("optimizer", "scheduler")
+# What a resume restores from the checkpoint, by the config keys it follows: the optimizer and
+# scheduler (hyperparameters included: torch's optimizers keep lr, betas... in their state),
+# and the best score and early-stopping counts, kept in terms of trainer.monitor. None: every
+# key of the section; optimizer.fused may still be set (documented to follow the checkpoint).
+RESTORED = {
+    "optimizer": (None, "optimizer"),
+    "scheduler": (None, "scheduler"),
+    "trainer": (("monitor", "monitor_mode"), "best score (of trainer.monitor)"),
+}
 RESTORED_FREE = ("optimizer.fused",)
 
 
 def refuse_restored_changes(point: ResumePoint, now: dict[str, Any]) -> None:
-    """A ConfigError if the config ``now`` (a dict of sections) changes the optimizer or the
-    scheduler from those of the checkpoint at ``point``: their state comes back from the file,
-    so the new value would be logged and saved but never used (``optimizer.lr``), or would fail
-    mid-run (another ``optimizer.name``)."""
+    """A ConfigError if the config ``now`` (a dict of sections) changes a key whose state a
+    resume restores from the checkpoint at ``point`` (:data:`RESTORED`): the new value would be
+    logged and saved but never used (``optimizer.lr``), fail mid-run (another
+    ``optimizer.name``), or compare scores of another metric (``trainer.monitor``)."""
     saved = point.state["config"]
-    for section in RESTORED_SECTIONS:
+    for section, (keys, what) in RESTORED.items():
         was, value = saved.get(section, {}), now.get(section, {})
-        for key in sorted(set(was) | set(value)):
+        for key in keys or sorted(set(was) | set(value)):
             dotted = f"{section}.{key}"
             if dotted in RESTORED_FREE or was.get(key) == value.get(key):
                 continue
             raise ConfigError(
                 f"{point.path}: {dotted}={short_repr(value.get(key))}: a resume continues the "
-                f"run's {section} as the checkpoint saved it ({dotted}={short_repr(was.get(key))}"
+                f"run's {what} as the checkpoint saved it ({dotted}={short_repr(was.get(key))}"
                 f"); leave it out, or train a new run with it"
             )
 
