@@ -288,10 +288,28 @@ def test_training_shorter_than_the_epochs_done_is_refused(cli, tmp_path, monkeyp
     assert snapshot(run) == before
 
     assert cli("resume", run, "trainer.epochs=2") == 0  # ends after the epoch it had begun
+    assert "this resume reads batches" not in (run / "train.log").read_text()  # the same ones
     assert [row["epoch"] for row in rows(run)] == ["1", "2"]
     assert not (run / INTERRUPT).exists() and ckpt(run / LAST)["global_step"] == 2 * SPE
     assert cli("resume", run, "trainer.epochs=3") == 0  # and trains on from there
     assert [row["epoch"] for row in rows(run)] == ["1", "2", "3"]
+
+
+def test_a_stop_mid_epoch_resumed_with_other_batches_says_it_is_not_exact(
+    cli, tmp_path, monkeypatch
+):
+    """The position in an epoch is counted in batches: resumed with another data.batch_size,
+    an epoch stopped after 5 batches of 32 went on after 5 batches of 16 (80 samples, not
+    160), training samples twice, and the log said only that the config changed."""
+    out = tmp_path / "out"
+    with interrupted_after(monkeypatch, SPE + 5):
+        assert train(cli, out, "trainer.epochs=2", "trainer.test_after_fit=false") == 130
+    (run,) = run_dirs(out)
+    assert cli("resume", run, "data.batch_size=16") == 0
+    assert (
+        "stopped epoch 2 after 5 batch(es) of 32 samples; this resume reads batches of 16, so "
+        "the epoch goes on after 80 samples, not 160" in (run / "train.log").read_text()
+    )  # the same batches say nothing: test_training_shorter_than_the_epochs_done_is_refused
 
 
 # == 3. resume last goes by the timestamp =======================================================

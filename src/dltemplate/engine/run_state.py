@@ -513,6 +513,7 @@ class RunState:
         if len(progress) == self.dist.world_size:
             for mine, kept in zip(self.train_totals(), progress[self.dist.rank]):
                 mine.copy_(kept)
+        self._warn_on_other_batches(state, path)
         self._train_longer(state["schedule_total"])
         self.callbacks.load_state_dict(state["callbacks"], str(path))
         rng = state["rng"]
@@ -525,6 +526,24 @@ class RunState:
                 len(rng),
                 self.dist.world_size,
             )
+
+    def _warn_on_other_batches(self, state: dict[str, Any], path: Path) -> None:
+        """Warn when a stop part-way through an epoch is resumed with global batches of another
+        size (another ``data.batch_size`` or number of processes): the epoch goes on after as
+        many batches as were done, not as many samples."""
+        done, data = state["batch_in_epoch"], state["config"].get("data")
+        batch = data.get("batch_size") if isinstance(data, dict) else None
+        if done == 0 or not isinstance(batch, int):
+            return
+        was, now = batch * state["world_size"], self.cfg.data.batch_size * self.dist.world_size
+        if was != now:
+            log.warning(
+                "%s stopped epoch %d after %d batch(es) of %d samples; this resume reads batches "
+                "of %d, so the epoch goes on after %d samples, not %d: some of its samples are "
+                "trained twice or not at all (resume with the run's data.batch_size and number "
+                "of processes to continue exactly)",
+                path, state["epoch"] + 1, done, was, now, done * now, done * was,
+            )  # fmt: skip
 
     def _train_longer(self, old_total: int) -> None:
         """A resume asking for more epochs stretches what was left of the schedule over the new
