@@ -71,6 +71,16 @@ def test_config_refuses_the_values_train_refuses(cli, tmp_path, capsys, override
     assert not out.exists() or run_dirs(out) == []
 
 
+def test_config_refuses_autotuning_with_deterministic_as_train_does(cli, capsys):
+    assert (
+        cli("config", DEMO, "experiment.deterministic=true", "experiment.cudnn_benchmark=true") == 2
+    )
+    assert capsys.readouterr().err.startswith(
+        "dltemplate: error: experiment.cudnn_benchmark=true conflicts with "
+        "experiment.deterministic=true"
+    )
+
+
 def test_missing_config_file(cli, capsys):
     assert cli("train", "nope.yaml") == 2
     assert "nope.yaml" in capsys.readouterr().err

@@ -405,6 +405,8 @@ def check_values(cfg: Config, source: str = "config") -> None:
     for ok, key, value, rule in rules:
         if not ok:
             raise ConfigError(f"{source}: {key}={short_repr(value)}: {rule}")
+    if e.cudnn_benchmark and e.deterministic:
+        raise ConfigError(f"{source}: {CUDNN_CONFLICT}")
     if t.notice_signal is not None:
         try:
             notice_signal(t.notice_signal)
@@ -437,6 +439,10 @@ def notice_signal(name: str) -> signal.Signals:
     return sig
 
 
+CUDNN_CONFLICT = (
+    "experiment.cudnn_benchmark=true conflicts with experiment.deterministic=true: autotuning "
+    "may choose another kernel after a restart; set one of them to false"
+)
 SECTIONS_WITH_ARGS = ("data", "model", "loss", "optimizer", "scheduler")
 MAX_NAME = 100  # characters of experiment.name: it names files (and a file name has 255 bytes)
 MAX_RUN_NAME = 100  # characters of experiment.run_name: with the timestamp, a folder's name
