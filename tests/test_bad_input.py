@@ -32,6 +32,9 @@ def digest(path: Path) -> str:
         ("trainer.precision=fp16", "CUDA"),
         ("callbacks.0=ema", "override 'callbacks.0=ema': callbacks is a list, set whole"),
         ("callbacks.ema.decay=0.9", "callbacks is a list, set whole: e.g. callbacks=[grad_norm]"),
+        ("callbacks=grad_norm", "override 'callbacks=grad_norm': callbacks must be a list"),
+        # the shell split an unquoted list at its space: a traceback and exit 1 before
+        ("callbacks=[{name:", "override 'callbacks=[{name:': not valid YAML"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(cli, tmp_path, capsys, override, expected):
@@ -40,6 +43,42 @@ def test_bad_config_exits_2_naming_the_key(cli, tmp_path, capsys, override, expe
     err = capsys.readouterr().err
     assert expected in err
     assert not out.exists() or run_dirs(out) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps=0: must be at least 1"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: must be at least 1"),
+        ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5: a fraction must be"),
+        ("trainer.limit_test_batches=.nan", "trainer.limit_test_batches=nan: a fraction"),
+        ("data.train_val_sample_rate=0", "data.train_val_sample_rate=0.0: must be in (0, 1]"),
+        ("data.test_sample_rate=1.5", "data.test_sample_rate=1.5: must be in (0, 1]"),
+        ("experiment.threads=0", "experiment.threads=0: must be at least 1"),
+    ],
+)
+def test_config_refuses_the_values_train_refuses(cli, tmp_path, capsys, override, expected):
+    """`dltemplate config` checks a config as `train` does: these printed a config (exit 0)
+    that `train` then refused. An override's value is the override's, not the file's fault."""
+    assert cli("config", DEMO, override) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"dltemplate: error: {expected}"), captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    out = tmp_path / "out"
+    assert cli("train", DEMO, f"experiment.output_dir={out}", override) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists() or run_dirs(out) == []
+
+
+def test_config_refuses_autotuning_with_deterministic_as_train_does(cli, capsys):
+    assert (
+        cli("config", DEMO, "experiment.deterministic=true", "experiment.cudnn_benchmark=true") == 2
+    )
+    assert capsys.readouterr().err.startswith(
+        "dltemplate: error: experiment.cudnn_benchmark=true conflicts with "
+        "experiment.deterministic=true"
+    )
 
 
 def test_missing_config_file(cli, capsys):

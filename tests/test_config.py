@@ -154,6 +154,19 @@ def test_wrong_type_names_the_key():
         load_config(None, ["experiment.gpu_devices=[0, x]"])
 
 
+def test_a_wrong_item_of_an_optional_list_names_the_item():
+    """`gpu_devices: [0, null]` said "expected list or NoneType, got list": the item's own
+    error says which item is wrong and what it should be."""
+    for given, said in [
+        ("[0, x]", "experiment.gpu_devices[1]='x': expected an integer, got str"),
+        ("[null]", "experiment.gpu_devices[0]=None: expected an integer, got NoneType"),
+        ("3", "experiment.gpu_devices=3: expected list or NoneType, got int"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(None, [f"experiment.gpu_devices={given}"])
+        assert str(exc.value) == said
+
+
 def test_literal_out_of_choices():
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["trainer.precision=16"])

@@ -124,6 +124,33 @@ def test_a_wrong_value_is_blamed_on_the_file_that_wrote_it(cli, tmp_path, capsys
     assert capsys.readouterr().err.startswith("dltemplate: error: trainer.epochs='x'")
 
 
+def test_a_value_out_of_range_is_blamed_on_the_file_or_override_that_set_it(cli, tmp_path, capsys):
+    """Rules on values (epochs >= 1, clipping > 0, finite args) name the file that wrote the
+    value as type errors do: the base, not the config building on it; an override, no file."""
+    (tmp_path / "base.yaml").write_text(
+        "trainer:\n  epochs: 0\n  clip_grad_norm: -1\nmodel:\n  args: {dropout: .nan}\n"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\noptimizer:\n  lr: 0.1\n")
+    base = tmp_path / "base.yaml"
+    cases = [
+        ((), f"{base}: trainer.epochs=0: must be at least 1"),
+        (("trainer.epochs=2",), f"{base}: trainer.clip_grad_norm=-1.0: must be > 0"),
+        (("trainer.epochs=2", "trainer.clip_grad_norm=1"), f"{base}: model.args.dropout=nan"),
+        (("trainer.epochs=-3",), "trainer.epochs=-3: must be at least 1"),
+        (
+            ("optimizer.lr=-1", "trainer.epochs=1", "trainer.clip_grad_norm=1", "model.args={}"),
+            "optimizer.lr=-1.0: must be a number >= 0",
+        ),  # fmt: skip
+    ]
+    for overrides, expected in cases:
+        assert cli("config", child, *overrides) == 2
+        assert one_line_error(capsys).startswith(f"dltemplate: error: {expected}"), overrides
+    (tmp_path / "own.yaml").write_text("trainer:\n  epochs: 0\n")  # no base: its own file
+    assert cli("config", tmp_path / "own.yaml") == 2
+    assert one_line_error(capsys).startswith(f"dltemplate: error: {tmp_path / 'own.yaml'}: ")
+
+
 def test_config_prints_the_resolved_config_and_a_run_saves_it(cli, family, capsys, tmp_path):
     assert cli("config", family) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -203,6 +203,115 @@ def test_resuming_a_finished_run_changes_nothing(cli, tmp_path, capsys):
         assert run_dirs(out) == [run]
 
 
+def test_a_resume_refuses_to_change_what_the_checkpoint_restores(cli, tmp_path, capsys):
+    """The optimizer, scheduler and best score come back from the checkpoint: another
+    optimizer.name crashed mid-run and left the run's saved config naming it (no resume worked
+    after), another lr or scheduler was logged and saved as changed but never used, another
+    monitor compared its scores with the saved best of the old one. Refused instead, naming
+    the key, before anything is written; optimizer.fused follows the checkpoint."""
+    out = tmp_path / "out"
+    assert train(cli, out, "trainer.epochs=1", "scheduler.name=none") == 0
+    (run,) = run_dirs(out)
+    before = snapshot(run)
+    refused = {
+        "optimizer.name=sgd": "optimizer.name='sgd': a resume continues the run's optimizer",
+        "optimizer.lr=0.1": "optimizer.lr=0.1: a resume continues the run's optimizer as the "
+        "checkpoint saved it (optimizer.lr=0.001)",
+        "scheduler.name=step": "scheduler.name='step': a resume continues the run's scheduler",
+        "scheduler.args.gamma=0.5": "scheduler.args={'gamma': 0.5}",
+        # the best score and early stopping's count are of the saved monitor: a loss compared
+        # with the best accuracy
+        "trainer.monitor=val/loss": "trainer.monitor='val/loss': a resume continues the run's "
+        "best score (of trainer.monitor) as the checkpoint saved it "
+        "(trainer.monitor='val/accuracy')",
+        "trainer.monitor_mode=min": "trainer.monitor_mode='min'",
+    }
+    for override, said in refused.items():
+        capsys.readouterr()
+        assert cli("resume", run, "trainer.epochs=2", override) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
+        assert snapshot(run) == before
+    assert cli("train", DEMO, *SMALL, "trainer.epochs=2", f"trainer.resume={run}") == 2
+    assert "scheduler.name='cosine': a resume continues" in capsys.readouterr().err  # the demo's
+    assert snapshot(run) == before
+
+    assert cli("resume", run, "trainer.epochs=2", "optimizer.fused=false") == 0
+    assert [float(row["lr"]) for row in rows(run)] == [0.001, 0.001]
+
+
+def test_resume_of_a_folder_that_is_no_run_directory_writes_nothing_into_it(cli, tmp_path, capsys):
+    """trainer.resume naming a folder without checkpoints started a run in it, whatever it was:
+    the output directory (a slip for the run inside it) got checkpoints, train.log and
+    summary/ beside its runs. Only a run directory (its config saved) stopped before its first
+    checkpoint starts over in place."""
+    out = tmp_path / "out"
+    assert train(cli, out, "trainer.epochs=1") == 0
+    (run,) = run_dirs(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (out, empty):
+        before = sorted(p.name for p in folder.iterdir())
+        capsys.readouterr()
+        assert train(cli, out, "trainer.epochs=1", f"trainer.resume={folder}") == 2
+        err = capsys.readouterr().err.strip()
+        said = "no config_*.json in this directory (is it a run directory?)"
+        assert err == f"dltemplate: error: {folder}: {said}"
+        assert sorted(p.name for p in folder.iterdir()) == before
+
+    for checkpoint in run.glob("*_ckpt.pth"):  # as if killed before its first checkpoint
+        checkpoint.unlink()
+    assert train(cli, out, "trainer.epochs=1", f"trainer.resume={run}") == 0
+    assert "had no checkpoint yet: started over" in (run / "train.log").read_text()
+    assert (run / LAST).exists() and run_dirs(out) == [run]
+
+
+def test_training_shorter_than_the_epochs_done_is_refused(cli, tmp_path, monkeypatch, capsys):
+    """A run stopped in epoch 2 resumed with trainer.epochs=1 trained nothing, marked its
+    epoch-1 checkpoint finished at the interrupt's step and deleted the interrupt checkpoint:
+    the steps of epoch 2 were lost and a later train-longer refused the run for good. Refused,
+    nothing written; ending after the epoch begun still works, and so does training on."""
+    out = tmp_path / "out"
+    with interrupted_after(monkeypatch, SPE + 5):
+        assert train(cli, out, "trainer.epochs=3") == 130
+    (run,) = run_dirs(out)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert cli("resume", run, "trainer.epochs=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.endswith(
+        "trainer.epochs=1: the run has trained 1 epoch(s) and part of the next, so it cannot "
+        "end after epoch 1; give trainer.epochs=2 or more (training shorter ends a run at an "
+        "epoch it has not reached)"
+    )
+    assert snapshot(run) == before
+
+    assert cli("resume", run, "trainer.epochs=2") == 0  # ends after the epoch it had begun
+    assert "this resume reads batches" not in (run / "train.log").read_text()  # the same ones
+    assert [row["epoch"] for row in rows(run)] == ["1", "2"]
+    assert not (run / INTERRUPT).exists() and ckpt(run / LAST)["global_step"] == 2 * SPE
+    assert cli("resume", run, "trainer.epochs=3") == 0  # and trains on from there
+    assert [row["epoch"] for row in rows(run)] == ["1", "2", "3"]
+
+
+def test_a_stop_mid_epoch_resumed_with_other_batches_says_it_is_not_exact(
+    cli, tmp_path, monkeypatch
+):
+    """The position in an epoch is counted in batches: resumed with another data.batch_size,
+    an epoch stopped after 5 batches of 32 went on after 5 batches of 16 (80 samples, not
+    160), training samples twice, and the log said only that the config changed."""
+    out = tmp_path / "out"
+    with interrupted_after(monkeypatch, SPE + 5):
+        assert train(cli, out, "trainer.epochs=2", "trainer.test_after_fit=false") == 130
+    (run,) = run_dirs(out)
+    assert cli("resume", run, "data.batch_size=16") == 0
+    assert (
+        "stopped epoch 2 after 5 batch(es) of 32 samples; this resume reads batches of 16, so "
+        "the epoch goes on after 80 samples, not 160" in (run / "train.log").read_text()
+    )  # the same batches say nothing: test_training_shorter_than_the_epochs_done_is_refused
+
+
 # == 3. resume last goes by the timestamp =======================================================
 def test_resume_last_picks_the_newest_run_not_the_last_written(cli, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"

@@ -42,6 +42,8 @@ from dltemplate.engine.run_state import (
     RunState,
     find_resume_point,
     finished_note,
+    refuse_fewer_epochs_than_done,
+    refuse_restored_changes,
     restart_dir,
 )
 from dltemplate.engine.rundir import (
@@ -134,11 +136,14 @@ def build_trainer(cfg: Config, task: Task | None = None) -> TrainerBase | Finish
         point = find_resume_point(tc.resume, parts.model, dist.is_main, parts.info.class_names)
     if point is not None:  # the run's split is its own: no override may re-split its data
         refuse_resplit(point.state["config"], config_to_dict(cfg), str(point.path))
+        refuse_restored_changes(point, config_to_dict(cfg))
     reopened = point.run_dir if point is not None else restarted
     if reopened is not None:  # a directory someone may have tampered with: before any word
         refuse_links(reopened)
     if point is not None and (note := finished_note(point, epochs, callbacks)) is not None:
         return FinishedRun(point.run_dir, note)  # nothing to do, nothing to write
+    if point is not None:
+        refuse_fewer_epochs_than_done(point, epochs)
     if point is None and dist.is_main:  # before a long first decode of the data
         check_output_dir(cfg.experiment.output_dir)
 

@@ -150,6 +150,9 @@ def check_value(value: Any, tp: Any, key: str) -> Any:
             try:
                 return check_value(value, option, key)
             except ConfigError as exc:
+                container = typing.get_origin(option)
+                if container in (list, dict) and isinstance(value, container):
+                    raise  # the list's own error names the item: `gpu_devices[0]=None`
                 errors.append(exc)
         names = " or ".join(_type_name(a) for a in typing.get_args(tp))
         raise ConfigError(
@@ -296,6 +299,18 @@ def check_values(cfg: Config, source: str = "config") -> None:
         ),
         (t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1"),
         (
+            e.threads is None or e.threads >= 1,
+            "experiment.threads",
+            e.threads,
+            "must be at least 1 (or null)",
+        ),
+        (
+            t.grad_accum_steps >= 1,
+            "trainer.grad_accum_steps",
+            t.grad_accum_steps,
+            "must be at least 1",
+        ),
+        (
             math.isfinite(t.early_stopping_min_delta) and t.early_stopping_min_delta >= 0,
             "trainer.early_stopping_min_delta",
             t.early_stopping_min_delta,
@@ -317,6 +332,28 @@ def check_values(cfg: Config, source: str = "config") -> None:
         ),
         (0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)"),
         (0 <= d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in [0, 1)"),
+        *(
+            (0 < rate <= 1, f"data.{name}", rate, "must be in (0, 1]")
+            for name, rate in (
+                ("train_val_sample_rate", d.train_val_sample_rate),
+                ("test_sample_rate", d.test_sample_rate),
+            )
+        ),
+        *(
+            (
+                limit is None or (limit >= 1 if isinstance(limit, int) else 0 < limit <= 1),
+                f"trainer.{name}",
+                limit,
+                "a fraction must be in (0, 1]; use an int for a count"
+                if isinstance(limit, float)
+                else "must be at least 1",
+            )
+            for name, limit in (
+                ("limit_train_batches", t.limit_train_batches),
+                ("limit_val_batches", t.limit_val_batches),
+                ("limit_test_batches", t.limit_test_batches),
+            )
+        ),
         (
             d.val_fraction > 0 or not t.monitor.startswith("val/") or t.overfit_batches > 0,
             "data.val_fraction",
@@ -368,6 +405,8 @@ def check_values(cfg: Config, source: str = "config") -> None:
     for ok, key, value, rule in rules:
         if not ok:
             raise ConfigError(f"{source}: {key}={short_repr(value)}: {rule}")
+    if e.cudnn_benchmark and e.deterministic:
+        raise ConfigError(f"{source}: {CUDNN_CONFLICT}")
     if t.notice_signal is not None:
         try:
             notice_signal(t.notice_signal)
@@ -400,6 +439,10 @@ def notice_signal(name: str) -> signal.Signals:
     return sig
 
 
+CUDNN_CONFLICT = (
+    "experiment.cudnn_benchmark=true conflicts with experiment.deterministic=true: autotuning "
+    "may choose another kernel after a restart; set one of them to false"
+)
 SECTIONS_WITH_ARGS = ("data", "model", "loss", "optimizer", "scheduler")
 MAX_NAME = 100  # characters of experiment.name: it names files (and a file name has 255 bytes)
 MAX_RUN_NAME = 100  # characters of experiment.run_name: with the timestamp, a folder's name
@@ -531,34 +574,49 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': expected section.key=value")
     key, _, value = text.partition("=")
     path = key.strip().split(".")
-    if path == ["callbacks"]:  # the one list section: replaced whole
-        return path, yaml_load(value) if value.strip() else []
-    if path[0] == "callbacks":
-        raise ConfigError(
-            f"override '{text}': callbacks is a list, set whole: e.g. "
-            'callbacks=[grad_norm] or "callbacks=[{name: ema, args: {decay: 0.99}}]"'
-        )
-    if len(path) < 2 or not all(path):
+    whole_list = (
+        "callbacks is a list, set whole: e.g. "
+        'callbacks=[grad_norm] or "callbacks=[{name: ema, args: {decay: 0.99}}]"'
+    )
+    if path[0] == "callbacks" and path != ["callbacks"]:
+        raise ConfigError(f"override '{text}': {whole_list}")
+    if path != ["callbacks"] and (len(path) < 2 or not all(path)):
         raise ConfigError(f"override '{text}': the key must be section.key, e.g. trainer.epochs=5")
+    parsed = _override_value(text, key, value)
+    if path == ["callbacks"]:  # the one list section: replaced whole
+        if parsed is None:
+            return path, []
+        if not isinstance(parsed, list):
+            said = whole_list.replace("is a list, set whole", "must be a list, set whole")
+            raise ConfigError(f"override '{_cut(text)}': {said}")
+    return path, parsed
+
+
+def _override_value(text: str, key: str, value: str) -> Any:
+    """The YAML value of the override ``text`` (``key=value``): a plain word YAML cannot read
+    is taken as a string; a value meant as YAML that does not parse is a ConfigError with a
+    quoting hint."""
     try:
-        parsed = yaml_load(value) if value.strip() else None
+        return yaml_load(value) if value.strip() else None
     except RefusedYAML as exc:
         raise ConfigError(f"override '{_cut(text)}'{_yaml_error(exc)}") from exc
     except yaml.YAMLError as exc:
         opener = value.lstrip()[:1]
         if opener not in _YAML_EXAMPLES and not any(c.isspace() for c in value):
-            return path, value  # a plain word YAML cannot read (`@home`): taken as a string
+            return value  # a plain word YAML cannot read (`@home`): taken as a string
         # `[128` or `{a: 1` unbalanced (the shell may have split it at a space): never a string
         why = _yaml_error(exc).split("not valid YAML: ", 1)[-1]
         if opener in _YAML_EXAMPLES:
+            example = _YAML_EXAMPLES[opener]
+            if key.strip() == "callbacks" and opener == "[":
+                example = "[{name: ema, args: {decay: 0.99}}]"
             hint = (
                 "if it holds spaces, quote the whole override so that the shell passes it as "
-                f'one argument, e.g. "{key.strip()}={_YAML_EXAMPLES[opener]}"'
+                f'one argument, e.g. "{key.strip()}={example}"'
             )
         else:
             hint = f"""text with spaces and colons needs YAML quotes, e.g. '{key.strip()}="..."'"""
         raise ConfigError(f"override '{_cut(text)}': not valid YAML ({why}); {hint}") from exc
-    return path, parsed
 
 
 def _cut(text: str, limit: int = 120) -> str:
@@ -729,28 +787,30 @@ def read_config_layers(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 _KEY_AT_START = re.compile(r"([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?[=.\[]")
 
 
-def _file_that_set(
-    message: str, layers: list[tuple[Path, dict[str, Any]]], overrides: list[str]
-) -> Path | None:
-    """The config file whose value a ``section.key=...`` error is about: the first of
-    ``layers`` (the file, then its bases) that sets the key; None when the message names no
-    key, already names a file, or an override set the key (its message is the override's)."""
-    match = _KEY_AT_START.match(message)
+def _blamed(
+    message: str, source: str, layers: list[tuple[Path, dict[str, Any]]], overrides: list[str]
+) -> str:
+    """``message`` (a ConfigError's, perhaps starting ``<source>: ``) as it should read: about
+    a ``section.key=...`` value, it names the config file that set the key (the first of
+    ``layers``: the file, then its bases), or nothing when an override set it (the override is
+    in the message); any other message is left as it is."""
+    bare = message.removeprefix(f"{source}: ")
+    match = _KEY_AT_START.match(bare)
     if match is None:
-        return None
+        return message
     section, key = match.group(1), match.group(2)
     dotted = f"{section}.{key}" if key else section
     for override in overrides:
         name = override.split("=", 1)[0].strip()
         if name == dotted or name.startswith((dotted + ".", dotted + "[")):
-            return None
+            return bare
     for file, raw in layers:
         values = raw.get(section)
         if key is None and section in raw:
-            return file
+            return f"{file}: {bare}"
         if key is not None and isinstance(values, dict) and key in values:
-            return file
-    return None
+            return f"{file}: {bare}"
+    return message
 
 
 def check_keys(raw: dict[str, Any], source: str) -> None:
@@ -795,13 +855,14 @@ def load_config(
     layers = read_config_layers(path) if path is not None else []
     raw = merge_layers(layers)
     apply_overrides(raw, list(overrides or []))
+    source = str(path) if path is not None else "config"
     try:
-        cfg = config_from_dict(raw, str(path) if path is not None else "config")
+        cfg = config_from_dict(raw, source)
     except ConfigError as exc:
-        where = _file_that_set(str(exc), layers, list(overrides or []))
-        if where is None:
+        blamed = _blamed(str(exc), source, layers, list(overrides or []))
+        if blamed == str(exc):
             raise
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(blamed) from None
     if name_run and cfg.experiment.run_name is None:
         cfg.experiment.run_name = default_run_name(path, list(overrides or []))
     return cfg

@@ -36,10 +36,16 @@ from dltemplate.engine.checkpoint import (
 from dltemplate.engine.loop_state import LoopState
 from dltemplate.engine.precision import Precision
 from dltemplate.engine.restarts import restarted_run_dir
-from dltemplate.engine.rundir import RunLock, remove_stale_temp_files
+from dltemplate.engine.rundir import RunLock, find_config, remove_stale_temp_files
 from dltemplate.engine.seeding import rng_state, set_rng_state
 from dltemplate.engine.stopping import BoundarySnapshot, RunStopped
-from dltemplate.errors import CheckpointError, NonFiniteLossError, UsageError, short_repr
+from dltemplate.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    UsageError,
+    short_repr,
+)
 from dltemplate.optim import is_plateau
 from dltemplate.optim.stretch import StretchedSchedule, is_stretched_state, stretch_scheduler
 
@@ -111,7 +117,10 @@ def restart_dir(cfg: Config, dist: D.DistContext) -> Path | None:
     resume = cfg.trainer.resume
     if resume:
         if Path(resume).is_dir() and not any(Path(resume).glob("*_ckpt.pth")):
-            cfg.trainer.resume = None  # stopped before its first checkpoint
+            # a run directory (its config is saved first) stopped before its first checkpoint;
+            # any other folder (the output_dir, a data folder) is refused, not written into
+            find_config(Path(resume))
+            cfg.trainer.resume = None
             return Path(resume)
         return None
     found = restarted_run_dir(cfg.experiment.output_dir) if dist.is_main else None
@@ -244,6 +253,52 @@ def finished_note(point: ResumePoint, epochs: int, callbacks: Callbacks) -> str 
             "exactly: train a new run, or keep the checkpoint callback's save_last on"
         )
     return None
+
+
+# What a resume restores from the checkpoint, by the config keys it follows: the optimizer and
+# scheduler (hyperparameters included: torch's optimizers keep lr, betas... in their state),
+# and the best score and early-stopping counts, kept in terms of trainer.monitor. None: every
+# key of the section; optimizer.fused may still be set (documented to follow the checkpoint).
+RESTORED = {
+    "optimizer": (None, "optimizer"),
+    "scheduler": (None, "scheduler"),
+    "trainer": (("monitor", "monitor_mode"), "best score (of trainer.monitor)"),
+}
+RESTORED_FREE = ("optimizer.fused",)
+
+
+def refuse_restored_changes(point: ResumePoint, now: dict[str, Any]) -> None:
+    """A ConfigError if the config ``now`` (a dict of sections) changes a key whose state a
+    resume restores from the checkpoint at ``point`` (:data:`RESTORED`): the new value would be
+    logged and saved but never used (``optimizer.lr``), fail mid-run (another
+    ``optimizer.name``), or compare scores of another metric (``trainer.monitor``)."""
+    saved = point.state["config"]
+    for section, (keys, what) in RESTORED.items():
+        was, value = saved.get(section, {}), now.get(section, {})
+        for key in keys or sorted(set(was) | set(value)):
+            dotted = f"{section}.{key}"
+            if dotted in RESTORED_FREE or was.get(key) == value.get(key):
+                continue
+            raise ConfigError(
+                f"{point.path}: {dotted}={short_repr(value.get(key))}: a resume continues the "
+                f"run's {what} as the checkpoint saved it ({dotted}={short_repr(was.get(key))}"
+                f"); leave it out, or train a new run with it"
+            )
+
+
+def refuse_fewer_epochs_than_done(point: ResumePoint, epochs: int) -> None:
+    """A ConfigError if a resume of the unfinished run at ``point`` asks for fewer
+    ``trainer.epochs`` than it has trained (counting an epoch begun): nothing would be trained,
+    and finishing there would mark an older checkpoint finished and delete the newer one."""
+    done, begun = point.state["epoch"], point.state["batch_in_epoch"] > 0
+    least = done + 1 if begun else done
+    if epochs < least:
+        trained = f"{done} epoch(s)" + (" and part of the next" if begun else "")
+        raise ConfigError(
+            f"{point.path}: trainer.epochs={epochs}: the run has trained {trained}, so it "
+            f"cannot end after epoch {epochs}; give trainer.epochs={least} or more (training "
+            "shorter ends a run at an epoch it has not reached)"
+        )
 
 
 def stop_holds(callbacks: Callbacks, key: str, point: ResumePoint) -> bool:
@@ -465,6 +520,7 @@ class RunState:
         if len(progress) == self.dist.world_size:
             for mine, kept in zip(self.train_totals(), progress[self.dist.rank]):
                 mine.copy_(kept)
+        self._warn_on_other_batches(state, path)
         self._train_longer(state["schedule_total"])
         self.callbacks.load_state_dict(state["callbacks"], str(path))
         rng = state["rng"]
@@ -477,6 +533,24 @@ class RunState:
                 len(rng),
                 self.dist.world_size,
             )
+
+    def _warn_on_other_batches(self, state: dict[str, Any], path: Path) -> None:
+        """Warn when a stop part-way through an epoch is resumed with global batches of another
+        size (another ``data.batch_size`` or number of processes): the epoch goes on after as
+        many batches as were done, not as many samples."""
+        done, data = state["batch_in_epoch"], state["config"].get("data")
+        batch = data.get("batch_size") if isinstance(data, dict) else None
+        if done == 0 or not isinstance(batch, int):
+            return
+        was, now = batch * state["world_size"], self.cfg.data.batch_size * self.dist.world_size
+        if was != now:
+            log.warning(
+                "%s stopped epoch %d after %d batch(es) of %d samples; this resume reads batches "
+                "of %d, so the epoch goes on after %d samples, not %d: some of its samples are "
+                "trained twice or not at all (resume with the run's data.batch_size and number "
+                "of processes to continue exactly)",
+                path, state["epoch"] + 1, done, was, now, done * now, done * was,
+            )  # fmt: skip
 
     def _train_longer(self, old_total: int) -> None:
         """A resume asking for more epochs stretches what was left of the schedule over the new

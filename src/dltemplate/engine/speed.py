@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dltemplate.config import Config
+from dltemplate.config.loader import CUDNN_CONFLICT
 from dltemplate.data.base import DataSplits, TensorSplit, splits_to
 from dltemplate.errors import ConfigError
 
@@ -43,10 +44,7 @@ def resolve_tf32(setting: bool | None, device: torch.device) -> bool:
 def check_speed_config(cfg: Config, device: torch.device) -> None:
     """The fast settings' keys that cannot hold for this run: a ConfigError, before any work."""
     if cfg.experiment.cudnn_benchmark and cfg.experiment.deterministic:
-        raise ConfigError(
-            "experiment.cudnn_benchmark=true conflicts with experiment.deterministic=true: "
-            "autotuning may choose another kernel after a restart; set one of them to false"
-        )
+        raise ConfigError(CUDNN_CONFLICT)
     if cfg.data.device == "cuda":
         refuse_gpu_data_off_the_gpu(device)
 
