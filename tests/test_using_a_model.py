@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 
 import dltemplate
 
+# One worker under pytest -n, with test_predict_api: their session fixture is built once.
+pytestmark = pytest.mark.xdist_group("test_predict_api")
 UNET = REPO / "configs" / "unet_carvana.yaml"
 folder_run = test_predict_api.folder_run  # its session fixture: one image-folder run for both
 SIDE = 32
@@ -63,7 +65,7 @@ def close_run_logs() -> None:
         handler.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: a worker leaving the module would end it
 def grey_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small UNet trained on grey uint8 squares given in Python (it finds them: dice > 0.9)."""
     out = tmp_path_factory.mktemp("grey")
@@ -398,7 +400,7 @@ def test_out_never_overwrites_a_checkpoint_or_an_input(folder_run, cli, tmp_path
 
 
 # == export of the models the README's tests do not train ========================================
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unetpp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch of a small deep-supervised UNet++ on the grey squares, named by module path
     (the command line can rebuild it: no objects needed)."""
