@@ -242,6 +242,7 @@ def test_bad_targets_exit_2_in_one_line(cli, runs, tmp_path, capsys, what):
     assert len(err.splitlines()) == 1 and err.startswith("dltemplate: error:"), err
 
 
+@pytest.mark.slow  # trains, exports and runs the README's script in subprocesses (~10 s)
 def test_the_readme_example_of_using_a_trained_model_runs(tmp_path):
     """The README's ``use_a_trained_model.py``, run as a user would (it checks ONNX itself)."""
     pytest.importorskip("onnxruntime")

@@ -7,12 +7,14 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, run_dirs
 
 from dltemplate.config import schema
 
 
+@pytest.mark.slow  # the seed's scripts end to end, in subprocesses (~10 s)
 def test_trainer_vanilla_and_eval_vanilla(fashion_root, tmp_path):
     out = tmp_path / "Results" / "Vanilla"
     train = subprocess.run(

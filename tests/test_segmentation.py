@@ -224,6 +224,7 @@ def test_bad_segmentation_input_exits_2(cli, carvana, tmp_path, capsys, extra, e
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the seed's scripts end to end, in subprocesses (~10 s)
 def test_seed_segmentation_commands(carvana, tmp_path):
     out = tmp_path / "Results"
     train = subprocess.run(

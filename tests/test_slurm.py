@@ -86,6 +86,7 @@ def notice_after_an_epoch(proc: subprocess.Popen, sig: int = signal.SIGUSR1) -> 
     return "".join(said) + rest
 
 
+@pytest.mark.slow  # a fake SLURM in subprocesses; the real cluster's tests cover it too (~10 s)
 def test_a_notice_stops_with_a_checkpoint_requeues_and_the_requeued_job_goes_on(tmp_path):
     bin_dir = tmp_path / "bin"
     calls = fake_scontrol(bin_dir)
