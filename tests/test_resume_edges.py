@@ -236,6 +236,13 @@ def test_a_resume_refuses_to_change_what_the_checkpoint_restores(cli, tmp_path, 
     assert "scheduler.name='cosine': a resume continues" in capsys.readouterr().err  # the demo's
     assert snapshot(run) == before
 
+    # a checkpoint of a version whose config lacked a key (weight_decay, say) still resumes
+    from dltemplate.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    last = next(run.glob("*_last_ckpt.pth"))
+    state = load_checkpoint(last)
+    del state["config"]["optimizer"]["weight_decay"]
+    save_checkpoint(last, state)
     assert cli("resume", run, "trainer.epochs=2", "optimizer.fused=false") == 0
     assert [float(row["lr"]) for row in rows(run)] == [0.001, 0.001]
 

@@ -277,7 +277,9 @@ def refuse_restored_changes(point: ResumePoint, now: dict[str, Any]) -> None:
         was, value = saved.get(section, {}), now.get(section, {})
         for key in keys or sorted(set(was) | set(value)):
             dotted = f"{section}.{key}"
-            if dotted in RESTORED_FREE or was.get(key) == value.get(key):
+            if dotted in RESTORED_FREE or key not in was or key not in value:
+                continue  # a key one version lacks is no change the user made
+            if was[key] == value[key]:
                 continue
             raise ConfigError(
                 f"{point.path}: {dotted}={short_repr(value.get(key))}: a resume continues the "
