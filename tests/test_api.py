@@ -85,6 +85,12 @@ def test_evaluate_from_python_equals_what_the_cli_writes(yaml_run, cli, capsys):
         dltemplate.evaluate(yaml_run.run_dir, split="dev")
 
 
+def test_evaluate_with_a_viz_dir_for_a_task_that_draws_nothing_makes_no_folder(yaml_run, tmp_path):
+    report = dltemplate.evaluate(yaml_run.run_dir, viz_dir=tmp_path / "viz")
+    assert not (tmp_path / "viz").exists() and "pictures" not in report
+    assert report["metrics"]["accuracy"] == pytest.approx(yaml_run.test_metrics["accuracy"])
+
+
 def test_resume_of_a_finished_run_returns_its_result_unchanged(yaml_run):
     files = {p.name: p.stat().st_mtime_ns for p in yaml_run.run_dir.iterdir()}
     assert dltemplate.resume(yaml_run.run_dir) == yaml_run

@@ -77,6 +77,9 @@ class EvaluatorBase:
         With ``viz_dir``, the task also draws every ``viz_freq``-th sample into that folder
         (None: :func:`default_viz_freq` of the split's size); the report counts the files.
         """
+        if viz_dir is not None and not self.task.draws_pictures:  # (the CLI says so itself)
+            log.warning("task '%s' draws no pictures: viz_dir ignored", self.cfg.experiment.task)
+            viz_dir = None
         if viz_dir is not None and viz_dir.exists() and not viz_dir.is_dir():
             raise UsageError(f"--viz-dir {viz_dir}: exists and is not a folder (give a folder)")
         data = self.task.load_data()
