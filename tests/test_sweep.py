@@ -411,3 +411,12 @@ def test_a_tracked_sweep_nests_each_trial_under_one_parent_run(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(runs) == 3 and len(children) == 2  # the sweep's run and one per trial
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_stepped_float_grid_has_the_values_as_written():
+    from dltemplate.sweeps.spec import ParamSpec
+
+    grid = ParamSpec(type="float", low=0.1, high=0.5, step=0.1).grid()
+    assert grid == [0.1, 0.2, 0.3, 0.4, 0.5]  # not 0.30000000000000004
+    assert ParamSpec(type="float", low=1e-4, high=3e-4, step=1e-4).grid() == [1e-4, 2e-4, 3e-4]
+    assert ParamSpec(type="int", low=2, high=8, step=3).grid() == [2, 5, 8]

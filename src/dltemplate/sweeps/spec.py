@@ -62,7 +62,11 @@ class ParamSpec:
         assert self.low is not None and self.high is not None and self.step is not None
         count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
         values = [self.low + i * self.step for i in range(count)]
-        return [int(round(v)) for v in values] if self.type == "int" else values
+        if self.type == "int":
+            return [int(round(v)) for v in values]
+        # 12 significant digits: 0.1 + 2 * 0.1 is 0.3, not 0.30000000000000004, in the trials'
+        # overrides, trials.csv and best.yaml (the step's own precision is far coarser)
+        return [float(f"{v:.12g}") for v in values]
 
 
 @dataclass
