@@ -193,6 +193,16 @@ def test_small_metrics_keep_four_significant_digits_in_the_table():
     assert b.split()[1:3] == ["7.9e-05", "2.5e+07"]
 
 
+def test_config_floats_a_sampler_drew_keep_six_significant_digits_in_the_table():
+    rows = [
+        {"run": "a", "optimizer.lr": 0.003538453590906551, "model.args.hidden": [32]},
+        {"run": "b", "optimizer.lr": 0.0001, "model.args.hidden": [64]},
+    ]
+    a, b = format_table(rows).splitlines()[1:]
+    assert a.split()[1:] == ["0.00353845", "[32]"]
+    assert b.split()[1:] == ["0.0001", "[64]"]
+
+
 # == sorting and CSV ============================================================================
 def test_sort_ascending_descending_and_csv(base, capsys):
     code, out, err = cli(capsys, base / "grid", "--sort=-test/accuracy", "--csv")

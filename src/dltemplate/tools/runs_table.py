@@ -609,6 +609,8 @@ def _format_value(column: str, value: Any, row: dict[str, Any]) -> str:
         return f"{value:.4g}" if small_or_huge else f"{value:.4f}"
     if isinstance(value, str):
         return value
+    if isinstance(value, float):  # a config value a sampler drew: 6 significant digits
+        return f"{value:.6g}"  # (--csv keeps every digit)
     return json.dumps(value, default=str)
 
 
