@@ -420,3 +420,32 @@ def test_a_stepped_float_grid_has_the_values_as_written():
     assert grid == [0.1, 0.2, 0.3, 0.4, 0.5]  # not 0.30000000000000004
     assert ParamSpec(type="float", low=1e-4, high=3e-4, step=1e-4).grid() == [1e-4, 2e-4, 3e-4]
     assert ParamSpec(type="int", low=2, high=8, step=3).grid() == [2, 5, 8]
+
+
+def test_a_trials_seconds_are_its_runs_epochs_not_the_time_the_sweep_was_stopped(tmp_path):
+    """trials.csv's seconds ran from when a trial was asked to when it was told: a sweep
+    stopped overnight and continued gave its trial hours. Now its run's epochs' seconds."""
+    import optuna
+
+    from dltemplate.sweeps import report
+    from dltemplate.sweeps.spec import ParamSpec
+
+    run = tmp_path / "run"
+    run.mkdir()
+    table = "epoch,lr,seconds,val/accuracy\n1,0.1,1.5,0.5\n2,0.1,2.0,0.6\n"
+    (run / "metrics.csv").write_text(table)
+    study = optuna.create_study(direction="maximize")
+    for run_dir in (str(run), ""):  # the second: no run (it failed before starting one)
+        trial = study.ask()
+        trial.suggest_float("optimizer.lr", 1e-3, 1e-1)
+        trial.set_user_attr("run_dir", run_dir)
+        study.tell(trial, 0.6)
+
+    class Sweep:
+        spec = type("Spec", (), {"params": {"optimizer.lr": ParamSpec(type="float")}})()
+        objective = "val/accuracy"
+
+    Sweep.study = study
+    with_run, without = report.rows(Sweep())
+    assert with_run["seconds"] == 3.5
+    assert without["seconds"] is not None and 0 <= without["seconds"] < 3.5  # asked to told

@@ -15,6 +15,7 @@ import yaml
 
 from dltemplate.atomic import atomic_write, atomic_write_text
 from dltemplate.config import config_to_dict
+from dltemplate.engine.rundir import metrics_rows
 from dltemplate.sweeps.spec import SweepSpec, decode_params, trial_config
 
 
@@ -31,12 +32,28 @@ class Sweep(Protocol):
 log = logging.getLogger("dltemplate")
 
 
+def training_seconds(run_dir: str) -> float | None:
+    """The seconds a run's epochs took (its ``metrics.csv``), as ``dltemplate runs`` counts
+    its duration; None without a readable table."""
+    path = Path(run_dir) / "metrics.csv" if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        table = metrics_rows(path)
+    except ValueError:
+        return None
+    seconds = [float(r["seconds"]) for r in table if r.get("seconds") not in (None, "")]
+    return round(sum(seconds), 1) if seconds else None
+
+
 def rows(sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, each param, run directory, seconds, reason."""
+    """One row per trial: number, state, value, each param, run directory, seconds (its run's
+    epochs; without them, from when the trial was asked to when it was told, which counts any
+    time the sweep was stopped), reason."""
     out = []
     for trial in sweep.study.get_trials(deepcopy=False):
-        seconds = None
-        if trial.datetime_start is not None and trial.datetime_complete is not None:
+        seconds = training_seconds(trial.user_attrs.get("run_dir", ""))
+        if seconds is None and trial.datetime_start and trial.datetime_complete:
             seconds = round((trial.datetime_complete - trial.datetime_start).total_seconds(), 1)
         row: dict[str, Any] = {
             "number": trial.number,
