@@ -459,6 +459,7 @@ def test_resume_removes_the_temp_file_of_a_dead_writer(cli, tmp_path, monkeypatc
 
 
 # == 7. the log names the signal ================================================================
+@pytest.mark.slow  # two processes trained into their 2nd epoch (~11 s)
 def test_the_log_names_the_signal_that_stopped_the_run(cli, tmp_path):
     """SIGTERM and SIGINT to `python -m dltemplate train` (both at once, to save time)."""
     spe = 41  # the full training pool: 1293 samples, batch 32
