@@ -247,6 +247,24 @@ def test_a_resume_refuses_to_change_what_the_checkpoint_restores(cli, tmp_path, 
     assert [float(row["lr"]) for row in rows(run)] == [0.001, 0.001]
 
 
+def test_a_resume_keeps_where_the_run_is_in_its_saved_config(cli, tmp_path):
+    """experiment.output_dir and run_name given to a resume were recorded in the saved config
+    though the run stays in its directory (its saved config then named a place it is not)."""
+    out = tmp_path / "out"
+    assert train(cli, out, "trainer.epochs=1") == 0
+    (run,) = run_dirs(out)
+    (saved,) = run.glob("config_*.json")
+    before = json.loads(saved.read_text())["experiment"]
+    elsewhere = tmp_path / "elsewhere"
+    overrides = [f"experiment.output_dir={elsewhere}", "experiment.run_name=other"]
+    assert cli("resume", run, "trainer.epochs=2", *overrides) == 0
+    after = json.loads(saved.read_text())
+    assert after["experiment"]["output_dir"] == before["output_dir"] == str(out)
+    assert after["experiment"]["run_name"] == before["run_name"]
+    assert after["trainer"]["epochs"] == 2  # what a resume does change is recorded
+    assert not elsewhere.exists() and len(rows(run)) == 2
+
+
 def test_resume_of_a_folder_that_is_no_run_directory_writes_nothing_into_it(cli, tmp_path, capsys):
     """trainer.resume naming a folder without checkpoints started a run in it, whatever it was:
     the output directory (a slip for the run inside it) got checkpoints, train.log and

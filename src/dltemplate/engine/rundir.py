@@ -284,10 +284,14 @@ def read_saved_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def update_saved_config(run_dir: Path, now: dict[str, Any]) -> list[str]:
     """Rewrite the config saved in ``run_dir`` when a resume changed it (``now``, e.g. train
     longer), so that the run directory alone says how the run goes on; return the changes as
-    ``section.key: old -> new``. ``trainer.resume`` keeps its saved value."""
+    ``section.key: old -> new``. ``trainer.resume`` keeps its saved value, and so do
+    ``experiment.output_dir`` and ``experiment.run_name``: a resumed run stays where it is."""
     path = find_config(run_dir)
     saved, meta = read_saved_config(run_dir)
     now = {**now, "trainer": {**now["trainer"], "resume": saved.get("trainer", {}).get("resume")}}
+    where = saved.get("experiment", {})
+    kept = {key: where[key] for key in ("output_dir", "run_name") if key in where}
+    now = {**now, "experiment": {**now.get("experiment", {}), **kept}}
     changed = []
     for section, values in now.items():
         if not isinstance(values, dict):  # a list section (callbacks): compared whole
