@@ -146,6 +146,75 @@ def test_the_notice_signal_is_a_setting_and_sigterm_keeps_its_meaning(tmp_path):
     assert calls.read_text().split() == ["requeue", "5"]  # SIGTERM stops; it never requeues
 
 
+@pytest.mark.slow  # a training process (~8 s)
+def test_a_notice_or_sigterm_after_the_run_finished_is_ignored(tmp_path):
+    """A notice that reaches a job as its run ends (SLURM's comes up to a minute early): the run
+    is finished, so nothing stops or requeues, and the process exits 0. Its default action
+    killed the exiting process, and SLURM called the job FAILED (what CI once saw)."""
+    bin_dir = tmp_path / "bin"
+    calls = fake_scontrol(bin_dir)
+    env = {**NO_SLURM, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "6"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dltemplate", "train", str(DEMO), f"experiment.output_dir={out}",
+           *QUICK_DIGITS, "data.train_val_sample_rate=0.1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if " finished: " in line:  # the summary: from here on until the process is gone
+            break
+    sent = 0
+    while proc.poll() is None:  # a notice and a SIGTERM every 2 ms, through the exit
+        try:
+            proc.send_signal(signal.SIGUSR1 if sent % 2 else signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        sent += 1
+        time.sleep(0.002)
+    said.append(proc.communicate(timeout=60)[1])
+    text = "".join(said)
+    assert proc.returncode == 0, text[-2000:]
+    assert sent >= 2 and "stopped by" not in text and "interrupted by" not in text
+    assert not calls.exists()  # nothing requeued
+    (run,) = run_dirs(out)
+    assert not (run / INTERRUPT).exists() and (run / "test_metrics.json").exists()
+
+
+def test_the_stop_handler_ignores_signals_once_the_run_finished():
+    from dltemplate import cli
+    from dltemplate.engine.stopping import RunStopped, StopSignals, set_run_finished
+
+    with pytest.raises(RunStopped):  # before (and while) a run: a notice stops it
+        cli._stop_on_signal(signal.SIGUSR1, None)
+    set_run_finished(True)
+    try:
+        assert cli._stop_on_signal(signal.SIGUSR1, None) is None  # after: nothing to stop
+        assert cli._stop_on_signal(signal.SIGTERM, None) is None
+        with StopSignals() as stop:  # the next run in this process is stoppable again
+            with pytest.raises(RunStopped):
+                cli._stop_on_signal(signal.SIGTERM, None)
+            assert stop.requested is None
+    finally:
+        set_run_finished(False)
+
+
+def test_the_program_leaves_caught_signals_ignored_as_it_exits(capsys):
+    """``python -m dltemplate`` (``main(exiting=True)``): a signal during the interpreter's exit
+    no longer kills the process; ``main()`` in a caller's process gives the handlers back."""
+    from dltemplate.cli import main
+
+    caught = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    before = {sig: signal.getsignal(sig) for sig in caught}
+    try:
+        assert main(["config", str(DEMO)]) == 0
+        assert {sig: signal.getsignal(sig) for sig in caught} == before
+        assert main(["config", str(DEMO)], exiting=True) == 0
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in caught)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_a_bad_notice_signal_is_a_config_error(cli, tmp_path, capsys):
     for bad in ("SIGKILL", "SIGTERM", "NOPE"):
         assert cli("train", DEMO, f"trainer.notice_signal={bad}") == 2

@@ -92,15 +92,20 @@ def wait_for(path: Path, text: str, timeout: float = 120) -> None:
         time.sleep(0.3)
 
 
-def finish(job: int, timeout: float = 600) -> int:
-    """Wait for ``job`` to complete, letting each of its requeues start at once; its restarts."""
+def finish(job: int, folder: Path, timeout: float = 600) -> int:
+    """Wait for ``job`` (its output in ``folder``) to complete, letting each of its requeues
+    start at once; its restarts. A job that ends otherwise fails the test with its output."""
     deadline = time.monotonic() + timeout
     while True:
         info = job_info(job)
         state, restarts = info["JobState"], int(info.get("Restarts", "0"))
         if state == "COMPLETED":
             return restarts
-        assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), info
+        if state in ("FAILED", "CANCELLED", "TIMEOUT"):
+            output = folder / f"slurm-{job}.out"
+            said = output.read_text(errors="replace")[-4000:] if output.exists() else "(none)"
+            why = ", ".join(f"{k}={info.get(k)}" for k in ("Reason", "ExitCode", "Restarts"))
+            pytest.fail(f"job {job} ended {state} ({why}); its output ends:\n{said}")
         if state == "PENDING" and restarts:
             requeue_now(job, restarts)
         assert time.monotonic() < deadline, f"job {job} still {state} after {timeout} s"
@@ -118,7 +123,7 @@ def test_a_notice_mid_run_requeues_and_the_job_ends_exact(tmp_path):
         wait_state(job, "RUNNING", 120)
         wait_for(tmp_path / f"slurm-{job}.out", "epoch 1/4 train/")
         signal_job(job, "USR1")
-        assert finish(job) == 1
+        assert finish(job, tmp_path) == 1
     finally:
         cancel(job)
     (run,) = run_dirs(out)
@@ -138,7 +143,7 @@ def test_a_time_limit_with_a_notice_requeues_until_the_run_is_done(tmp_path):
     out = tmp_path / "out"
     job = sbatch(tmp_path, "--time=2", "--signal=USR1@60", *args, f"experiment.output_dir={out}")
     try:
-        assert finish(job, timeout=900) >= 1
+        assert finish(job, tmp_path, timeout=900) >= 1
     finally:
         cancel(job)
     (run,) = run_dirs(out)
@@ -158,7 +163,7 @@ def test_a_notice_to_two_srun_tasks_stops_both_at_one_step_and_requeues_once(tmp
         wait_state(job, "RUNNING", 120)
         wait_for(tmp_path / f"slurm-{job}.out", "epoch 1/4 train/")
         signal_job(job, "USR1")
-        assert finish(job) == 1
+        assert finish(job, tmp_path) == 1
     finally:
         cancel(job)
     (run,) = run_dirs(out)
@@ -175,7 +180,7 @@ def test_srun_with_two_tasks_equals_one_process_with_the_global_batch(tmp_path):
     job = sbatch(tmp_path, "--ntasks=2", *RUN, "trainer.epochs=2", "data.batch_size=16",
                  "model.args.dropout=0.0", f"experiment.output_dir={out}")  # fmt: skip
     try:
-        finish(job)
+        finish(job, tmp_path)
     finally:
         cancel(job)
     (run,) = run_dirs(out)
@@ -197,7 +202,7 @@ def test_the_multinode_script_stops_its_torchrun_workers_on_a_notice_and_ends_ex
         wait_state(job, "RUNNING", 120)
         wait_for(tmp_path / f"slurm-{job}.out", "epoch 1/4 train/")
         signal_job(job, "USR1")
-        assert finish(job) == 1
+        assert finish(job, tmp_path) == 1
     finally:
         cancel(job)
     (run,) = run_dirs(out)
@@ -238,7 +243,7 @@ def test_a_sweep_job_array_is_preempted_requeued_and_ends_with_its_trials(tmp_pa
             time.sleep(0.5)
         signal_job(array, "USR1")
         for task in tasks:
-            finish(task, timeout=900)
+            finish(task, tmp_path, timeout=900)
     finally:
         cancel(array)
     rows = list(csv.DictReader(open(folder / "trials.csv")))

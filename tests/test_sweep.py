@@ -449,3 +449,32 @@ def test_a_trials_seconds_are_its_runs_epochs_not_the_time_the_sweep_was_stopped
     with_run, without = report.rows(Sweep())
     assert with_run["seconds"] == 3.5
     assert without["seconds"] is not None and 0 <= without["seconds"] < 3.5  # asked to told
+
+
+def test_a_signal_once_the_trials_are_over_neither_stops_nor_kills_the_sweep(tmp_path, monkeypatch):
+    """A cluster's notice that comes as the sweep writes its results (its trials all over): the
+    sweep's handler lets it pass. It had given the handlers back first, so the notice's default
+    action killed the sweep mid-write (SLURM: the job FAILED), or it stopped and requeued."""
+    from dltemplate.sweeps import report, runner
+
+    monkeypatch.setattr(runner.Sweep, "_work", lambda self, slot: None)  # the trials are over
+    written = []
+
+    def write(sweep: object) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled at the next instruction, in this thread
+        written.append(True)
+
+    monkeypatch.setattr(report, "write", write)
+    monkeypatch.setattr(report, "summary", lambda sweep: None)
+    reached: list[bool] = []
+
+    def mine(signum: int, frame: object) -> None:
+        reached.append(True)
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        runner.run_sweep(sweep_file(tmp_path, trials=1, jobs=1))  # no RunStopped
+        assert written == [True] and reached == []  # the sweep's handler had it, and let it be
+        assert signal.getsignal(signal.SIGUSR1) is mine  # given back after
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

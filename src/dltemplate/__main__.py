@@ -1,7 +1,5 @@
 """Allow ``python -m dltemplate ...``."""
 
-import sys
+from dltemplate.cli import program
 
-from dltemplate.cli import main
-
-sys.exit(main())
+program()

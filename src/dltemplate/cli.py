@@ -36,8 +36,10 @@ log = logging.getLogger("dltemplate")
 def _stop_on_signal(signum: int, frame: Any) -> None:
     # Before training starts (loading data), SIGTERM and the cluster's notice stop like Ctrl-C;
     # the trainer then takes them over and stops at the next step boundary.
-    from dltemplate.engine.stopping import RunStopped  # imported by _catch_sigterm already
+    from dltemplate.engine.stopping import RunStopped, run_finished  # imported already
 
+    if run_finished():  # the run wrote everything (a notice as the job ends): nothing to stop
+        return
     raise RunStopped(signal.Signals(signum).name, at_boundary=False)
 
 
@@ -51,7 +53,9 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
 
 
 def _catch_sigterm(notice: str | None = "SIGUSR1") -> None:
-    import dltemplate.engine.stopping  # noqa: F401  (now, not inside the signal handler)
+    from dltemplate.engine.stopping import set_run_finished  # now, not in the signal handler
+
+    set_run_finished(False)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_signal)
@@ -680,8 +684,20 @@ def _reader_gone() -> int:
     return 128 + signal.SIGPIPE
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
+def program() -> typing.NoReturn:
+    """The ``dltemplate`` program (``python -m dltemplate``): :func:`main`, then exit with its
+    status."""
+    sys.exit(main(exiting=True))
+
+
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Run the command line; return the exit status.
+
+    The signals a command catches (SIGTERM, the cluster's notice) are given back their earlier
+    handlers when it returns; with ``exiting`` (the process ends next) they are ignored instead:
+    a notice that reached a finished run's process as it exits would otherwise kill it (the
+    default action), and SLURM would call the job FAILED.
+    """
     parser = build_parser()
     # Overrides may come before or after options: collect the ones argparse left over.
     args, rest = parser.parse_known_args(argv)
@@ -721,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         threading.excepthook = thread_hook
         for sig, handler in handlers.items():  # the command is over: a late signal no longer
-            signal.signal(sig, handler)  # raises into the interpreter's exit
+            signal.signal(sig, signal.SIG_IGN if exiting else handler)  # raises into the exit
 
 
 if __name__ == "__main__":

@@ -23,6 +23,26 @@ from dltemplate.engine import distributed as D
 from dltemplate.engine.seeding import host_rng_state, same_host_rng_state, torch_rng_state
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
+# Set once a run in this process has written all its results (until the next run starts): a
+# signal after that has nothing left to stop (see :func:`run_finished`).
+_FINISHED = threading.Event()
+
+
+def run_finished() -> bool:
+    """Whether the last run started in this process has finished: its checkpoints, metrics
+    and summary are written. A SIGTERM or a cluster's notice that arrives after that (a
+    preemption notice as the job ends) is ignored instead of stopping a finished run, which
+    would requeue the job to run nothing."""
+    return _FINISHED.is_set()
+
+
+def set_run_finished(finished: bool) -> None:
+    """Mark the run of this process finished (the trainer, after its summary) or not (a
+    command or a run starting)."""
+    if finished:
+        _FINISHED.set()
+    else:
+        _FINISHED.clear()
 
 
 class RunStopped(KeyboardInterrupt):
@@ -57,6 +77,7 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
+        set_run_finished(False)
         if threading.current_thread() is threading.main_thread():
             for sig in self.handled:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -69,6 +90,8 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if run_finished():  # everything is written: nothing left to stop
+            return
         if self.requested is not None:  # asked twice: the user means now
             raise RunStopped(name, at_boundary=False)
         self.requested = name

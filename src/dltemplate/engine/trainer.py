@@ -44,7 +44,12 @@ from dltemplate.engine.precision import Precision
 from dltemplate.engine.restarts import forget_restart_marker
 from dltemplate.engine.run_state import RunState, stop_cause
 from dltemplate.engine.runlog import format_duration
-from dltemplate.engine.stopping import BoundarySnapshot, RunStopped, StopSignals
+from dltemplate.engine.stopping import (
+    BoundarySnapshot,
+    RunStopped,
+    StopSignals,
+    set_run_finished,
+)
 from dltemplate.engine.task import Task
 from dltemplate.errors import NonFiniteLossError
 from dltemplate.metrics.base import MetricCollection
@@ -159,9 +164,10 @@ class TrainerBase:
                 metrics = self.test() if self.cfg.trainer.test_after_fit else {}
                 for fn in cb.on_fit_end:
                     fn(self)
-                self._log_summary(time.perf_counter() - session_started)
                 if self.dist.is_main:
                     forget_restart_marker(self.cfg.experiment.output_dir)
+                set_run_finished(True)  # all written: a signal from now on has nothing to stop
+                self._log_summary(time.perf_counter() - session_started)
             D.barrier()  # leave together: gloo aborts a process whose peer left first
             return metrics
         except BaseException as exc:

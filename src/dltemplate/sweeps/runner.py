@@ -253,21 +253,26 @@ class Sweep:
             while any(w.is_alive() for w in workers):
                 for worker in workers:
                     worker.join(timeout=0.2)  # wake for signals
+            # What stopped the trials, if anything; a signal from now on (a cluster's notice as
+            # the job ends) finds them all over and is let pass, rather than killing the sweep
+            # while it writes its table (its handlers are still ours) or requeueing it for nothing.
+            stopped = self.stop_signal
+            report.write(self)
+            if stopped is None:
+                report.summary(self)
+                if self._tracker and not self._pending():  # the parent run is complete too
+                    from mlflow.tracking import MlflowClient
+
+                    uri, parent = (
+                        self._tracker["MLFLOW_TRACKING_URI"],
+                        self._tracker["DLTEMPLATE_MLFLOW_PARENT"],
+                    )
+                    MlflowClient(uri).set_terminated(parent, "FINISHED")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        report.write(self)
-        if self.stop_signal is not None:
-            raise RunStopped(self.stop_signal, at_boundary=True)
-        report.summary(self)
-        if self._tracker and not self._pending():  # the sweep's parent run is complete too
-            from mlflow.tracking import MlflowClient
-
-            uri, parent = (
-                self._tracker["MLFLOW_TRACKING_URI"],
-                self._tracker["DLTEMPLATE_MLFLOW_PARENT"],
-            )
-            MlflowClient(uri).set_terminated(parent, "FINISHED")
+        if stopped is not None:
+            raise RunStopped(stopped, at_boundary=True)
 
     def _pending(self) -> bool:
         """Whether trials are still running (other coordinators of the same sweep)."""
