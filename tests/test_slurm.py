@@ -215,6 +215,33 @@ def test_the_program_leaves_caught_signals_ignored_as_it_exits(capsys):
             signal.signal(sig, handler)
 
 
+def test_resume_catches_the_runs_own_notice_while_the_run_loads(tmp_path, monkeypatch):
+    """``dltemplate resume`` of a run whose notice is SIGUSR2 catches SIGUSR2 from the start
+    (a notice while the run loads stops it; SIGUSR1 keeps its default), as ``train`` does."""
+    import json
+
+    from dltemplate import api, cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config_x.json").write_text(json.dumps({"trainer": {"notice_signal": "USR2"}}))
+    seen = {}
+
+    def resume(target, overrides, trust_code=False):
+        seen.update({sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)})
+
+    monkeypatch.setattr(api, "resume", resume)
+    assert cli.main(["resume", str(run)]) == 0
+    assert seen == {signal.SIGUSR1: signal.SIG_DFL, signal.SIGUSR2: cli._stop_on_signal}
+    assert cli._resume_notice(str(run / "Vanilla_last_ckpt.pth"), []) == "SIGUSR2"
+    assert cli._resume_notice(str(run), ["trainer.notice_signal=SIGUSR1"]) == "SIGUSR1"
+    assert cli._resume_notice(str(run), ["trainer.notice_signal=null"]) is None
+    for unreadable in ("{", '{"trainer": {"notice_signal": "SIGKILL"}}', '{"trainer": 3}'):
+        (run / "config_x.json").write_text(unreadable)  # resume itself says what is wrong
+        assert cli._resume_notice(str(run), []) == "SIGUSR1"
+    assert cli._resume_notice(str(tmp_path / "nowhere"), []) == "SIGUSR1"
+
+
 def test_a_bad_notice_signal_is_a_config_error(cli, tmp_path, capsys):
     for bad in ("SIGKILL", "SIGTERM", "NOPE"):
         assert cli("train", DEMO, f"trainer.notice_signal={bad}") == 2

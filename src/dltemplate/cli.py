@@ -111,9 +111,30 @@ def cmd_resume(args: argparse.Namespace) -> int:
     target = args.target
     if target == "last":
         target = str(last_run(args.output_dir, args.config))
-    _catch_sigterm()
+    _catch_sigterm(_resume_notice(target, args.overrides))
     api.resume(target, args.overrides, trust_code=args.trust_code)
     return 0
+
+
+def _resume_notice(target: str, overrides: list[str]) -> str | None:
+    """The notice signal a resumed run catches (an override's, else its saved config's), to be
+    caught from the start, while the run loads, and not only once it trains. Whatever cannot be
+    read here gives the default; the resume itself then says what is wrong."""
+    from dltemplate.engine.rundir import read_saved_config
+
+    default = "SIGUSR1"
+    path = Path(target)
+    mine = [o for o in overrides if o.partition("=")[0].strip() == "trainer.notice_signal"]
+    try:
+        saved = read_saved_config(path if path.is_dir() else path.parent)[0]
+    except (UsageError, DataError, OSError):
+        saved = {}  # a checkpoint outside its run directory: the default
+    try:
+        trainer = apply_overrides(saved, mine).get("trainer") or {}
+        name = trainer.get("notice_signal", default) if isinstance(trainer, dict) else default
+        return None if name is None else notice_signal(name).name
+    except (UsageError, ValueError, AttributeError, TypeError):
+        return default
 
 
 DEFAULT_RESULTS = "./Results"  # where the shipped configs write: ./Results/<config>/<run>
