@@ -15,4 +15,4 @@ import sys
 from dltemplate.seed_args import seed_eval_main
 
 if __name__ == "__main__":
-    sys.exit(seed_eval_main(sys.argv[1:]))
+    sys.exit(seed_eval_main(sys.argv[1:], exiting=True))

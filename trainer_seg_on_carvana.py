@@ -20,4 +20,4 @@ from dltemplate.seed_args import seed_train_main
 
 if __name__ == "__main__":
     config = Path(__file__).resolve().parent / "configs" / "unet_carvana.yaml"
-    sys.exit(seed_train_main(sys.argv[1:], config))
+    sys.exit(seed_train_main(sys.argv[1:], config, exiting=True))

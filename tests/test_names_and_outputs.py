@@ -233,7 +233,7 @@ def test_a_finished_run_keeps_no_interrupt_checkpoint_of_an_earlier_stop(
 def test_the_seed_train_command_keeps_runs_out_of_the_data_folder(monkeypatch, tmp_path, capsys):
     """The seed's Carvana command said --output_dir Dataset/Carvana/ (inside --data_dir)."""
     seen: list[list[str]] = []
-    monkeypatch.setattr(seed_args, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(seed_args, "main", lambda argv, exiting=False: seen.append(argv) or 0)
     monkeypatch.chdir(tmp_path)
     config = REPO / "configs" / "unet_carvana.yaml"
     argv = ["--proj_name", "SegOnCarvana", "--output_dir", "Dataset/Carvana/",

@@ -17,8 +17,9 @@ def _seed_bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "y")
 
 
-def seed_train_main(argv: list[str], default_config: Path) -> int:
-    """``--proj_name --model_type --data_type --output_dir --gpu_devices --data_dir`` -> train."""
+def seed_train_main(argv: list[str], default_config: Path, *, exiting: bool = False) -> int:
+    """``--proj_name --model_type --data_type --output_dir --gpu_devices --data_dir`` -> train
+    (``exiting``: the script's process ends next, as :func:`dltemplate.cli.main` takes it)."""
     p = argparse.ArgumentParser(
         description="Train as the seed template did: each flag sets a key of the config "
         f"(--config, default {default_config.name}); section.key=value arguments after the "
@@ -74,7 +75,7 @@ def seed_train_main(argv: list[str], default_config: Path) -> int:
         "optimizer.lr": args.lr,
     }
     overrides = [f"{k}={v}" for k, v in mapping.items() if v is not None]
-    return main(["train", args.config, *overrides, *extra])
+    return main(["train", args.config, *overrides, *extra], exiting=exiting)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -83,8 +84,9 @@ def _inside(path: str, folder: str) -> bool:
     return path_abs == folder_abs or folder_abs in path_abs.parents
 
 
-def seed_eval_main(argv: list[str]) -> int:
-    """``--model_path [--data_dir] [--save_path] [--viz True]`` -> ``dltemplate eval``."""
+def seed_eval_main(argv: list[str], *, exiting: bool = False) -> int:
+    """``--model_path [--data_dir] [--save_path] [--viz True]`` -> ``dltemplate eval``
+    (``exiting`` as for :func:`seed_train_main`)."""
     p = argparse.ArgumentParser(description="Evaluate as the seed template did.")
     p.add_argument("--model_path", required=True, help="checkpoint (or run directory)")
     p.add_argument("--data_dir", default=None, help="override the data folder saved in the run")
@@ -107,4 +109,4 @@ def seed_eval_main(argv: list[str]) -> int:
         cmd += ["--viz", "--viz-freq", str(args.viz_freq)]
         if args.save_path:
             cmd += ["--viz-dir", args.save_path]
-    return main(cmd)
+    return main(cmd, exiting=exiting)
