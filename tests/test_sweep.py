@@ -473,8 +473,13 @@ def test_a_signal_once_the_trials_are_over_neither_stops_nor_kills_the_sweep(tmp
 
     previous = signal.signal(signal.SIGUSR1, mine)
     try:
-        runner.run_sweep(sweep_file(tmp_path, trials=1, jobs=1))  # no RunStopped
+        path = sweep_file(tmp_path, trials=1, jobs=1)
+        runner.run_sweep(path)  # no RunStopped
         assert written == [True] and reached == []  # the sweep's handler had it, and let it be
         assert signal.getsignal(signal.SIGUSR1) is mine  # given back after
+        # Ctrl-C is the user's again once the trials are over: it interrupts the writing
+        monkeypatch.setattr(report, "write", lambda sweep: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_sweep(path)
     finally:
         signal.signal(signal.SIGUSR1, previous)

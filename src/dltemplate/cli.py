@@ -762,4 +762,4 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -37,8 +37,8 @@ def run_finished() -> bool:
 
 
 def set_run_finished(finished: bool) -> None:
-    """Mark the run of this process finished (the trainer, after its summary) or not (a
-    command or a run starting)."""
+    """Mark the run of this process finished (the trainer, once all is written, before its
+    summary lines) or not (a command or a run starting)."""
     if finished:
         _FINISHED.set()
     else:

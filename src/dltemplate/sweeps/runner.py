@@ -256,7 +256,10 @@ class Sweep:
             # What stopped the trials, if anything; a signal from now on (a cluster's notice as
             # the job ends) finds them all over and is let pass, rather than killing the sweep
             # while it writes its table (its handlers are still ours) or requeueing it for nothing.
+            # Ctrl-C is the user's again: it may interrupt a tracking server that does not answer.
             stopped = self.stop_signal
+            if signal.SIGINT in previous:
+                signal.signal(signal.SIGINT, previous.pop(signal.SIGINT))
             report.write(self)
             if stopped is None:
                 report.summary(self)
