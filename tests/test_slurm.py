@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -240,6 +241,76 @@ def test_resume_catches_the_runs_own_notice_while_the_run_loads(tmp_path, monkey
         (run / "config_x.json").write_text(unreadable)  # resume itself says what is wrong
         assert cli._resume_notice(str(run), []) == "SIGUSR1"
     assert cli._resume_notice(str(tmp_path / "nowhere"), []) == "SIGUSR1"
+
+
+START_AND_TRAIN = """
+import multiprocessing, sys
+multiprocessing.set_start_method(sys.argv[1])
+from dltemplate.cli import main
+sys.exit(main(["train", *sys.argv[2:]], exiting=True))
+"""
+
+
+@pytest.mark.slow  # a training process with workers (~8-20 s)
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])  # forkserver: 3.14's default
+def test_a_notice_to_every_process_of_the_step_stops_a_run_with_workers_once(tmp_path, method):
+    """SLURM sends the notice to every process of a job step: the data workers and, under
+    ``spawn``/``forkserver``, multiprocessing's helpers too. The run stops once, with its
+    checkpoint; before, forked workers each said "stopping" again, and the others died of it
+    (under ``forkserver`` every worker had even exited at its start: no run could train)."""
+    out = tmp_path / "out"
+    args = [str(DEMO), f"experiment.output_dir={out}", "data.name=toy_datasets:DigitSamples",
+            "data.num_workers=2", "trainer.epochs=50", "trainer.progress_bar=off",
+            "callbacks=[{name: 'slow_epochs:SlowEpochs', args: {seconds: 0.5}}]"]  # fmt: skip
+    path = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", START_AND_TRAIN, method, *args],
+        cwd=tmp_path,
+        env={**NO_SLURM, "PYTHONPATH": path},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if "epoch 2/50 train/" in line:
+            os.killpg(proc.pid, signal.SIGUSR1)  # as slurmstepd does: every process
+            break
+    said.append(proc.communicate(timeout=120)[1])
+    text = "".join(said)
+    assert proc.returncode == slurm.EXIT_NOT_REQUEUED, text[-3000:]
+    assert text.count("SIGUSR1: stopping after this step") == 1, text[-3000:]
+    assert "Traceback" not in text and "died" not in text, text[-3000:]
+    (run,) = run_dirs(out)
+    assert load_ckpt(run / INTERRUPT)["interrupted_by"] == "SIGUSR1"
+
+
+def test_processes_started_while_notices_are_held_never_get_one():
+    """What the data workers and multiprocessing's helpers start with: the notices blocked. A
+    notice meanwhile is not lost: another thread of the process takes it, or this one when the
+    hold ends."""
+    from dltemplate.data.samples import notices_held
+
+    def blocked() -> int:
+        status = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True)
+        (line,) = [x for x in status.stdout.splitlines() if x.startswith("SigBlk:")]
+        return int(line.split()[1], 16)
+
+    usr = (1 << (signal.SIGUSR1 - 1)) | (1 << (signal.SIGUSR2 - 1))
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        assert blocked() & usr == 0
+        with notices_held():
+            assert blocked() & usr == usr  # a child started now
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # to this thread
+            time.sleep(0.05)
+            assert got == []  # pending
+        time.sleep(0.05)  # (the handler runs at the next instruction)
+        assert got == [signal.SIGUSR1] and blocked() & usr == 0
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_a_bad_notice_signal_is_a_config_error(cli, tmp_path, capsys):

@@ -42,6 +42,7 @@ on Linux a worker also dies with the training process (``PR_SET_PDEATHSIG``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -365,20 +366,54 @@ def collate(items: list[tuple[int, Any] | _Failure]) -> tuple[list[int], Any] | 
         return _Failure(f"samples {indices[0]}..{indices[-1]} cannot be batched: {first_line}")
 
 
+#: What a worker leaves to the training process: Ctrl-C, SIGTERM and a cluster's notice
+#: (``trainer.notice_signal``: SIGUSR1 or SIGUSR2), which SLURM sends to every process of a step.
+WORKER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def notices_held() -> Iterator[None]:
+    """Block the notice signals (SIGUSR1, SIGUSR2) in this thread while processes start: the
+    processes started meanwhile (data workers; under ``spawn`` and ``forkserver`` also
+    multiprocessing's forkserver and resource tracker) inherit the blocked mask and never get a
+    notice, which SLURM sends to every process of the step and whose default action would end
+    them (a run then failed with "a DataLoader worker died" instead of stopping). A notice that
+    comes meanwhile is not lost: another thread takes it for the process, or this one when the
+    hold ends."""
+    held = {signal.SIGUSR1, signal.SIGUSR2}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _init_worker(seed: int, rank: int, epoch: int, worker_id: int) -> None:
-    """Seed a worker from (seed, rank, worker, epoch) and leave SIGINT and SIGTERM to the
-    training process: it stops at a safe point and then shuts its workers down; a worker that
-    died of the signal first would end the run with a worker error instead. (So SIGTERM does
-    not end a worker: :meth:`SampleReader.close` uses SIGKILL for one that will not stop.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Seed a worker from (seed, rank, worker, epoch) and leave the signals that stop a run
+    (:data:`WORKER_IGNORES`) to the training process: it stops at a safe point and then shuts
+    its workers down; a worker that died of the signal first would end the run with a worker
+    error instead (a notice's default action kills a worker started by ``spawn`` or
+    ``forkserver``, Python 3.14's default; a forked one ran the trainer's handler and said
+    "stopping" again). So SIGTERM does not end a worker: :meth:`SampleReader.close` uses
+    SIGKILL for one that will not stop."""
+    for sig in WORKER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
     seed_globals(_mix(seed, rank, worker_id, epoch) >> 1)
 
 
 def _die_with_parent(parent: int) -> None:
     """Linux: have the kernel SIGKILL this worker as soon as the training process ``parent``
     dies (its SIGKILL, a crash), instead of living on for seconds printing broken-pipe
-    tracebacks, or forever inside a sample that never returns. Elsewhere: nothing."""
+    tracebacks, or forever inside a sample that never returns. Elsewhere: nothing.
+
+    Under the ``forkserver`` start method (Python 3.14's default on Linux) the worker's parent
+    is multiprocessing's fork server, which ends when the training process does: the signal
+    then comes through it."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -387,9 +422,20 @@ def _die_with_parent(parent: int) -> None:
             return
     except (OSError, AttributeError):  # no prctl in this C library: the old behaviour
         return
-    if os.getppid() != parent:  # it died before prctl took effect: no signal will come
-        os._exit(0)
+    if os.getppid() != parent and not _alive(parent):  # it died before prctl took effect:
+        os._exit(0)  # no signal will come
     sys.excepthook = _QuietWhenOrphaned(sys.excepthook)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's (its number was reused)
+        return True
+    return True
 
 
 class _QuietWhenOrphaned:
@@ -508,7 +554,8 @@ class SampleReader:
         watch = hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread()
         sigchld = signal.getsignal(signal.SIGCHLD) if watch else None
         try:
-            it = iter(loader)
+            with notices_held():  # the workers (and forkserver, resource tracker) start here
+                it = iter(loader)
         except BaseException:
             self.close(kill=True)
             raise
