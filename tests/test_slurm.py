@@ -185,6 +185,7 @@ def test_the_stop_handler_ignores_signals_once_the_run_finished():
     from dltemplate import cli
     from dltemplate.engine.stopping import RunStopped, StopSignals, set_run_finished
 
+    set_run_finished(False)  # (as a command starting does: a test before may have finished a run)
     with pytest.raises(RunStopped):  # before (and while) a run: a notice stops it
         cli._stop_on_signal(signal.SIGUSR1, None)
     set_run_finished(True)
