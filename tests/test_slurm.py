@@ -77,14 +77,19 @@ def start_training(out: Path, env: dict[str, str], *extra: str) -> subprocess.Po
 
 def notice_after_an_epoch(proc: subprocess.Popen, sig: int = signal.SIGUSR1) -> str:
     """Send the notice once the first epoch has ended; return everything the run said."""
+    said = read_until(proc, "epoch 1/1000 train/")
+    proc.send_signal(sig)
+    return said + proc.communicate(timeout=120)[1]
+
+
+def read_until(proc: subprocess.Popen, text: str) -> str:
+    """What ``proc`` said on stderr up to and including the first line holding ``text``."""
     said = []
     for line in proc.stderr:
         said.append(line)
-        if "epoch 1/1000 train/" in line:
-            proc.send_signal(sig)
+        if text in line:
             break
-    rest = proc.communicate(timeout=120)[1]
-    return "".join(said) + rest
+    return "".join(said)
 
 
 @pytest.mark.slow  # a fake SLURM in subprocesses; the real cluster's tests cover it too (~10 s)
@@ -159,11 +164,7 @@ def test_a_notice_or_sigterm_after_the_run_finished_is_ignored(tmp_path):
     cmd = [sys.executable, "-m", "dltemplate", "train", str(DEMO), f"experiment.output_dir={out}",
            *QUICK_DIGITS, "data.train_val_sample_rate=0.1"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    said = []
-    for line in proc.stderr:
-        said.append(line)
-        if " finished: " in line:  # the summary: from here on until the process is gone
-            break
+    said = [read_until(proc, " finished: ")]  # the summary: from here on until the process is gone
     sent = 0
     while proc.poll() is None:  # a notice and a SIGTERM every 2 ms, through the exit
         try:
@@ -272,14 +273,9 @@ def test_a_notice_to_every_process_of_the_step_stops_a_run_with_workers_once(tmp
         text=True,
         start_new_session=True,
     )
-    said = []
-    for line in proc.stderr:
-        said.append(line)
-        if "epoch 2/50 train/" in line:
-            os.killpg(proc.pid, signal.SIGUSR1)  # as slurmstepd does: every process
-            break
-    said.append(proc.communicate(timeout=120)[1])
-    text = "".join(said)
+    said = read_until(proc, "epoch 2/50 train/")
+    os.killpg(proc.pid, signal.SIGUSR1)  # as slurmstepd does: every process
+    text = said + proc.communicate(timeout=120)[1]
     assert proc.returncode == slurm.EXIT_NOT_REQUEUED, text[-3000:]
     assert text.count("SIGUSR1: stopping after this step") == 1, text[-3000:]
     assert "Traceback" not in text and "died" not in text, text[-3000:]
